@@ -1,0 +1,102 @@
+"""Train and evaluate many copies of one architecture at once with ``torch.func``.
+
+A zoo of small networks is cheap to train when every member is a slice of one
+stacked parameter tensor: ``vmap`` over ``functional_call`` runs all of them in a
+single batched forward, and Adam (elementwise) on the stacked tensors is exactly
+per-member Adam, because the summed loss gives each member its own gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+
+def stack_state_dicts(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``[{name: t}, ...] -> {name: stacked [N, *t.shape]}``."""
+    return {k: torch.stack([sd[k] for sd in state_dicts]) for k in state_dicts[0]}
+
+
+def unstack_state_dict(stacked: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    n = next(iter(stacked.values())).shape[0]
+    return [{k: v[i].detach().clone() for k, v in stacked.items()} for i in range(n)]
+
+
+def full_params(module: nn.Module, stacked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fill tensors that ``stacked`` does not hold (e.g. layers outside a layout) from ``module``."""
+    n = next(iter(stacked.values())).shape[0]
+    base = dict(module.named_parameters()) | dict(module.named_buffers())
+    return {k: stacked[k] if k in stacked else v.detach().expand(n, *v.shape) for k, v in base.items()}
+
+
+def ensemble_logits(module: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Logits of N parameter sets. ``x`` is shared ``[n, d]`` or per member ``[N, n, d]``; returns ``[N, n, C]``."""
+    params = full_params(module, stacked)
+
+    def one(p, inputs):
+        return functional_call(module, p, (inputs,))
+
+    in_dims = (0, 0) if x.dim() == 3 else (0, None)
+    return vmap(one, in_dims=in_dims)(params, x)
+
+
+@torch.no_grad()
+def ensemble_accuracy(
+    module: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """Accuracy of each of N parameter sets, shape ``[N]``."""
+    logits = ensemble_logits(module, stacked, x)
+    return (logits.argmax(-1) == y).float().mean(-1)
+
+
+def train_ensemble(
+    module: nn.Module,
+    init: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    record_at: Sequence[int] = (),
+    eval_x: torch.Tensor | None = None,
+    eval_y: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+    """Full-batch AdamW on N members at once, every member starting from ``init``.
+
+    Args:
+        module: the architecture (its own parameters are not touched).
+        init: the shared initial state_dict (unstacked).
+        x, y: per-member training data ``[N, n, d]`` and ``[N, n]``.
+        steps: optimiser steps; lr, weight_decay: AdamW settings.
+        record_at: step counts after which to record accuracy on ``eval_x/eval_y``.
+
+    Returns:
+        The trained stacked parameters and ``{step: accuracy [N]}`` for ``record_at``.
+    """
+    n = x.shape[0]
+    params = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).requires_grad_(True) for k, v in init.items()}
+    optimiser = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    curves: dict[int, torch.Tensor] = {}
+    if 0 in record_at and eval_x is not None:
+        curves[0] = ensemble_accuracy(module, params, eval_x, eval_y)
+    for step in range(1, steps + 1):
+        logits = ensemble_logits(module, params, x)  # [N, n, C]
+        # Sum over members of each member's mean loss: member i's gradient is its own.
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(n, -1)
+        optimiser.zero_grad(set_to_none=True)
+        loss.mean(1).sum().backward()
+        optimiser.step()
+        if step in record_at and eval_x is not None:
+            curves[step] = ensemble_accuracy(module, params, eval_x, eval_y)
+    return {k: v.detach() for k, v in params.items()}, curves
+
+
+def initial_state(module_factory, seed: int) -> dict[str, torch.Tensor]:
+    """The state_dict of a freshly built module under ``seed`` (the zoo's shared initialisation)."""
+    torch.manual_seed(seed)
+    module = module_factory()
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

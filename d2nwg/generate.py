@@ -1,0 +1,137 @@
+"""Generate weights for a user's dataset and write them as a ready-to-load folder.
+
+``OUT/`` holds ``weights_000.safetensors`` ... (one per sample), ``best.safetensors``
+when a selection was asked for, ``labels.json`` (label id -> class name) and
+``config.json`` (architecture, layout, input format), so that
+``d2nwg.load_model(OUT)`` returns a ready ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from d2nwg.architectures import build_model
+from d2nwg.datasets import LabelledDataset
+from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts
+from d2nwg.io import atomic_dir, load_safetensors, save_safetensors
+from d2nwg.pipeline import D2NWGPipeline
+from d2nwg.weights import WeightLayout
+
+
+@dataclass
+class GenerationResult:
+    out: Path
+    files: list[Path]
+    best: Path | None
+    best_score: float | None
+    scores: list[float] | None
+
+
+def split_held_back(dataset: LabelledDataset, fraction: float, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[str]]]:
+    """Per class: samples to condition on, samples held back for selection, and the held-back sources."""
+    g = torch.Generator().manual_seed(seed)
+    cond, held, held_sources = [], [], []
+    for name, x, src in zip(dataset.class_names, dataset.per_class, dataset.sources):
+        if len(x) < 2:
+            raise ValueError(f"class '{name}' has {len(x)} sample(s); selection needs at least 2 per class")
+        n_held = min(max(1, round(fraction * len(x))), len(x) - 1)
+        perm = torch.randperm(len(x), generator=g)
+        cond.append(x[perm[n_held:]])
+        held.append(x[perm[:n_held]])
+        held_sources.append([src[i] for i in perm[:n_held].tolist()])
+    return cond, held, held_sources
+
+
+def generate_to_folder(
+    pipe: D2NWGPipeline,
+    dataset: LabelledDataset,
+    out: str | Path,
+    *,
+    num_samples: int = 10,
+    seed: int = 0,
+    select: str | None = None,
+    held_back_fraction: float = 0.3,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.0,
+    source: str = "",
+) -> GenerationResult:
+    """Generate ``num_samples`` weight sets for ``dataset`` and write them atomically to ``out``.
+
+    With ``select="support"`` a ``held_back_fraction`` of each class is kept out of the
+    conditioning, and the weight set most accurate on it is written as ``best.safetensors``.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {out} already exists and is not empty")
+    if select not in (None, "support"):
+        raise ValueError(f"--select must be 'support', got {select!r}")
+    if dataset.num_classes != pipe.num_classes:
+        raise ValueError(
+            f"the dataset has {dataset.num_classes} classes but the pipeline generates {pipe.num_classes}-class models"
+        )
+    if select:
+        cond, held, held_sources = split_held_back(dataset, held_back_fraction, seed)
+    else:
+        cond, held, held_sources = dataset.per_class, None, None
+    generator = torch.Generator().manual_seed(seed)
+    output = pipe(cond, num_samples=num_samples, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator)
+    scores = best_index = None
+    if held is not None:
+        x = torch.cat(held)
+        y = torch.cat([torch.full((len(h),), i) for i, h in enumerate(held)])
+        scores = ensemble_accuracy(pipe.build_model(), stack_state_dicts(output.weights), x, y).tolist()
+        best_index = max(range(len(scores)), key=scores.__getitem__)
+    target = pipe.config.target
+    config = {
+        "architecture": target["architecture"],
+        "layout": target["layout"],
+        "input": target.get("input"),
+        "num_classes": pipe.num_classes,
+        "pipeline": source,
+        "seed": seed,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "selection": None
+        if held is None
+        else {"method": "held-back samples", "held_back": held_sources, "scores": scores, "best": best_index},
+    }
+    names = [f"weights_{i:03d}.safetensors" for i in range(num_samples)]
+    with atomic_dir(out) as tmp:
+        for name, weights in zip(names, output.weights):
+            save_safetensors(tmp / name, weights, {"seed": seed, "format": "d2nwg-generated"})
+        if best_index is not None:
+            save_safetensors(tmp / "best.safetensors", output.weights[best_index], {"score": scores[best_index]})
+        (tmp / "labels.json").write_text(json.dumps({str(i): n for i, n in enumerate(dataset.class_names)}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    return GenerationResult(
+        out=out,
+        files=[out / n for n in names],
+        best=out / "best.safetensors" if best_index is not None else None,
+        best_score=scores[best_index] if best_index is not None else None,
+        scores=scores,
+    )
+
+
+def load_model(folder: str | Path, weights: str | None = None) -> nn.Module:
+    """A ready ``nn.Module`` from a `generate_to_folder` output (``best.safetensors`` if present).
+
+    Example:
+        >>> import d2nwg
+        >>> model = d2nwg.load_model("runs/generated")          # doctest: +SKIP
+        >>> labels = json.load(open("runs/generated/labels.json"))  # doctest: +SKIP
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{folder} has no config.json; is it a d2nwg generate output?")
+    config = json.loads(config_path.read_text())
+    if weights is None:
+        weights = "best.safetensors" if (folder / "best.safetensors").exists() else "weights_000.safetensors"
+    model = build_model(config["architecture"])
+    WeightLayout.from_dict(config["layout"]).inject(model, load_safetensors(folder / weights))
+    return model.eval()

@@ -1,0 +1,86 @@
+"""The LightningCLI entry of training (``train.py`` and ``d2nwg train`` both use it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from diffusers import DDIMScheduler
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from d2nwg.data import ZooDataModule
+from d2nwg.io import atomic_dir
+from d2nwg.pipeline import D2NWGPipeline
+from d2nwg.training import D2NWGModule
+
+
+def pipeline_from_module(module: D2NWGModule, datamodule: ZooDataModule) -> D2NWGPipeline:
+    """Assemble a sampling pipeline from a trained module (EMA weights) and its zoo."""
+    vae, encoder, denoiser = module.export_networks()
+    zoo = datamodule.zoo
+    target = {
+        "architecture": zoo.architecture,
+        "layout": zoo.layout.to_dict(),
+        "feature": zoo.manifest.get("feature", "identity"),
+        "input": zoo.manifest.get("input", {}),
+        "num_classes": datamodule.num_classes,
+        "zoo_recipe": zoo.manifest.get("recipe", {}).get("name", "custom"),
+    }
+    scheduler = DDIMScheduler.from_config(module.make_sample_scheduler().config)
+    pipe = D2NWGPipeline(vae=vae, dataset_encoder=encoder, denoiser=denoiser, scheduler=scheduler, target=target)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class ExportPipeline(L.Callback):
+    """Saves the trained pipeline to ``dirpath`` (default ``<default_root_dir>/pipeline``) when fit ends."""
+
+    def __init__(self, dirpath: str | None = None):
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: D2NWGModule) -> None:
+        if trainer.global_step < pl_module.hparams.vae_steps + pl_module.hparams.diffusion_steps:
+            return  # interrupted: last.ckpt resumes it
+        out = Path(self.dirpath or Path(trainer.default_root_dir) / "pipeline")
+        pipe = pipeline_from_module(pl_module, trainer.datamodule)
+        with atomic_dir(out) as tmp:
+            pipe.save_pretrained(tmp)
+            (tmp / "training.json").write_text(json.dumps({"global_step": trainer.global_step}, indent=2))
+
+
+class D2NWGCLI(LightningCLI):
+    """LightningCLI whose ``trainer.max_steps`` follows the two stages of the model."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments(
+            ("model.vae_steps", "model.diffusion_steps"), "trainer.max_steps", compute_fn=lambda a, b: a + b
+        )
+
+
+def make_cli(args: list[str] | dict | None = None, run: bool = True, out: str | None = None) -> D2NWGCLI:
+    """Build the CLI; ``out`` sets the run directory (logs, checkpoints, pipeline)."""
+    trainer_defaults = {
+        "callbacks": [
+            ModelCheckpoint(
+                dirpath=f"{out}/checkpoints" if out else None, save_last=True, every_n_train_steps=500, save_top_k=0
+            ),
+            ExportPipeline(),
+        ],
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+    }
+    if out is not None:
+        trainer_defaults["default_root_dir"] = out
+        trainer_defaults["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": out, "name": "logs"}}
+    return D2NWGCLI(
+        D2NWGModule,
+        ZooDataModule,
+        trainer_defaults=trainer_defaults,
+        seed_everything_default=0,
+        args=args,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+    )

@@ -1,0 +1,7 @@
+"""The hyper-model's networks, each a diffusers ``ModelMixin, ConfigMixin``."""
+
+from d2nwg.models.dataset_encoder import DatasetEncoder
+from d2nwg.models.denoiser import Denoiser
+from d2nwg.models.vae import WeightVAE
+
+__all__ = ["DatasetEncoder", "Denoiser", "WeightVAE"]

@@ -1,0 +1,182 @@
+"""`D2NWGPipeline`: dataset in, weights out.
+
+The pipeline holds the trained parts (weight VAE, dataset encoder, denoiser,
+sampling scheduler) and a *target* description (architecture spec, weight
+layout, feature extractor) so that generated weights can be injected into a
+freshly built model. It saves and loads like any diffusers pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DiffusionPipeline, SchedulerMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from d2nwg.architectures import build_model
+from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
+from d2nwg.weights import WeightLayout
+
+PIPELINE_COMPONENTS = ("vae", "dataset_encoder", "denoiser", "scheduler")
+
+
+@dataclass
+class D2NWGOutput(BaseOutput):
+    """Generated weights: one state_dict per sample, and the raw weight tokens ``[N, T, chunk]``."""
+
+    weights: list[dict[str, torch.Tensor]]
+    tokens: torch.Tensor
+
+
+def pad_class_sets(per_class: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class samples ``[n_c, D]`` -> padded ``x [1, K, S, D]`` and ``mask [1, K, S]`` (True = real)."""
+    if not per_class:
+        raise ValueError("the dataset has no classes")
+    for i, x in enumerate(per_class):
+        if x.dim() != 2 or len(x) == 0:
+            raise ValueError(f"class {i} must be a non-empty [n, D] tensor, got shape {list(x.shape)}")
+    s = max(len(x) for x in per_class)
+    x = torch.zeros(1, len(per_class), s, per_class[0].shape[1])
+    mask = torch.zeros(1, len(per_class), s, dtype=torch.bool)
+    for i, samples in enumerate(per_class):
+        x[0, i, : len(samples)] = samples.float()
+        mask[0, i, : len(samples)] = True
+    return x, mask
+
+
+class D2NWGPipeline(DiffusionPipeline):
+    """Generates weights of the target architecture for a labelled dataset.
+
+    Args:
+        vae: decodes latents into weight tokens.
+        dataset_encoder: embeds per-class samples into conditioning tokens.
+        denoiser: predicts the noise of latent weights.
+        scheduler: any diffusers scheduler (DDIM by default; clip_sample must be off).
+        target: ``{"architecture": spec, "layout": layout dict, "feature": name, "num_classes": K}``.
+
+    Example:
+        >>> pipe = D2NWGPipeline.from_pretrained("runs/demo/run/pipeline")  # doctest: +SKIP
+        >>> out = pipe(dataset=[x_class0, x_class1, ...], num_samples=10,   # doctest: +SKIP
+        ...            generator=torch.Generator().manual_seed(0))
+        >>> model = pipe.build_model(out.weights[0])                        # doctest: +SKIP
+    """
+
+    model_cpu_offload_seq = "dataset_encoder->denoiser->vae"
+
+    def __init__(
+        self,
+        vae: WeightVAE,
+        dataset_encoder: DatasetEncoder,
+        denoiser: Denoiser,
+        scheduler: SchedulerMixin,
+        target: dict | None = None,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, dataset_encoder=dataset_encoder, denoiser=denoiser, scheduler=scheduler)
+        self.register_to_config(target=target)
+        self._layout = WeightLayout.from_dict(target["layout"]) if target else None
+
+    # ------------------------------------------------------------------ target
+    @property
+    def layout(self) -> WeightLayout:
+        if self._layout is None:
+            raise ValueError("this pipeline has no target layout")
+        return self._layout
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.config.target["num_classes"])
+
+    def build_model(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """A fresh module of the target architecture, with ``weights`` injected if given."""
+        model = build_model(self.config.target["architecture"])
+        if weights is not None:
+            self.layout.inject(model, weights)
+        return model.eval()
+
+    # ------------------------------------------------------------------ conditioning
+    @torch.no_grad()
+    def encode_dataset(self, dataset: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class features (label order) -> ``(class_tokens [1, K, D], pooled [1, D])``."""
+        if len(dataset) != self.num_classes:
+            raise ValueError(
+                f"the dataset has {len(dataset)} classes but this pipeline generates {self.num_classes}-class models"
+            )
+        x, mask = pad_class_sets(dataset)
+        expected = self.dataset_encoder.config.feature_dim
+        if x.shape[-1] != expected:
+            raise ValueError(f"samples have {x.shape[-1]} features, the pipeline expects {expected}")
+        return self.dataset_encoder(x.to(self.device), mask.to(self.device))
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        dataset: Sequence[torch.Tensor],
+        num_samples: int = 10,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+    ) -> D2NWGOutput | tuple:
+        """Generate ``num_samples`` weight sets for ``dataset``.
+
+        Args:
+            dataset: per-class samples in label order, each ``[n_c, D]`` features.
+            num_samples: weight sets to generate.
+            num_inference_steps: denoising steps of the scheduler.
+            guidance_scale: classifier-free guidance; 1.0 disables it.
+            generator: makes sampling reproducible.
+        """
+        # 1. Condition on the dataset, and on nothing for guidance.
+        class_tokens, pooled = self.encode_dataset(dataset)
+        class_tokens = class_tokens.expand(num_samples, -1, -1)
+        pooled = pooled.expand(num_samples, -1)
+        guided = guidance_scale != 1.0
+        if guided:
+            null_tokens, null_pooled = self.denoiser.null_condition(num_samples, class_tokens.shape[1])
+            class_tokens = torch.cat([null_tokens, class_tokens])
+            pooled = torch.cat([null_pooled, pooled])
+        # 2. Start from noise (drawn on the CPU so a seed gives the same weights on any device).
+        cfg = self.denoiser.config
+        latents = torch.randn(num_samples, cfg.num_tokens, cfg.latent_channels, generator=generator)
+        latents = latents.to(self.device) * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        # 3. Denoise.
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_in = torch.cat([latents, latents]) if guided else latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            pred = self.denoiser(model_in, t.reshape(1), class_tokens, pooled)
+            if guided:
+                uncond, cond = pred.chunk(2)
+                pred = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(pred, t, latents).prev_sample
+        # 4. Decode latents into weight tokens, then into state_dicts.
+        tokens = self.vae.decode(latents / self.vae.config.scaling_factor).cpu()
+        weights = self.layout.detokenize(tokens)
+        if not return_dict:
+            return weights, tokens
+        return D2NWGOutput(weights=weights, tokens=tokens)
+
+    # ------------------------------------------------------------------ saving / loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> D2NWGPipeline:
+        """Load from a local folder, or from a Hub repo id via ``snapshot_download`` first."""
+        path = Path(pretrained_model_name_or_path)
+        if not path.is_dir():
+            from d2nwg.hub import download_pipeline
+
+            path = download_pipeline(str(pretrained_model_name_or_path), revision=kwargs.pop("revision", None))
+        missing = [c for c in (*PIPELINE_COMPONENTS, "model_index.json") if not (path / c).exists()]
+        if missing:
+            raise ValueError(f"pipeline folder {path} is missing component(s): {', '.join(missing)}")
+        try:
+            pipe = super().from_pretrained(str(path), **kwargs)
+        except (OSError, EnvironmentError, KeyError) as err:
+            raise ValueError(f"cannot load pipeline from {path}: {str(err).splitlines()[0]}") from None
+        pipe.set_progress_bar_config(disable=True)
+        return pipe

@@ -1,0 +1,254 @@
+"""Training of the hyper-model with Lightning: the weight VAE first, then latent diffusion.
+
+One `D2NWGModule` runs both stages in a single ``Trainer.fit``: steps
+``[0, vae_steps)`` train the VAE, the following ``diffusion_steps`` train the
+dataset encoder and denoiser on the frozen VAE's latents. One fit means one
+``last.ckpt`` that resumes anywhere, and one LightningCLI config per zoo.
+The module holds only losses, optimisers and the EMA; the networks live in
+`d2nwg.models` and sampling in `d2nwg.pipeline`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, is_dataclass
+
+import lightning as L
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.training_utils import EMAModel
+
+from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
+
+
+@dataclass
+class VAESettings:
+    """Size and regularisation of the weight VAE."""
+
+    latent_channels: int = 32
+    """Latent numbers per latent token."""
+    merge: int = 4
+    """Weight tokens folded into one latent token."""
+    hidden_dim: int = 64
+    depth: int = 1
+    heads: int = 4
+    input_noise: float = 1e-3
+    """Std of the noise on normalised input weights (p-diff)."""
+    latent_noise: float = 0.1
+    """Std of the noise on latents before decoding (p-diff)."""
+    kl_weight: float = 1e-6
+
+
+@dataclass
+class EncoderSettings:
+    """Size of the Set Transformer dataset encoder."""
+
+    dim: int = 64
+    heads: int = 4
+    num_inducing: int = 8
+    depth: int = 2
+
+
+@dataclass
+class DenoiserSettings:
+    """Size of the latent transformer."""
+
+    dim: int = 96
+    depth: int = 3
+    heads: int = 4
+
+
+@dataclass
+class DiffusionSettings:
+    """Noise schedule and conditioning."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "sample"
+    """What the denoiser predicts: "epsilon", "v_prediction" or "sample"."""
+    cond_dropout: float = 0.1
+    """Probability of dropping the dataset condition (trains the unconditional branch for guidance)."""
+    ema_decay: float = 0.999
+
+
+def as_settings(cls, value):
+    """Settings from a dataclass or the dict a config file or checkpoint gives back."""
+    return value if isinstance(value, cls) else cls(**(asdict(value) if is_dataclass(value) else dict(value)))
+
+
+class D2NWGModule(L.LightningModule):
+    """Trains WeightVAE, then DatasetEncoder + Denoiser, on a `ZooDataModule`.
+
+    Args:
+        vae: VAE settings.
+        encoder: dataset-encoder settings.
+        denoiser: denoiser settings.
+        diffusion: schedule, guidance dropout and EMA settings.
+        vae_steps: optimiser steps of the VAE stage.
+        diffusion_steps: optimiser steps of the diffusion stage.
+        vae_lr: AdamW learning rate of the VAE stage.
+        diffusion_lr: AdamW learning rate of the diffusion stage.
+        weight_decay: AdamW weight decay of both stages.
+    """
+
+    def __init__(
+        self,
+        vae: VAESettings = VAESettings(),
+        encoder: EncoderSettings = EncoderSettings(),
+        denoiser: DenoiserSettings = DenoiserSettings(),
+        diffusion: DiffusionSettings = DiffusionSettings(),
+        vae_steps: int = 3000,
+        diffusion_steps: int = 6000,
+        vae_lr: float = 1e-3,
+        diffusion_lr: float = 3e-4,
+        weight_decay: float = 0.0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.vae_settings = as_settings(VAESettings, vae)
+        self.encoder_settings = as_settings(EncoderSettings, encoder)
+        self.denoiser_settings = as_settings(DenoiserSettings, denoiser)
+        self.diffusion_settings = as_settings(DiffusionSettings, diffusion)
+        self.automatic_optimization = False
+        self.vae: WeightVAE | None = None
+        self.dataset_encoder: DatasetEncoder | None = None
+        self.denoiser: Denoiser | None = None
+        self.ema: EMAModel | None = None
+        self.register_buffer("latent_scale", torch.ones(()))
+
+    # ------------------------------------------------------------------ building
+    def build(self, num_tokens: int, chunk_size: int, feature_dim: int, num_classes: int) -> None:
+        """Create the three networks for a zoo of this geometry (called from `setup`)."""
+        vae, enc = self.vae_settings, self.encoder_settings
+        self.vae = WeightVAE(chunk_size=chunk_size, num_tokens=num_tokens, **asdict(vae))
+        self.dataset_encoder = DatasetEncoder(feature_dim=feature_dim, max_classes=num_classes, **asdict(enc))
+        self.denoiser = Denoiser(
+            latent_channels=vae.latent_channels,
+            num_tokens=self.vae.num_latent_tokens,
+            cond_dim=enc.dim,
+            max_classes=num_classes,
+            **asdict(self.denoiser_settings),
+        )
+        self.ema = EMAModel(self.diffusion_parameters(), decay=self.diffusion_settings.ema_decay)
+        self.noise_scheduler = self.make_train_scheduler()
+
+    def setup(self, stage: str) -> None:
+        if self.vae is not None:
+            return
+        dm = self.trainer.datamodule
+        self.build(dm.zoo.layout.num_tokens, dm.zoo.layout.chunk_size, dm.feature_dim, dm.num_classes)
+        with torch.no_grad():
+            self.vae.mean_tokens.copy_(dm.tokens.mean(0, keepdim=True))
+        self.register_buffer("padding_mask", dm.zoo.layout.padding_mask(), persistent=False)
+
+    def make_train_scheduler(self) -> DDPMScheduler:
+        d = self.diffusion_settings
+        # clip_sample=False: latents of weights are not images in [-1, 1].
+        return DDPMScheduler(
+            num_train_timesteps=d.num_train_timesteps,
+            beta_schedule=d.beta_schedule,
+            prediction_type=d.prediction_type,
+            clip_sample=False,
+        )
+
+    def make_sample_scheduler(self) -> DDIMScheduler:
+        return DDIMScheduler.from_config(self.noise_scheduler.config, clip_sample=False)
+
+    def diffusion_parameters(self) -> list[torch.nn.Parameter]:
+        return [*self.dataset_encoder.parameters(), *self.denoiser.parameters()]
+
+    def configure_optimizers(self):
+        h = self.hparams
+        vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=h.vae_lr, weight_decay=h.weight_decay)
+        diff_opt = torch.optim.AdamW(self.diffusion_parameters(), lr=h.diffusion_lr, weight_decay=h.weight_decay)
+        vae_sched = torch.optim.lr_scheduler.CosineAnnealingLR(vae_opt, max(h.vae_steps, 1), eta_min=h.vae_lr * 0.05)
+        diff_sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            diff_opt, max(h.diffusion_steps, 1), eta_min=h.diffusion_lr * 0.05
+        )
+        return [vae_opt, diff_opt], [vae_sched, diff_sched]
+
+    # ------------------------------------------------------------------ stages
+    @property
+    def in_vae_stage(self) -> bool:
+        return self.global_step < self.hparams.vae_steps
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        index, tokens, class_sets = batch
+        vae_opt, diff_opt = self.optimizers()
+        vae_sched, diff_sched = self.lr_schedulers()
+        vae_stage = self.in_vae_stage
+        if vae_stage:
+            losses = self.vae.loss(tokens, self.padding_mask)
+            opt, sched = vae_opt, vae_sched
+            self.log_dict({f"vae/{k}": v for k, v in losses.items()}, prog_bar=True)
+        else:
+            if next(self.vae.parameters()).requires_grad:
+                self.freeze_vae()
+            losses = self.diffusion_loss(self.latents[index], class_sets)
+            opt, sched = diff_opt, diff_sched
+            self.log_dict({f"diffusion/{k}": v for k, v in losses.items()}, prog_bar=True)
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(losses["loss"])
+        self.clip_gradients(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        if not vae_stage:
+            self.ema.step(self.diffusion_parameters())
+        return losses["loss"]
+
+    @torch.no_grad()
+    def freeze_vae(self) -> None:
+        """End of the VAE stage: freeze it, encode the zoo once and scale latents to unit std."""
+        self.vae.eval().requires_grad_(False)
+        tokens = self.trainer.datamodule.tokens.to(self.device)
+        latents = torch.cat([self.vae.encode(chunk)[0] for chunk in tokens.split(256)])  # (N, L, C) means
+        if self.latent_scale.item() == 1.0:  # a resumed run keeps the scale it trained with
+            self.latent_scale.fill_(1.0 / latents.std().clamp_min(1e-6).item())
+        self.latents = latents * self.latent_scale
+
+    def diffusion_loss(self, latents: torch.Tensor, class_sets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Denoising loss on scaled latents ``[B, L, C]``, with condition dropout for guidance."""
+        b = latents.shape[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        class_tokens, pooled = self.dataset_encoder(class_sets)  # (B, K, D), (B, D)
+        drop = torch.rand(b, device=self.device) < self.diffusion_settings.cond_dropout
+        null_tokens, null_pooled = self.denoiser.null_condition(b, class_tokens.shape[1])
+        class_tokens = torch.where(drop[:, None, None], null_tokens, class_tokens)
+        pooled = torch.where(drop[:, None], null_pooled, pooled)
+        pred = self.denoiser(noisy, t, class_tokens, pooled)
+        kind = self.noise_scheduler.config.prediction_type
+        if kind == "epsilon":
+            target = noise
+        elif kind == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            target = latents
+        loss = torch.nn.functional.mse_loss(pred, target)
+        return {"loss": loss}
+
+    # ------------------------------------------------------------------ checkpoint / export
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._pending_ema = checkpoint.get("ema")
+
+    def on_train_start(self) -> None:
+        self.ema.to(self.device)
+        pending = getattr(self, "_pending_ema", None)
+        if pending is not None:
+            self.ema.load_state_dict(pending)
+            self._pending_ema = None
+
+    def export_networks(self) -> tuple[WeightVAE, DatasetEncoder, Denoiser]:
+        """The VAE (with its latent scale) and EMA copies of the encoder and denoiser, for a pipeline."""
+        import copy
+
+        vae = copy.deepcopy(self.vae).eval()
+        vae.register_to_config(scaling_factor=float(self.latent_scale))
+        encoder, denoiser = copy.deepcopy(self.dataset_encoder).eval(), copy.deepcopy(self.denoiser).eval()
+        self.ema.copy_to([*encoder.parameters(), *denoiser.parameters()])
+        for net in (vae, encoder, denoiser):
+            net.requires_grad_(False)
+        return vae, encoder, denoiser

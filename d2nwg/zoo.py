@@ -1,0 +1,288 @@
+"""`ModelZoo`: the on-disk format for checkpoints trained on many tasks, with their data.
+
+A zoo is a directory::
+
+    manifest.json          architecture, recipe, classes, tasks and members (the index)
+    layout.json            the WeightLayout that tokenizes members
+    init.safetensors       the shared initialisation (optional; baselines use it)
+    data.safetensors       the class pool: per class and split, the samples ["<class>::<split>"]
+    members/<id>.safetensors   one checkpoint per member, with str->str metadata
+
+A *task* is an ordered list of class names from the pool: class i has label i.
+Every write goes through a temp file and a rename, and a member is only listed in
+the manifest after its file is complete, so a killed build leaves a readable zoo
+that a rerun completes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from d2nwg.io import atomic_write_json, load_safetensors, save_safetensors
+from d2nwg.weights import WeightLayout
+
+ZOO_FORMAT = "d2nwg-zoo/1"
+SPLITS = ("train", "support", "test")
+
+
+@dataclass
+class Member:
+    """One checkpoint of the zoo."""
+
+    id: str
+    task: str
+    split: str
+    seed: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def file(self) -> str:
+        return f"members/{self.id}.safetensors"
+
+
+class ModelZoo:
+    """A directory of checkpoints of one architecture, each trained on a task, plus the task data.
+
+    Example:
+        >>> zoo = ModelZoo.open("runs/zoo")            # doctest: +SKIP
+        >>> len(zoo), zoo.layout.num_tokens             # doctest: +SKIP
+        >>> tokens = zoo.tokens(split="train")          # [N, T, chunk]  # doctest: +SKIP
+    """
+
+    def __init__(self, root: Path, manifest: dict, layout: WeightLayout):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.layout = layout
+        self._members = {m["id"]: Member(**m) for m in manifest["members"]}
+        self._pool: dict[str, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(
+        cls,
+        root: str | Path,
+        *,
+        architecture: Mapping,
+        layout: WeightLayout,
+        classes: Mapping[str, Mapping[str, torch.Tensor]],
+        tasks: Mapping[str, Mapping],
+        init_state: Mapping[str, torch.Tensor] | None = None,
+        feature: str = "identity",
+        input_spec: Mapping | None = None,
+        recipe: Mapping | None = None,
+    ) -> ModelZoo:
+        """Create a zoo, or reopen it for resuming when it was created with the same recipe.
+
+        Args:
+            architecture: ``{"name": ..., "config": {...}}`` (see `d2nwg.architectures`).
+            layout: the tokenizer of members (its stats are fitted later with `fit_layout`).
+            classes: ``{class_name: {split: samples [n, D]}}`` for every split in ``SPLITS``.
+            tasks: ``{task_id: {"classes": [...], "split": "train"|"heldout"}}``.
+            init_state: the shared initialisation, if members were trained from one.
+            feature: name of the feature extractor that turns raw samples into ``D`` features.
+            input_spec: how raw user inputs become samples, e.g. ``{"image_size": [8, 8], "grayscale": True}``.
+            recipe: the build settings, compared on resume.
+        """
+        root = Path(root)
+        recipe = json.loads(json.dumps(dict(recipe or {})))  # normalise tuples etc. for comparison
+        if (root / "manifest.json").exists():
+            zoo = cls.open(root)
+            if zoo.manifest.get("recipe") != recipe:
+                raise ValueError(
+                    f"{root} already holds a zoo built with a different recipe; choose another --out or delete it"
+                )
+            return zoo
+        for name, splits in classes.items():
+            missing = [s for s in SPLITS if s not in splits or len(splits[s]) == 0]
+            if missing:
+                raise ValueError(f"class '{name}' has no samples for split(s) {missing}")
+        for task_id, task in tasks.items():
+            unknown = [c for c in task["classes"] if c not in classes]
+            if unknown:
+                raise ValueError(f"task '{task_id}' uses unknown classes {unknown}")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "members").mkdir(exist_ok=True)
+        pool = {f"{name}::{split}": splits[split].float() for name, splits in classes.items() for split in SPLITS}
+        save_safetensors(root / "data.safetensors", pool)
+        if init_state is not None:
+            save_safetensors(root / "init.safetensors", init_state)
+        layout.save(root / "layout.json")
+        manifest = {
+            "format": ZOO_FORMAT,
+            "architecture": dict(architecture),
+            "feature": feature,
+            "input": dict(input_spec or {}),
+            "recipe": recipe,
+            "classes": list(classes),
+            "tasks": {k: {"classes": list(v["classes"]), "split": v.get("split", "train")} for k, v in tasks.items()},
+            "members": [],
+        }
+        # The manifest goes last: its presence marks a zoo whose static files are complete.
+        atomic_write_json(root / "manifest.json", manifest)
+        return cls(root, manifest, layout)
+
+    @classmethod
+    def open(cls, root: str | Path) -> ModelZoo:
+        """Open an existing zoo; a missing or malformed manifest or layout raises ``ValueError``."""
+        root = Path(root)
+        path = root / "manifest.json"
+        if not path.is_file():
+            raise ValueError(f"{root} is not a model zoo (no manifest.json)")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"corrupt zoo manifest {path}: {err}") from None
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        if found != ZOO_FORMAT:
+            raise ValueError(f"{path} has format {found!r}, expected {ZOO_FORMAT!r}")
+        layout = WeightLayout.load(root / "layout.json")
+        try:
+            return cls(root, manifest, layout)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"malformed zoo manifest {path}: {type(err).__name__}: {err}") from None
+
+    # ------------------------------------------------------------------ members
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def __iter__(self) -> Iterator[Member]:
+        return iter(self._members.values())
+
+    def __contains__(self, member_id: str) -> bool:
+        return member_id in self._members
+
+    def members(self, split: str | None = None) -> list[Member]:
+        """Members, optionally only those of tasks in ``split`` (``"train"`` or ``"heldout"``)."""
+        return [m for m in self._members.values() if split is None or m.split == split]
+
+    @property
+    def architecture(self) -> dict:
+        return self.manifest["architecture"]
+
+    @property
+    def tasks(self) -> dict[str, dict]:
+        return self.manifest["tasks"]
+
+    def add(
+        self,
+        state_dict: Mapping[str, torch.Tensor],
+        task: str,
+        metrics: Mapping[str, float] | None = None,
+        *,
+        seed: int = 0,
+        member_id: str | None = None,
+        flush: bool = True,
+    ) -> Member:
+        """Write one member atomically; with ``flush=False`` the manifest is updated by a later `flush`."""
+        if task not in self.tasks:
+            raise ValueError(f"unknown task '{task}'")
+        member = Member(
+            id=member_id or f"{task}-s{seed}",
+            task=task,
+            split=self.tasks[task]["split"],
+            seed=seed,
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+        )
+        self.layout.validate(state_dict, where=f"member {member.id}")
+        metadata = {
+            "task": task,
+            "classes": self.tasks[task]["classes"],
+            "architecture": self.architecture,
+            "seed": str(seed),
+            "split": member.split,
+            "metrics": member.metrics,
+        }
+        save_safetensors(self.root / member.file, dict(state_dict), metadata)
+        self._members[member.id] = member
+        if flush:
+            self.flush()
+        return member
+
+    def flush(self) -> None:
+        """Rewrite the manifest with every member added so far."""
+        self.manifest["members"] = [asdict(m) for m in self._members.values()]
+        atomic_write_json(self.root / "manifest.json", self.manifest)
+
+    def load_member(self, member: Member | str) -> dict[str, torch.Tensor]:
+        """A member's state_dict; a corrupt or truncated file raises ``ValueError`` naming it."""
+        member = self._members[member] if isinstance(member, str) else member
+        return load_safetensors(self.root / member.file)
+
+    def state_dicts(self, split: str | None = None) -> list[dict[str, torch.Tensor]]:
+        return [self.load_member(m) for m in self.members(split)]
+
+    def tokens(self, split: str | None = "train", normalize: bool = True) -> torch.Tensor:
+        """All members of ``split`` as layout tokens ``[N, T, chunk]``."""
+        members = self.members(split)
+        if not members:
+            raise ValueError(f"the zoo at {self.root} has no members in split {split!r}")
+        return self.layout.tokenize(self.state_dicts(split), normalize=normalize)
+
+    def fit_layout(self, split: str = "train") -> WeightLayout:
+        """Fit the layout's normalisation on ``split`` members and save it."""
+        self.layout.fit_stats(self.state_dicts(split))
+        self.layout.save(self.root / "layout.json")
+        return self.layout
+
+    def init_state(self) -> dict[str, torch.Tensor] | None:
+        path = self.root / "init.safetensors"
+        return load_safetensors(path) if path.exists() else None
+
+    # ------------------------------------------------------------------ task data
+    def _class_pool(self) -> dict[str, torch.Tensor]:
+        if self._pool is None:
+            self._pool = load_safetensors(self.root / "data.safetensors")
+        return self._pool
+
+    def class_samples(self, task: str, split: str) -> list[torch.Tensor]:
+        """Per-class samples of ``task`` in label order: a list of ``[n_c, D]``."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown data split {split!r}; expected one of {SPLITS}")
+        pool = self._class_pool()
+        return [pool[f"{c}::{split}"] for c in self.tasks[task]["classes"]]
+
+    def task_data(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x [n, D], y [n])`` of ``task`` for ``split``; labels follow the task's class order."""
+        per_class = self.class_samples(task, split)
+        x = torch.cat(per_class)
+        y = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(per_class)])
+        return x, y
+
+    def summary(self) -> dict:
+        """Counts, sizes and accuracy statistics (what ``d2nwg zoo info`` prints)."""
+        members = self.members()
+        accs = torch.tensor([m.metrics.get("test_acc", float("nan")) for m in members])
+        pool = self._class_pool()
+        split_sizes = {s: sum(len(pool[f"{c}::{s}"]) for c in self.manifest["classes"]) for s in SPLITS}
+        by_split = {s: sum(1 for m in members if m.split == s) for s in sorted({m.split for m in members})}
+        task_splits: dict[str, int] = {}
+        for t in self.tasks.values():
+            task_splits[t["split"]] = task_splits.get(t["split"], 0) + 1
+        return {
+            "root": str(self.root),
+            "architecture": self.architecture,
+            "members": len(members),
+            "members_by_split": by_split,
+            "tasks": len(self.tasks),
+            "tasks_by_split": task_splits,
+            "classes": len(self.manifest["classes"]),
+            "params_per_member": self.layout.num_params,
+            "tokens_per_member": self.layout.num_tokens,
+            "chunk_size": self.layout.chunk_size,
+            "test_acc": {
+                "mean": float(accs.nanmean()),
+                "min": float(accs[~accs.isnan()].min()) if (~accs.isnan()).any() else float("nan"),
+                "max": float(accs[~accs.isnan()].max()) if (~accs.isnan()).any() else float("nan"),
+            },
+            "samples_per_split": split_sizes,
+        }
+
+
+def member_groups(ids: Sequence[str], size: int) -> list[list[str]]:
+    """Fixed-size consecutive groups: the unit of batched training and of resuming."""
+    return [list(ids[i : i + size]) for i in range(0, len(ids), size)]

@@ -1,0 +1,201 @@
+"""Tests of `d2nwg.evaluate` (the §4 protocol) and `d2nwg.plots` on a tiny digits zoo.
+
+The pipeline is untrained: the tests check the protocol's bookkeeping (which split
+selects, which split reports, what the oracle and retrieval are), not its quality.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from d2nwg.architectures import build_model
+from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts
+from d2nwg.evaluate import SUMMARY_ACCURACIES, dataset_embedding, evaluate, paired_accuracy, retrieve
+from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
+from d2nwg.pipeline import D2NWGPipeline
+from d2nwg.plots import plot_training_curves
+from d2nwg.zoo import ModelZoo
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SUMMARY_KEYS = (
+    *SUMMARY_ACCURACIES,
+    "finetune_steps_to_match",
+    "vae_recon_ratio",
+    "novelty_ratio",
+    "sample_seconds_per_task",
+    "num_tasks",
+    "settings",
+)
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory) -> ModelZoo:
+    from model_zoo.digits import build
+
+    return build(tmp_path_factory.mktemp("zoo"), num_train_tasks=12, num_heldout_tasks=3, steps=20, group_size=8)
+
+
+def tiny_pipeline(zoo: ModelZoo) -> D2NWGPipeline:
+    """An untrained but valid pipeline sized for the zoo (toy widths)."""
+    torch.manual_seed(0)
+    layout = zoo.layout
+    vae = WeightVAE(chunk_size=layout.chunk_size, num_tokens=layout.num_tokens, latent_channels=4, hidden_dim=16, depth=1, heads=2)
+    latent_tokens = getattr(vae, "num_latent_tokens", layout.num_tokens)
+    encoder = DatasetEncoder(feature_dim=64, dim=16, heads=2, num_inducing=2, max_classes=5, depth=1)
+    denoiser = Denoiser(latent_channels=4, num_tokens=latent_tokens, cond_dim=16, dim=16, depth=1, heads=2, max_classes=5)
+    target = {"architecture": zoo.architecture, "layout": layout.to_dict(), "feature": "identity", "num_classes": 5}
+    pipe = D2NWGPipeline(
+        vae=vae.eval(), dataset_encoder=encoder.eval(), denoiser=denoiser.eval(),
+        scheduler=DDIMScheduler(clip_sample=False), target=target,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def report(zoo, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    result = evaluate(
+        tiny_pipeline(zoo), zoo, out, num_samples=2, num_inference_steps=2, finetune_steps=(1, 2, 5), progress=False
+    )
+    return result, out
+
+
+# ----------------------------------------------------------------------------- evaluate
+def test_summary_has_every_key_and_valid_accuracies(report):
+    result, _ = report
+    summary = result["summary"]
+    missing = [k for k in SUMMARY_KEYS if k not in summary]
+    assert not missing, f"summary lacks {missing}"
+    assert summary["num_tasks"] == 3 and len(result["per_task"]) == 3
+    for key in SUMMARY_ACCURACIES:
+        assert 0.0 <= summary[key] <= 1.0, (key, summary[key])
+    for k, acc in result["finetune_curve"].items():
+        assert 0.0 <= acc <= 1.0, (k, acc)
+    assert summary["settings"]["num_samples"] == 2 and summary["settings"]["num_inference_steps"] == 2
+    assert summary["sample_seconds_per_task"] > 0
+    assert summary["vae_recon_ratio"] is not None and summary["vae_recon_ratio"] >= 0
+    assert summary["novelty_ratio"] is not None and summary["novelty_ratio"] > 0
+    match = summary["finetune_steps_to_match"]
+    assert match is None or result["finetune_curve"][match] >= summary["generated_best_acc"]
+    json.dumps(result)  # JSON-serialisable as returned
+
+
+def test_per_task_rows_follow_the_protocol(zoo, report):
+    result, _ = report
+    heldout_tasks = [m.task for m in zoo.members("heldout")]
+    train_ids = {m.id for m in zoo.members("train")}
+    assert [r["task"] for r in result["per_task"]] == heldout_tasks
+    for row in result["per_task"]:
+        assert row["classes"] == zoo.tasks[row["task"]]["classes"]
+        assert row["retrieval_member"] in train_ids
+        assert len(row["generated"]) == 2
+        assert row["generated_mean"] == pytest.approx(sum(row["generated"]) / 2)
+        assert row["generated_best"] in row["generated"]
+        assert set(row["finetune"]) == {1, 2, 5}
+
+
+def test_oracle_is_the_member_recomputed_on_test(zoo, report):
+    result, _ = report
+    model = build_model(zoo.architecture)
+    for row in result["per_task"]:
+        x, y = zoo.task_data(row["task"], "test")
+        expected = ensemble_accuracy(model, stack_state_dicts([zoo.load_member(row["oracle_member"])]), x, y)
+        assert row["oracle"] == pytest.approx(float(expected[0]))
+
+
+def test_generated_best_is_selected_on_support(zoo, report):
+    """Re-generating with the documented seed reproduces the selection made on support samples."""
+    result, _ = report
+    pipe = tiny_pipeline(zoo)
+    model = build_model(zoo.architecture)
+    for i, row in list(enumerate(result["per_task"]))[:1]:  # one task keeps the test fast
+        out = pipe(dataset=zoo.class_samples(row["task"], "support"), num_samples=2, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(i))
+        stacked = stack_state_dicts(out.weights)
+        support = ensemble_accuracy(model, stacked, *zoo.task_data(row["task"], "support"))
+        test = ensemble_accuracy(model, stacked, *zoo.task_data(row["task"], "test"))
+        assert row["generated"] == pytest.approx(test.tolist())
+        assert row["generated_best"] == pytest.approx(float(test[int(support.argmax())]))
+
+
+def test_report_files(report):
+    result, out = report
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["summary"]["num_tasks"] == 3
+    assert on_disk["summary"]["oracle_acc"] == pytest.approx(result["summary"]["oracle_acc"])
+    markdown = (out / "report.md").read_text()
+    assert "| method |" in markdown and "/ oracle" in markdown
+    for png in ("accuracy_by_method.png", "finetune_curve.png"):
+        assert png in markdown
+        data = (out / png).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000
+
+
+def test_max_tasks_and_bad_arguments(zoo):
+    pipe = tiny_pipeline(zoo)
+    result = evaluate(pipe, zoo, num_samples=1, num_inference_steps=1, max_tasks=1, finetune_steps=(1,), progress=False)
+    assert result["summary"]["num_tasks"] == 1
+    with pytest.raises(ValueError, match="num_samples"):
+        evaluate(pipe, zoo, num_samples=0, progress=False)
+
+
+# ----------------------------------------------------------------------------- retrieval
+def test_retrieval_picks_the_member_whose_task_data_is_identical(zoo, monkeypatch):
+    heldout = zoo.members("heldout")[0].task
+    train = zoo.members("train")[5]
+    # Give the held-out task exactly the classes (and order) of one train task: same support data.
+    tasks = {k: dict(v) for k, v in zoo.tasks.items()}
+    tasks[heldout]["classes"] = list(tasks[train.task]["classes"])
+    monkeypatch.setitem(zoo.manifest, "tasks", tasks)
+    assert torch.equal(
+        dataset_embedding(zoo.class_samples(heldout, "support")), dataset_embedding(zoo.class_samples(train.task, "support"))
+    )
+    assert retrieve(zoo, [heldout])[0].id == train.id
+
+
+def test_retrieval_rejects_an_empty_candidate_set(zoo):
+    with pytest.raises(ValueError, match="candidate"):
+        retrieve(zoo, [zoo.members("heldout")[0].task], candidates=[])
+
+
+def test_paired_accuracy_matches_per_model_loop(zoo):
+    members = zoo.members()[:4]
+    sds = [zoo.load_member(m) for m in members]
+    data = [zoo.task_data(m.task, "test") for m in members]
+    data[1] = (data[1][0][:-3], data[1][1][:-3])  # a differently shaped dataset runs in its own group
+    model = build_model(zoo.architecture)
+    expected = []
+    for sd, (x, y) in zip(sds, data):
+        model.load_state_dict(sd)
+        expected.append(float((model(x).argmax(-1) == y).float().mean()))
+    assert paired_accuracy(build_model(zoo.architecture), sds, data).tolist() == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- training curves
+@pytest.mark.parametrize(
+    "header,rows",
+    [
+        ("epoch,step,vae/loss,diffusion/loss", ["0,0,1.5,", "0,1,1.2,", "1,2,,0.9", "1,3,,0.7"]),
+        ("epoch,step,vae/loss,diffusion/loss", ["0,0,,", "0,1,,"]),  # NaN-only columns
+        ("epoch,step,vae/mse", ["0,0,0.3"]),  # both loss columns missing
+        ("epoch,step,vae/loss_step,diffusion/loss_epoch", ["0,0,nan,0.5", "0,1,1.0,0.4"]),
+    ],
+    ids=["normal", "nan-only", "missing", "suffixed"],
+)
+def test_plot_training_curves(tmp_path, header, rows):
+    csv = tmp_path / "metrics.csv"
+    csv.write_text("\n".join([header, *rows]) + "\n")
+    png = plot_training_curves(csv, tmp_path / "curves.png")
+    data = png.read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 1000
+
+
+def test_plot_training_curves_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        plot_training_curves(tmp_path / "nope.csv", tmp_path / "curves.png")
