@@ -71,6 +71,35 @@ def cmd_zoo_info(args: argparse.Namespace) -> None:
         _print_zoo(summary)
 
 
+def cmd_zoo_ingest(args: argparse.Namespace) -> None:
+    from d2nwg.ingest import BadCheckpointsError, ingest
+
+    try:
+        zoo = ingest(
+            args.checkpoints,
+            args.datasets,
+            args.mapping,
+            args.arch,
+            args.out,
+            arch_config=args.arch_config,
+            include=args.include,
+            exclude=args.exclude,
+            chunk_size=args.chunk_size,
+            heldout_fraction=args.heldout_fraction,
+            split_fractions=args.split_fractions,
+            seed=args.seed,
+            skip_bad=args.skip_bad,
+            image_size=args.image_size,
+            label_column=args.label_column,
+            warn=lambda message: print(f"warning: {message}", file=sys.stderr),
+        )
+    except BadCheckpointsError as err:
+        for bad in err.bad:
+            print(f"bad checkpoint {bad.name}: {bad.reason}", file=sys.stderr)
+        raise UserError(str(err)) from None
+    _print_zoo(zoo.summary())
+
+
 def _print_zoo(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -93,9 +122,9 @@ def _print_zoo(summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- train
-def train_args(config: str, zoo: str | None, overrides: list[str], logger: str) -> list[str]:
+def train_args(config: str | None, zoo: str | None, overrides: list[str]) -> list[str]:
     """LightningCLI arguments for one `d2nwg train` run."""
-    args = ["fit", "--config", config]
+    args = ["--config", config] if config else []
     if zoo:
         args += ["--data.zoo", zoo]
     for item in overrides:
@@ -103,8 +132,6 @@ def train_args(config: str, zoo: str | None, overrides: list[str], logger: str) 
         if not sep:
             raise UserError(f"--set expects KEY=VALUE, got {item!r}")
         args += [f"--{key}", value]
-    if logger == "wandb":
-        args += ["--trainer.logger", "lightning.pytorch.loggers.WandbLogger"]
     return args
 
 
@@ -112,9 +139,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from d2nwg.lightning_cli import make_cli
 
     out = Path(args.out)
-    if not Path(args.config).is_file():
+    if args.config and not Path(args.config).is_file():
         raise UserError(f"config file not found: {args.config}")
-    cli = make_cli(train_args(args.config, args.zoo, args.set, args.logger), run=False, out=str(out))
+    cli = make_cli(train_args(args.config, args.zoo, args.set), run=False, out=str(out), logger=args.logger)
     ckpt = out / "checkpoints" / "last.ckpt"
     if args.resume and not ckpt.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt}")
@@ -158,6 +185,39 @@ def print_summary(summary: dict) -> None:
     Console().print(table)
 
 
+# ----------------------------------------------------------------------------- generate / push
+def cmd_generate(args: argparse.Namespace) -> None:
+    from d2nwg.datasets import load_dataset
+    from d2nwg.generate import generate_to_folder
+    from d2nwg.pipeline import D2NWGPipeline
+
+    pipe = D2NWGPipeline.from_pretrained(args.pipeline)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    dataset = load_dataset(args.dataset, pipe.config.target.get("input"), classes, args.label_column)
+    result = generate_to_folder(
+        pipe,
+        dataset,
+        args.out,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        select=args.select,
+        held_back_fraction=args.held_back,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        source=args.pipeline,
+    )
+    print(f"wrote {len(result.files)} weight sets to {result.out}")
+    if result.best is not None:
+        print(f"best: {result.best}  accuracy on {result.num_held_back} held-back samples: {result.best_score:.4f}")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from d2nwg.hub import push_pipeline
+
+    url = push_pipeline(args.pipeline, args.repo_id, private=args.private, report_dir=args.report)
+    print(f"pushed to {url}")
+
+
 # ----------------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> None:
     from d2nwg.demo import run_demo
@@ -196,9 +256,26 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("zoo", help="zoo directory")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=cmd_zoo_info)
+    ingest = zoo_sub.add_parser("ingest", help="build a zoo from your own checkpoints and datasets", formatter_class=fmt)
+    ingest.add_argument("--checkpoints", required=True, help="folder of *.safetensors, *.pt or *.pth state_dicts")
+    ingest.add_argument("--datasets", required=True, help="folder of datasets: class-folder images, .npz (x, y) or .csv")
+    ingest.add_argument("--mapping", required=True, help="CSV checkpoint,dataset[,split] or JSON {checkpoint: dataset}")
+    ingest.add_argument("--arch", required=True, help="registered architecture name or module:callable")
+    ingest.add_argument("--arch-config", default=None, help="JSON object (or a .json file) of builder arguments")
+    ingest.add_argument("--include", nargs="+", action="extend", default=None, metavar="GLOB", help="tensors to tokenize (default: all)")
+    ingest.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="GLOB", help="tensors to leave out")
+    ingest.add_argument("--chunk-size", type=int, default=32, help="numbers per weight token")
+    ingest.add_argument("--heldout-fraction", type=float, default=0.1, help="share of checkpoints without a mapped split held out")
+    ingest.add_argument("--split-fractions", default="0.6,0.2,0.2", help="per-class train,support,test fractions of each dataset")
+    ingest.add_argument("--image-size", default="8,8", help="H,W that image-folder datasets are resized to")
+    ingest.add_argument("--label-column", default="label", help="label column of .csv datasets")
+    ingest.add_argument("--seed", type=int, default=0, help="seed of data splits, held-out choice and initialisation")
+    ingest.add_argument("--skip-bad", action="store_true", help="leave bad checkpoints out (with warnings) instead of failing")
+    ingest.add_argument("--out", required=True, help="new zoo directory (must not exist or be empty)")
+    ingest.set_defaults(func=cmd_zoo_ingest)
 
     train = sub.add_parser("train", help="train the hyper-model (VAE, then diffusion)", formatter_class=fmt)
-    train.add_argument("--config", required=True, help="LightningCLI YAML, e.g. configs/digits.yaml")
+    train.add_argument("--config", default=None, help="LightningCLI YAML, e.g. configs/digits.yaml (default: built-in digits settings)")
     train.add_argument("--out", required=True, help="run directory: logs, checkpoints/last.ckpt, pipeline/")
     train.add_argument("--zoo", default=None, help="zoo directory (overrides data.zoo of the config)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
@@ -216,6 +293,27 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
     ev.add_argument("--max-tasks", type=int, default=None, help="evaluate only the first N held-out tasks")
     ev.set_defaults(func=cmd_evaluate)
+
+    gen = sub.add_parser("generate", help="generate weights for your dataset", formatter_class=fmt)
+    gen.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo id")
+    gen.add_argument("--dataset", required=True, help="folder of class subfolders of images, .npz (x, y) or .csv")
+    gen.add_argument("--out", required=True, help="new output folder for the generated weights")
+    gen.add_argument("--num-samples", type=int, default=10, help="weight sets to generate")
+    gen.add_argument("--select", choices=["support"], default=None, help="pick the best set on held-back samples")
+    gen.add_argument("--held-back", type=float, default=0.3, help="fraction of each class held back for --select")
+    gen.add_argument("--classes", default=None, help="class order a,b,c (default: sorted names)")
+    gen.add_argument("--label-column", default="label", help="label column of a .csv dataset")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps")
+    gen.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    gen.set_defaults(func=cmd_generate)
+
+    push = sub.add_parser("push", help="upload a pipeline with a model card to the Hugging Face Hub", formatter_class=fmt)
+    push.add_argument("--pipeline", required=True, help="saved pipeline folder")
+    push.add_argument("--repo-id", required=True, help="user/name on the Hub")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--report", default=None, help="evaluation folder whose report.json and plots go in the card")
+    push.set_defaults(func=cmd_push)
 
     demo = sub.add_parser("demo", help="build the digits zoo, train, evaluate and generate", formatter_class=fmt)
     demo.add_argument("--out", default="runs/demo", help="demo directory")

@@ -55,8 +55,8 @@ def run_demo(out: Path, config: str | None = None, fast: bool = False) -> dict:
     run = out / "run"
     pipeline_dir = run / "pipeline"
     if not (pipeline_dir / "model_index.json").exists():
-        args = train_args(config, str(zoo.root), [], "csv") if config else ["fit", "--data.zoo", str(zoo.root)]
-        cli = make_cli(args[1:] + (FAST_TRAIN if fast else []), run=False, out=str(run))
+        args = train_args(config, str(zoo.root), []) + ["--trainer.enable_progress_bar", "false"]
+        cli = make_cli(args + (FAST_TRAIN if fast else []), run=False, out=str(run))
         cli.trainer.fit(cli.model, cli.datamodule)
     timings["train"] = time.perf_counter() - t
 

@@ -30,6 +30,7 @@ class GenerationResult:
     best: Path | None
     best_score: float | None
     scores: list[float] | None
+    num_held_back: int = 0
 
 
 def split_held_back(dataset: LabelledDataset, fraction: float, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[str]]]:
@@ -114,6 +115,7 @@ def generate_to_folder(
         best=out / "best.safetensors" if best_index is not None else None,
         best_score=scores[best_index] if best_index is not None else None,
         scores=scores,
+        num_held_back=sum(len(h) for h in held) if held is not None else 0,
     )
 
 

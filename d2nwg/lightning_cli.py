@@ -9,6 +9,7 @@ import lightning as L
 from diffusers import DDIMScheduler
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
 from d2nwg.data import ZooDataModule
 from d2nwg.io import atomic_dir
@@ -34,6 +35,18 @@ def pipeline_from_module(module: D2NWGModule, datamodule: ZooDataModule) -> D2NW
     return pipe
 
 
+def log_artifact(run, path: Path, name: str, kind: str) -> None:
+    """Log a file or folder as a ``wandb.Artifact`` (``WandbLogger(log_model=True)`` refuses offline runs)."""
+    import wandb
+
+    artifact = wandb.Artifact(name, type=kind)
+    if Path(path).is_dir():
+        artifact.add_dir(str(path))
+    else:
+        artifact.add_file(str(path))
+    run.log_artifact(artifact)
+
+
 class ExportPipeline(L.Callback):
     """Saves the trained pipeline to ``dirpath`` (default ``<default_root_dir>/pipeline``) when fit ends."""
 
@@ -48,6 +61,9 @@ class ExportPipeline(L.Callback):
         with atomic_dir(out) as tmp:
             pipe.save_pretrained(tmp)
             (tmp / "training.json").write_text(json.dumps({"global_step": trainer.global_step}, indent=2))
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                log_artifact(logger.experiment, out, name="d2nwg-pipeline", kind="model")
 
 
 class D2NWGCLI(LightningCLI):
@@ -59,8 +75,14 @@ class D2NWGCLI(LightningCLI):
         )
 
 
-def make_cli(args: list[str] | dict | None = None, run: bool = True, out: str | None = None) -> D2NWGCLI:
-    """Build the CLI; ``out`` sets the run directory (logs, checkpoints, pipeline)."""
+def make_cli(
+    args: list[str] | dict | None = None, run: bool = True, out: str | None = None, logger: str = "csv"
+) -> D2NWGCLI:
+    """Build the CLI; ``out`` sets the run directory (logs, checkpoints, pipeline).
+
+    ``logger="wandb"`` adds a ``WandbLogger`` next to the CSV logs (``WANDB_MODE=offline`` needs no
+    account) and logs the exported pipeline as a ``wandb.Artifact``.
+    """
     trainer_defaults = {
         "callbacks": [
             ModelCheckpoint(
@@ -74,7 +96,14 @@ def make_cli(args: list[str] | dict | None = None, run: bool = True, out: str | 
     }
     if out is not None:
         trainer_defaults["default_root_dir"] = out
-        trainer_defaults["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": out, "name": "logs"}}
+        loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": out, "name": "logs"}}]
+        if logger == "wandb":
+            loggers.append(
+                {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": out, "project": "d2nwg"}}
+            )
+        trainer_defaults["logger"] = loggers
+    elif logger != "csv":
+        raise ValueError("a wandb logger needs a run directory (out)")
     return D2NWGCLI(
         D2NWGModule,
         ZooDataModule,

@@ -163,6 +163,26 @@ class D2NWGPipeline(DiffusionPipeline):
         return D2NWGOutput(weights=weights, tokens=tokens)
 
     # ------------------------------------------------------------------ saving / loading
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        report_dir: str | Path | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload d2nwg pipeline",
+    ) -> str:
+        """Save, then upload to ``repo_id`` with a model card (results and plots from ``report_dir``)."""
+        import tempfile
+
+        from d2nwg.hub import push_pipeline
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return push_pipeline(
+                tmp, repo_id, private=private, report_dir=report_dir, token=token, commit_message=commit_message
+            )
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> D2NWGPipeline:
         """Load from a local folder, or from a Hub repo id via ``snapshot_download`` first."""
@@ -174,9 +194,23 @@ class D2NWGPipeline(DiffusionPipeline):
         missing = [c for c in (*PIPELINE_COMPONENTS, "model_index.json") if not (path / c).exists()]
         if missing:
             raise ValueError(f"pipeline folder {path} is missing component(s): {', '.join(missing)}")
+        from diffusers.utils import logging as diffusers_logging
+
+        bar_was_on = diffusers_logging.is_progress_bar_enabled()
+        diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar on stderr
         try:
             pipe = super().from_pretrained(str(path), **kwargs)
         except (OSError, EnvironmentError, KeyError) as err:
             raise ValueError(f"cannot load pipeline from {path}: {str(err).splitlines()[0]}") from None
+        finally:
+            if bar_was_on:
+                diffusers_logging.enable_progress_bar()
+        # Loaded tensors point into the safetensors buffer at 8-byte offsets; CPU kernels round differently on
+        # such unaligned memory, so copy them into fresh (aligned) storage: the loaded pipeline then samples
+        # bit-identically to the one that was saved.
+        with torch.no_grad():
+            for name in ("vae", "dataset_encoder", "denoiser"):
+                for tensor in (*getattr(pipe, name).parameters(), *getattr(pipe, name).buffers()):
+                    tensor.data = tensor.data.clone()
         pipe.set_progress_bar_config(disable=True)
         return pipe

@@ -24,8 +24,8 @@ from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
 class VAESettings:
     """Size and regularisation of the weight VAE."""
 
-    latent_channels: int = 32
-    """Latent numbers per latent token."""
+    latent_channels: int = 128
+    """Latent numbers per latent token (merge * chunk_size keeps every weight's degree of freedom)."""
     merge: int = 4
     """Weight tokens folded into one latent token."""
     hidden_dim: int = 64
@@ -64,7 +64,7 @@ class DiffusionSettings:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "sample"
-    """What the denoiser predicts: "epsilon", "v_prediction" or "sample"."""
+    """What the denoiser predicts: "sample" (x0; clearly better than "epsilon" on weight latents), "epsilon" or "v_prediction"."""
     cond_dropout: float = 0.1
     """Probability of dropping the dataset condition (trains the unconditional branch for guidance)."""
     ema_decay: float = 0.999
@@ -96,8 +96,8 @@ class D2NWGModule(L.LightningModule):
         encoder: EncoderSettings = EncoderSettings(),
         denoiser: DenoiserSettings = DenoiserSettings(),
         diffusion: DiffusionSettings = DiffusionSettings(),
-        vae_steps: int = 3000,
-        diffusion_steps: int = 6000,
+        vae_steps: int = 1500,
+        diffusion_steps: int = 3000,
         vae_lr: float = 1e-3,
         diffusion_lr: float = 3e-4,
         weight_decay: float = 0.0,

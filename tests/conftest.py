@@ -19,3 +19,98 @@ def tiny_digits_zoo(tmp_path_factory, tiny_digits_settings):
     from model_zoo.digits import build
 
     return build(tmp_path_factory.mktemp("digits_zoo") / "zoo", **tiny_digits_settings)
+
+
+# ----------------------------------------------------------------------------- tiny pipeline
+TINY_NETS = {"latent_channels": 4, "merge": 4, "dim": 16, "heads": 2}
+"""Sizes of the untrained session pipeline's networks (widths 16, one block each)."""
+
+
+def _make_tiny_pipeline(zoo, seed: int = 0):
+    """An untrained `D2NWGPipeline` for ``zoo`` built directly from tiny networks (no Lightning).
+
+    The denoiser's adaLN-Zero / zero-output layers are re-drawn at random: with them at
+    zero an untrained denoiser predicts 0 for every condition, which would hide guidance
+    and conditioning from tests.
+    """
+    import torch
+    from diffusers import DDIMScheduler
+
+    from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
+    from d2nwg.pipeline import D2NWGPipeline
+
+    torch.manual_seed(seed)
+    n, layout = TINY_NETS, zoo.layout
+    num_classes = zoo.architecture["config"]["num_classes"]
+    feature_dim = zoo.class_samples(zoo.members("train")[0].task, "train")[0].shape[1]
+    vae = WeightVAE(
+        chunk_size=layout.chunk_size, num_tokens=layout.num_tokens, latent_channels=n["latent_channels"],
+        hidden_dim=n["dim"], depth=1, heads=n["heads"], merge=n["merge"],
+    )
+    with torch.no_grad():
+        vae.mean_tokens.copy_(zoo.tokens("train").mean(0, keepdim=True))
+    encoder = DatasetEncoder(
+        feature_dim=feature_dim, dim=n["dim"], heads=n["heads"], num_inducing=4, max_classes=num_classes, depth=1
+    )
+    denoiser = Denoiser(
+        latent_channels=n["latent_channels"], num_tokens=vae.num_latent_tokens, cond_dim=n["dim"], dim=n["dim"],
+        depth=1, heads=n["heads"], max_classes=num_classes,
+    )
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.1)
+    target = {
+        "architecture": zoo.architecture,
+        "layout": zoo.layout.to_dict(),
+        "feature": "identity",
+        "input": {"image_size": [8, 8], "grayscale": True},
+        "num_classes": num_classes,
+    }
+    pipe = D2NWGPipeline(
+        vae=vae.eval(), dataset_encoder=encoder.eval(), denoiser=denoiser.eval(),
+        scheduler=DDIMScheduler(clip_sample=False), target=target,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def make_tiny_pipeline():
+    """``make_tiny_pipeline(zoo, seed=0)`` -> a fresh untrained tiny pipeline."""
+    return _make_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_digits_zoo):
+    """One untrained tiny pipeline for the session zoo (do not mutate it)."""
+    return _make_tiny_pipeline(tiny_digits_zoo)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory, tiny_pipeline):
+    """`tiny_pipeline` saved with ``save_pretrained`` (read-only: copy it before corrupting anything)."""
+    path = tmp_path_factory.mktemp("tiny_pipeline") / "pipeline"
+    tiny_pipeline.save_pretrained(path)
+    return path
+
+
+def write_task_pngs(zoo, task: str, split: str, out, per_class: int | None = None):
+    """A task's samples as 8x8 grey PNGs in ``out/<class name>/<split>_<j>.png``; returns ``out``."""
+    import numpy as np
+    from PIL import Image
+
+    for name, samples in zip(zoo.tasks[task]["classes"], zoo.class_samples(task, split)):
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for j, x in enumerate(samples[:per_class]):
+            pixels = np.clip(np.rint(x.numpy().reshape(8, 8) * 255.0), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(folder / f"{split}_{j:03d}.png")
+    return out
+
+
+@pytest.fixture(scope="session")
+def heldout_images(tmp_path_factory, tiny_digits_zoo):
+    """8 support PNGs per class of the session zoo's first held-out task (read-only)."""
+    task = tiny_digits_zoo.members("heldout")[0].task
+    return write_task_pngs(tiny_digits_zoo, task, "support", tmp_path_factory.mktemp("images") / task, per_class=8)

@@ -1,0 +1,63 @@
+"""Benchmark of the default configuration: digits zoo -> train -> evaluate, with wall time per stage.
+
+    python benchmarks/bench_default.py --out runs/bench          # writes runs/bench/bench.json
+
+Run it on an otherwise idle machine: the numbers are wall-clock seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/bench", help="benchmark directory (wiped first)")
+    parser.add_argument("--config", default=None, help="training config (default: built-in digits defaults)")
+    parser.add_argument("--keep", action="store_true", help="reuse an existing zoo/pipeline in --out")
+    args = parser.parse_args()
+
+    from d2nwg.cli import print_summary
+    from d2nwg.evaluate import evaluate
+    from d2nwg.lightning_cli import make_cli
+    from d2nwg.pipeline import D2NWGPipeline
+    from model_zoo import get_recipe
+
+    out = Path(args.out)
+    if out.exists() and not args.keep:
+        shutil.rmtree(out)
+    times: dict[str, float] = {}
+
+    t = time.perf_counter()
+    zoo = get_recipe("digits")(out / "zoo")
+    times["zoo_build_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cli_args = ["--data.zoo", str(zoo.root), "--trainer.enable_progress_bar", "false"]
+    if args.config:
+        cli_args = ["--config", args.config, *cli_args]
+    if not (out / "run" / "pipeline" / "model_index.json").exists():
+        cli = make_cli(cli_args, run=False, out=str(out / "run"))
+        cli.trainer.fit(cli.model, cli.datamodule)
+    times["train_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pipe = D2NWGPipeline.from_pretrained(out / "run" / "pipeline")
+    report = evaluate(pipe, zoo, out / "report", progress=False)
+    times["evaluate_s"] = time.perf_counter() - t
+    times["total_s"] = sum(times.values())
+
+    result = {"times": times, "summary": report["summary"], "torch_threads": torch.get_num_threads()}
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    print_summary(report["summary"])
+    print(json.dumps(times, indent=2))
+
+
+if __name__ == "__main__":
+    main()

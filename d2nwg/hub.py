@@ -1,0 +1,145 @@
+"""Hugging Face Hub I/O: push a pipeline with a model card, and download one by repo id.
+
+Tokens come from huggingface_hub's usual sources (``HF_TOKEN``, ``hf auth login``)
+and are never printed. A custom ``DiffusionPipeline`` cannot be loaded straight
+from a repo id, so `download_pipeline` runs ``snapshot_download`` first and the
+pipeline loads from that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+REPORT_ACCURACIES = {
+    "generated_best_acc": "Generated (best of N on support)",
+    "generated_mean_acc": "Generated (mean of N)",
+    "retrieval_acc": "Retrieval baseline",
+    "zoo_mean_acc": "Zoo-mean baseline",
+    "oracle_acc": "Oracle (trained on the task)",
+}
+
+
+def download_pipeline(repo_id: str, revision: str | None = None) -> Path:
+    """``snapshot_download`` a pipeline repo; no network or an unknown repo gives one-line ``ValueError``."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision))
+    except RepositoryNotFoundError:
+        raise ValueError(f"Hub repo '{repo_id}' not found (or not accessible with your token)") from None
+    except LocalEntryNotFoundError:
+        raise ValueError(
+            f"cannot download '{repo_id}': no network connection to the Hub and no cached copy "
+            "(check the path if you meant a local folder)"
+        ) from None
+    except (HfHubHTTPError, OSError) as err:
+        raise ValueError(f"cannot download '{repo_id}': {str(err).splitlines()[0]}") from None
+
+
+def model_card(pipeline_dir: Path, repo_id: str, report: Mapping | None = None) -> str:
+    """A model card (YAML front matter from ``ModelCardData``) with results, plot and usage."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    target = index.get("target") or {}
+    recipe = target.get("zoo_recipe", "custom")
+    summary = (report or {}).get("summary", {})
+    eval_results = [
+        EvalResult(
+            task_type="weight-generation",
+            dataset_type=f"d2nwg-zoo-{recipe}",
+            dataset_name=f"{recipe} zoo, held-out tasks",
+            metric_type="accuracy",
+            metric_name=label,
+            metric_value=float(summary[key]),
+        )
+        for key, label in REPORT_ACCURACIES.items()
+        if summary.get(key) is not None
+    ]
+    data = ModelCardData(
+        library_name="d2nwg",
+        license="apache-2.0",
+        tags=["d2nwg", "weight-generation", "diffusion", "hypernetwork", f"zoo-{recipe}"],
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results or None,
+    )
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, dict))
+    results = f"## Results on held-out tasks\n\n| metric | value |\n|---|---|\n{rows}\n" if rows else ""
+    plot = "![accuracy by method](accuracy_by_method.png)\n" if (pipeline_dir / "accuracy_by_method.png").exists() else ""
+    arch = json.dumps(target.get("architecture", {}))
+    content = f"""---
+{data.to_yaml()}
+---
+
+# {repo_id.split('/')[-1]}
+
+A [d2nwg](https://pypi.org/project/d2nwg/) weight generator (D2NWG: a weight VAE plus a latent diffusion model
+conditioned on a dataset embedding). Given a labelled dataset it generates weights for the target
+architecture `{arch}` with zero gradient steps.
+
+{results}
+{plot}
+## Usage
+
+```python
+import torch
+from d2nwg import D2NWGPipeline
+
+pipe = D2NWGPipeline.from_pretrained("{repo_id}")
+out = pipe(dataset=per_class_samples, num_samples=10, generator=torch.Generator().manual_seed(0))
+model = pipe.build_model(out.weights[0])
+```
+
+or from the command line:
+
+```bash
+d2nwg generate --pipeline {repo_id} --dataset my_images/ --num-samples 10 --select support --out generated/
+```
+"""
+    return ModelCard(content).content
+
+
+def push_pipeline(
+    pipeline_dir: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    report_dir: str | Path | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload d2nwg pipeline",
+) -> str:
+    """Upload a saved pipeline folder plus a model card (and report plots if given); returns the repo URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    pipeline_dir = Path(pipeline_dir)
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise ValueError(f"{pipeline_dir} is not a saved pipeline (no model_index.json)")
+    report = None
+    report_dir = Path(report_dir) if report_dir else None
+    if report_dir is not None:
+        if not (report_dir / "report.json").is_file():
+            raise ValueError(f"no report.json in {report_dir}")
+        report = json.loads((report_dir / "report.json").read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / "repo"
+        shutil.copytree(pipeline_dir, staged)
+        if report_dir is not None:
+            shutil.copy2(report_dir / "report.json", staged / "report.json")
+            for png in report_dir.glob("*.png"):
+                shutil.copy2(png, staged / png.name)
+        (staged / "README.md").write_text(model_card(staged, repo_id, report))
+        api = HfApi(token=token)
+        try:
+            url = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            api.upload_folder(repo_id=url, folder_path=staged, commit_message=commit_message)
+        except HfHubHTTPError as err:
+            raise ValueError(f"push to '{repo_id}' failed: {str(err).splitlines()[0]}") from None
+        except OSError as err:
+            raise ValueError(f"push to '{repo_id}' failed (no network?): {str(err).splitlines()[0]}") from None
+    return f"{api.endpoint}/{repo_id}"
