@@ -61,17 +61,20 @@ def train_ensemble(
     steps: int,
     lr: float,
     weight_decay: float = 0.0,
+    optimizer: str = "adamw",
+    momentum: float = 0.9,
     record_at: Sequence[int] = (),
     eval_x: torch.Tensor | None = None,
     eval_y: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
-    """Full-batch AdamW on N members at once, every member starting from ``init``.
+    """Full-batch training of N members at once, every member starting from ``init``.
 
     Args:
         module: the architecture (its own parameters are not touched).
         init: the shared initial state_dict (unstacked).
         x, y: per-member training data ``[N, n, d]`` and ``[N, n]``.
-        steps: optimiser steps; lr, weight_decay: AdamW settings.
+        steps: optimiser steps; lr, weight_decay: optimiser settings.
+        optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``); both act elementwise, hence per member.
         record_at: step counts after which to record accuracy on ``eval_x/eval_y``.
 
     Returns:
@@ -79,7 +82,12 @@ def train_ensemble(
     """
     n = x.shape[0]
     params = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).requires_grad_(True) for k, v in init.items()}
-    optimiser = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        optimiser = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    elif optimizer == "sgd":
+        optimiser = torch.optim.SGD(params.values(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected 'adamw' or 'sgd'")
     curves: dict[int, torch.Tensor] = {}
     if 0 in record_at and eval_x is not None:
         curves[0] = ensemble_accuracy(module, params, eval_x, eval_y)
@@ -93,6 +101,16 @@ def train_ensemble(
         if step in record_at and eval_x is not None:
             curves[step] = ensemble_accuracy(module, params, eval_x, eval_y)
     return {k: v.detach() for k, v in params.items()}, curves
+
+
+def recipe_optimizer(recipe: Mapping) -> dict:
+    """The optimiser settings a zoo recipe trained its members with (for the fine-tuning baseline)."""
+    return {
+        "optimizer": str(recipe.get("optimizer", "adamw")),
+        "lr": float(recipe.get("lr", 1e-2)),
+        "weight_decay": float(recipe.get("weight_decay", 0.0)),
+        "momentum": float(recipe.get("momentum", 0.9)),
+    }
 
 
 def initial_state(module_factory, seed: int) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from d2nwg.architectures import build_model
-from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts, train_ensemble
+from d2nwg.ensemble import ensemble_accuracy, recipe_optimizer, stack_state_dicts, train_ensemble
 from d2nwg.io import atomic_write_json, atomic_write_text
 from d2nwg.pipeline import D2NWGPipeline
 from d2nwg.weights import WeightLayout
@@ -46,7 +46,6 @@ SUMMARY_ACCURACIES = (
 EVAL_BATCH = 256  # weight sets per vmapped forward: bounds memory for larger targets
 MAX_NOVELTY_REFERENCE = 500  # zoo members whose nearest-neighbour distance is the novelty reference
 MAX_VAE_MEMBERS = 200  # members whose reconstruction accuracy is measured
-DEFAULT_LR, DEFAULT_WEIGHT_DECAY = 1e-2, 0.0  # the digits recipe, used when a zoo records none
 
 
 # ----------------------------------------------------------------------------- accuracy helpers
@@ -232,8 +231,7 @@ def evaluate(
         for split in ("train", "support", "test")
     }
     recipe = zoo.manifest.get("recipe") or {}
-    lr = float(recipe.get("lr", DEFAULT_LR))
-    weight_decay = float(recipe.get("weight_decay", DEFAULT_WEIGHT_DECAY))
+    optim = recipe_optimizer(recipe)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     previous_bar = getattr(pipeline, "_progress_bar_config", None)
@@ -314,7 +312,7 @@ def evaluate(
 
             # 6. Fine-tuning from the init on each task's train split (all tasks in one batch when shapes match).
             bar.update(job, description="fine-tuning")
-            curve_per_task = _finetune(module, init, zoo, data, finetune_steps, lr, weight_decay, seed)
+            curve_per_task = _finetune(module, init, zoo, data, finetune_steps, optim, seed)
             for i, row in enumerate(rows):
                 row["finetune"] = {k: float(curve_per_task[k][i]) for k in finetune_steps}
 
@@ -358,8 +356,7 @@ def evaluate(
                 "seed": seed,
                 "noise_std": noise_std,
                 "finetune_steps": finetune_steps,
-                "finetune_lr": lr,
-                "finetune_weight_decay": weight_decay,
+                **{f"finetune_{k}": v for k, v in optim.items()},
                 "device": str(device),
                 "zoo": str(zoo.root),
             },
@@ -387,8 +384,7 @@ def _finetune(
     zoo: ModelZoo,
     data: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]],
     steps: Sequence[int],
-    lr: float,
-    weight_decay: float,
+    optim: Mapping,
     seed: int,
 ) -> dict[int, torch.Tensor]:
     """Test accuracy ``{k: [num_tasks]}`` after k AdamW steps from the init (a seeded fresh init if the zoo has none)."""
@@ -410,7 +406,7 @@ def _finetune(
         tx, ty = (torch.stack([data["test"][i][j] for i in idx]) for j in (0, 1))
         with torch.enable_grad():
             _, recorded = train_ensemble(
-                module, start, x, y, steps=max(steps), lr=lr, weight_decay=weight_decay,
+                module, start, x, y, steps=max(steps), **optim,
                 record_at=steps, eval_x=tx, eval_y=ty,
             )
         for k in steps:

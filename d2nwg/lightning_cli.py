@@ -112,4 +112,5 @@ def make_cli(
         args=args,
         run=run,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": run},
     )

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 RECIPES: dict[str, str] = {
     "digits": "model_zoo.digits",
+    "text-lora": "model_zoo.text_adapters",
+    "text-bone": "model_zoo.text_bone",
 }
 
 

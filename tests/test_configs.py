@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -72,5 +73,14 @@ def test_step_overrides_drive_max_steps(tiny_digits_zoo, tmp_path):
 def test_unknown_key_is_rejected(tiny_digits_zoo, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  no_such_setting: 3\n")
-    with pytest.raises(SystemExit):
+    with pytest.raises(argparse.ArgumentError, match="no_such_setting"):
         make_cli(args=["--config", str(bad), "--data.zoo", str(tiny_digits_zoo.root)], run=False, out=str(tmp_path / "run"))
+
+
+def test_cli_reports_a_bad_override_in_one_line(tiny_digits_zoo, tmp_path, capsys):
+    from d2nwg.cli import main
+
+    code = main(["train", "--zoo", str(tiny_digits_zoo.root), "--out", str(tmp_path / "run"), "--set", "model.nope=3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error:") and "nope" in err[0]

