@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import warnings
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
@@ -142,13 +141,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if args.config and not Path(args.config).is_file():
         raise UserError(f"config file not found: {args.config}")
-    with warnings.catch_warnings():
-        # LightningCLI warns that sys.argv is set as well; here sys.argv is d2nwg's own.
-        warnings.filterwarnings("ignore", message=".*args parameter.*")
-        try:
-            cli = make_cli(train_args(args.config, args.zoo, args.set), run=False, out=str(out), logger=args.logger)
-        except argparse.ArgumentError as err:
-            raise UserError(f"invalid training configuration: {err}") from None
+    try:
+        cli = make_cli(train_args(args.config, args.zoo, args.set), run=False, out=str(out), logger=args.logger)
+    except argparse.ArgumentError as err:
+        raise UserError(f"invalid training configuration: {err}") from None
     ckpt = out / "checkpoints" / "last.ckpt"
     if args.resume and not ckpt.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -91,6 +92,7 @@ def make_cli(
             ExportPipeline(),
         ],
         "enable_model_summary": False,
+        "log_every_n_steps": 10,
         "num_sanity_val_steps": 0,
         "limit_val_batches": 0,
     }
@@ -104,6 +106,12 @@ def make_cli(
         trainer_defaults["logger"] = loggers
     elif logger != "csv":
         raise ValueError("a wandb logger needs a run directory (out)")
+    # Known-harmless notices: checkpoints of a manually optimised module hold the post-step state,
+    # which is what resuming needs.
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    if args is not None:  # d2nwg's own sys.argv is not meant for LightningCLI
+        warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
     return D2NWGCLI(
         D2NWGModule,
         ZooDataModule,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from d2nwg.cli import main
-from d2nwg.generate import load_model
+import d2nwg
 
 STEPS = ["--steps", "3"]
 
@@ -83,7 +83,7 @@ def test_best_score_is_reproducible_from_the_images(generated, heldout_images):
             xs.append(read_png(heldout_images / source))
             ys.append(label)
     assert len(ys) == printed_n
-    model = load_model(out)
+    model = d2nwg.load_model(out)  # the README snippet
     with torch.no_grad():
         pred = model(torch.tensor(np.stack(xs))).argmax(-1)
     accuracy = (pred == torch.tensor(ys)).float().mean().item()
@@ -91,7 +91,7 @@ def test_best_score_is_reproducible_from_the_images(generated, heldout_images):
     assert accuracy == pytest.approx(max(config["selection"]["scores"]), abs=1e-6)
     # best.safetensors is the best-scoring sample
     best = config["selection"]["best"]
-    best_model = load_model(out, weights=f"weights_{best:03d}.safetensors")
+    best_model = d2nwg.load_model(out, weights=f"weights_{best:03d}.safetensors")
     for (n, a), (_, b) in zip(model.state_dict().items(), best_model.state_dict().items()):
         assert torch.equal(a, b), n
 
