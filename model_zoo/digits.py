@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 
 from d2nwg.architectures import build_model
-from d2nwg.ensemble import ensemble_accuracy, initial_state, recipe_optimizer, train_ensemble, unstack_state_dict
+from d2nwg.ensemble import initial_state, recipe_optimizer
 from d2nwg.weights import WeightLayout
-from d2nwg.zoo import ModelZoo, member_groups
+from d2nwg.zoo import ModelZoo
+from model_zoo.members import train_members
 
 
 @dataclass
@@ -99,12 +99,6 @@ def digits_tasks(recipe: DigitsRecipe) -> dict[str, dict]:
     return tasks
 
 
-def stacked_task_data(zoo: ModelZoo, task_ids: list[str], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [N, n, D]``, ``y [N, n]`` for tasks whose classes have equal sample counts."""
-    data = [zoo.task_data(t, split) for t in task_ids]
-    return torch.stack([x for x, _ in data]), torch.stack([y for _, y in data])
-
-
 def build(out: str | Path, **settings) -> ModelZoo:
     """Build (or resume building) the digits zoo in ``out``."""
     recipe = DigitsRecipe(**settings)
@@ -123,23 +117,9 @@ def build(out: str | Path, **settings) -> ModelZoo:
         input_spec={"image_size": [8, 8], "grayscale": True},
         recipe={"name": "digits", **asdict(recipe)},
     )
-    task_ids = list(zoo.tasks)
-    groups = member_groups(task_ids, recipe.group_size)
-    with Progress(transient=True) as progress:
-        bar = progress.add_task("training zoo members", total=len(task_ids))
-        for group in groups:
-            if all(f"{t}-s{recipe.seed}" in zoo for t in group):
-                progress.advance(bar, len(group))
-                continue
-            x, y = stacked_task_data(zoo, group, "train")
-            params, _ = train_ensemble(
-                model, init, x, y, steps=recipe.steps, **recipe_optimizer(asdict(recipe))
-            )
-            accs = {split: ensemble_accuracy(model, params, *stacked_task_data(zoo, group, split)) for split in ("train", "support", "test")}
-            for i, (task, sd) in enumerate(zip(group, unstack_state_dict(params))):
-                metrics = {f"{split}_acc": float(acc[i]) for split, acc in accs.items()}
-                zoo.add(sd, task, metrics, seed=recipe.seed, flush=False)
-            zoo.flush()
-            progress.advance(bar, len(group))
+    train_members(
+        zoo, model, init, steps=recipe.steps, optim=recipe_optimizer(asdict(recipe)),
+        group_size=recipe.group_size, seed=recipe.seed,
+    )
     zoo.fit_layout("train")
     return zoo

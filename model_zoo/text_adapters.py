@@ -34,12 +34,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from rich.progress import Progress
 
 from d2nwg.architectures import build_model
-from d2nwg.ensemble import ensemble_accuracy, initial_state, train_ensemble, unstack_state_dict
+from d2nwg.ensemble import ensemble_accuracy, initial_state, train_ensemble
 from d2nwg.weights import WeightLayout
-from d2nwg.zoo import ModelZoo, member_groups
+from d2nwg.zoo import ModelZoo
+from model_zoo.members import stacked_task_data, train_members
 
 
 @dataclass
@@ -175,11 +175,6 @@ def architecture(recipe: TextAdapterRecipe) -> dict:
     }
 
 
-def stacked_task_data(zoo: ModelZoo, task_ids: list[str], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    data = [zoo.task_data(t, split) for t in task_ids]
-    return torch.stack([x for x, _ in data]), torch.stack([y for _, y in data])
-
-
 def frozen_head_accuracy(zoo: ModelZoo, task_ids: list[str], recipe: TextAdapterRecipe, steps: int = 300) -> torch.Tensor:
     """Test accuracy ``[N]`` of a linear head on the frozen mean-pooled embeddings (the no-adapter baseline)."""
     hidden = build_model(zoo.architecture).hidden
@@ -236,19 +231,10 @@ def build(out: str | Path, **settings) -> ModelZoo:
 
     # 2. members, in vmapped groups from the shared initialisation
     task_ids = list(zoo.tasks)
-    with Progress(transient=True) as progress:
-        bar = progress.add_task("training adapters", total=len(task_ids))
-        for group in member_groups(task_ids, recipe.group_size):
-            if all(f"{t}-s{recipe.seed}" in zoo for t in group):
-                progress.advance(bar, len(group))
-                continue
-            x, y = stacked_task_data(zoo, group, "train")
-            params, _ = train_ensemble(model, init, x, y, steps=recipe.steps, lr=recipe.lr, weight_decay=recipe.weight_decay)
-            accs = {s: ensemble_accuracy(model, params, *stacked_task_data(zoo, group, s)) for s in ("train", "support", "test")}
-            for i, (task, sd) in enumerate(zip(group, unstack_state_dict(params))):
-                zoo.add(sd, task, {f"{s}_acc": float(a[i]) for s, a in accs.items()}, seed=recipe.seed, flush=False)
-            zoo.flush()
-            progress.advance(bar, len(group))
+    train_members(
+        zoo, model, init, steps=recipe.steps, optim={"lr": recipe.lr, "weight_decay": recipe.weight_decay},
+        group_size=recipe.group_size, seed=recipe.seed, description="training adapters",
+    )
     zoo.fit_layout("train" if zoo.members("train") else None)
     members_s = time.perf_counter() - started - features_s
 

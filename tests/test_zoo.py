@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import model_zoo.digits as digits
+import model_zoo.members as members
 from d2nwg.architectures import build_model
 from d2nwg.io import load_safetensors, read_safetensors_metadata, save_safetensors
 from d2nwg.zoo import SPLITS, ModelZoo
@@ -175,7 +175,7 @@ def test_killed_build_resumes_to_identical_zoo(tmp_path, monkeypatch, tiny_digit
     group = settings["group_size"]
     out = tmp_path / "zoo"
     calls = {"train": 0, "flush": 0, "armed": True}
-    real_train, real_flush = digits.train_ensemble, ModelZoo.flush
+    real_train, real_flush = members.train_ensemble, ModelZoo.flush
 
     def dying_train(*args, **kwargs):
         calls["train"] += 1
@@ -189,7 +189,7 @@ def test_killed_build_resumes_to_identical_zoo(tmp_path, monkeypatch, tiny_digit
             raise Killed  # member files of group 2 are written but not listed
         real_flush(self)
 
-    monkeypatch.setattr(digits, "train_ensemble", dying_train)
+    monkeypatch.setattr(members, "train_ensemble", dying_train)
     monkeypatch.setattr(ModelZoo, "flush", dying_flush)
     with pytest.raises(Killed):
         build(out, **settings)
