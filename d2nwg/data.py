@@ -52,7 +52,10 @@ class ZooDataModule(L.LightningDataModule):
         self.zoo = ModelZoo.open(zoo)
         self.tokens = self.zoo.tokens(split)  # (N, T, chunk), normalised
         members = self.zoo.members(split)
-        self.class_samples = [self.zoo.class_samples(m.task, "train") for m in members]
+        # Zoos whose samples carry more than the dataset description (e.g. cached encoder states
+        # for text adapters) say how many leading features describe the dataset.
+        n = self.zoo.manifest.get("input", {}).get("condition_features")
+        self.class_samples = [[c[:, :n] for c in self.zoo.class_samples(m.task, "train")] for m in members]
         counts = {len(c) for c in self.class_samples}
         if len(counts) != 1:
             raise ValueError(f"zoo members have different class counts {sorted(counts)}; one zoo needs one head size")

@@ -106,7 +106,8 @@ class D2NWGPipeline(DiffusionPipeline):
             raise ValueError(
                 f"the dataset has {len(dataset)} classes but this pipeline generates {self.num_classes}-class models"
             )
-        x, mask = pad_class_sets(dataset)
+        n = (self.config.target.get("input") or {}).get("condition_features")
+        x, mask = pad_class_sets([s[:, :n] if s.dim() == 2 else s for s in dataset] if n else dataset)
         expected = self.dataset_encoder.config.feature_dim
         if x.shape[-1] != expected:
             raise ValueError(f"samples have {x.shape[-1]} features, the pipeline expects {expected}")

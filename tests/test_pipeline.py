@@ -176,3 +176,29 @@ def test_inject_rejects_wrong_shapes(tiny_pipeline, reference):
     bad[name] = bad[name][:-1]
     with pytest.raises(ValueError):
         tiny_pipeline.build_model(bad)
+
+
+def test_condition_features_limit_what_the_encoder_sees(tiny_digits_zoo, make_tiny_pipeline, tmp_path):
+    """A zoo may store extra per-sample numbers; only the first `condition_features` describe the dataset."""
+    import json
+
+    from d2nwg.data import ZooDataModule
+
+    zoo_dir = tmp_path / "zoo"
+    shutil.copytree(tiny_digits_zoo.root, zoo_dir)
+    manifest = json.loads((zoo_dir / "manifest.json").read_text())
+    manifest["input"]["condition_features"] = 16
+    (zoo_dir / "manifest.json").write_text(json.dumps(manifest))
+    dm = ZooDataModule(zoo=str(zoo_dir), batch_size=2)
+    assert dm.feature_dim == 16
+    assert all(c.shape[-1] == 16 for c in dm.class_samples[0])
+
+    pipe = make_tiny_pipeline(tiny_digits_zoo)
+    per_class = tiny_digits_zoo.class_samples(tiny_digits_zoo.members("heldout")[0].task, "support")
+    wide = [torch.cat([x, torch.randn(len(x), 7)], dim=1) for x in per_class]  # 71 features
+    with pytest.raises(ValueError, match="features"):
+        pipe(wide, num_samples=1, num_inference_steps=2)
+    pipe.config.target["input"]["condition_features"] = 64
+    narrow = pipe(wide, num_samples=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    plain = pipe(per_class, num_samples=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(narrow.tokens, plain.tokens)
