@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from diffusers import DDIMScheduler
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -30,7 +29,7 @@ def pipeline_from_module(module: D2NWGModule, datamodule: ZooDataModule) -> D2NW
         "num_classes": datamodule.num_classes,
         "zoo_recipe": zoo.manifest.get("recipe", {}).get("name", "custom"),
     }
-    scheduler = DDIMScheduler.from_config(module.make_sample_scheduler().config)
+    scheduler = module.make_sample_scheduler()
     pipe = D2NWGPipeline(vae=vae, dataset_encoder=encoder, denoiser=denoiser, scheduler=scheduler, target=target)
     pipe.set_progress_bar_config(disable=True)
     return pipe
