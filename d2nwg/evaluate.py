@@ -241,7 +241,8 @@ def evaluate(
             job = bar.add_task("baselines", total=len(task_ids))
 
             # 3. Oracle, init and zoo mean, each a batch over tasks.
-            train_sds = zoo.state_dicts("train")
+            train_sds = [zoo.load_member(m) for m in train_members]
+            train_sd_by_id = {m.id: sd for m, sd in zip(train_members, train_sds)}
             oracle_sds = [zoo.load_member(oracles[t]) for t in task_ids]
             oracle_acc = paired_accuracy(module, oracle_sds, data["test"])
             init_acc = paired_accuracy(module, [init] * len(task_ids), data["test"]) if init is not None else None
@@ -250,7 +251,7 @@ def evaluate(
 
             # 4. Retrieval of the nearest train member, and N noisy copies of it.
             retrieved = retrieve(zoo, task_ids, candidates=train_members)
-            retrieved_sds = [zoo.load_member(m) for m in retrieved]
+            retrieved_sds = [train_sd_by_id[m.id] for m in retrieved]  # already loaded, not re-read
             retrieval_acc = paired_accuracy(module, retrieved_sds, data["test"])
             zoo_std = {spec.name: spec.std for spec in layout.tensors}
 
