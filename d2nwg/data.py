@@ -22,7 +22,11 @@ def draw_class_sets(per_class: list[torch.Tensor], samples: int, generator: torc
 
 
 class ZooTokenDataset(Dataset):
-    """Member ``i`` -> ``(i, tokens [T, chunk], class samples [K, S, D])``, samples redrawn every time."""
+    """Member ``i`` -> ``(i, tokens [T, chunk], class samples [K, S, D])``, samples redrawn every time.
+
+    The samples are whole model inputs: the hyper-model conditions on their leading
+    features and its VAE may run the member on them (function-space loss).
+    """
 
     def __init__(self, tokens: torch.Tensor, class_samples: list[list[torch.Tensor]], samples_per_class: int):
         self.tokens = tokens
@@ -42,7 +46,8 @@ class ZooDataModule(L.LightningDataModule):
     Args:
         zoo: path of the model zoo directory.
         batch_size: members per batch.
-        samples_per_class: samples drawn per class to condition on (redrawn every time, as augmentation).
+        samples_per_class: samples drawn per class to condition on (redrawn every time, as augmentation);
+            the VAE's function-space loss runs members on the same samples.
         split: which members to train on; held-out members are never served.
     """
 
@@ -54,13 +59,13 @@ class ZooDataModule(L.LightningDataModule):
         members = self.zoo.members(split)
         # Zoos whose samples carry more than the dataset description (e.g. cached encoder states
         # for text adapters) say how many leading features describe the dataset.
-        n = self.zoo.manifest.get("input", {}).get("condition_features")
-        self.class_samples = [[c[:, :n] for c in self.zoo.class_samples(m.task, "train")] for m in members]
+        self.condition_features: int | None = self.zoo.manifest.get("input", {}).get("condition_features")
+        self.class_samples = [self.zoo.class_samples(m.task, "train") for m in members]
         counts = {len(c) for c in self.class_samples}
         if len(counts) != 1:
             raise ValueError(f"zoo members have different class counts {sorted(counts)}; one zoo needs one head size")
         self.num_classes = counts.pop()
-        self.feature_dim = self.class_samples[0][0].shape[-1]
+        self.feature_dim = self.class_samples[0][0][:, : self.condition_features].shape[-1]
 
     def train_dataloader(self) -> DataLoader:
         dataset = ZooTokenDataset(self.tokens, self.class_samples, self.hparams.samples_per_class)

@@ -17,6 +17,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import EMAModel
 
+from d2nwg.architectures import build_model
+from d2nwg.ensemble import ensemble_logits
 from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
 
 
@@ -37,6 +39,10 @@ class VAESettings:
     latent_noise: float = 0.1
     """Std of the noise on latents before decoding (p-diff)."""
     kl_weight: float = 1e-6
+    function_weight: float = 50.0
+    """Weight of the function-space term: KL from the member's predictions to the reconstruction's,
+    per sample, on the member's own training samples. Weight-space MSE alone spends the latent on
+    the many first-layer numbers and blurs the small head that decides accuracy. 0 turns it off."""
 
 
 @dataclass
@@ -120,7 +126,8 @@ class D2NWGModule(L.LightningModule):
     def build(self, num_tokens: int, chunk_size: int, feature_dim: int, num_classes: int) -> None:
         """Create the three networks for a zoo of this geometry (called from `setup`)."""
         vae, enc = self.vae_settings, self.encoder_settings
-        self.vae = WeightVAE(chunk_size=chunk_size, num_tokens=num_tokens, **asdict(vae))
+        vae_config = {k: v for k, v in asdict(vae).items() if k != "function_weight"}
+        self.vae = WeightVAE(chunk_size=chunk_size, num_tokens=num_tokens, **vae_config)
         self.dataset_encoder = DatasetEncoder(feature_dim=feature_dim, max_classes=num_classes, **asdict(enc))
         self.denoiser = Denoiser(
             latent_channels=vae.latent_channels,
@@ -140,6 +147,11 @@ class D2NWGModule(L.LightningModule):
         with torch.no_grad():
             self.vae.mean_tokens.copy_(dm.tokens.mean(0, keepdim=True))
         self.register_buffer("padding_mask", dm.zoo.layout.padding_mask(), persistent=False)
+        self.layout = dm.zoo.layout
+        self.condition_features = dm.condition_features
+        # The members' architecture, run functionally with reconstructed weights; not a submodule,
+        # so it is neither trained nor saved.
+        object.__setattr__(self, "target", build_model(dm.zoo.architecture) if self.vae_settings.function_weight > 0 else None)
 
     def make_train_scheduler(self) -> DDPMScheduler:
         d = self.diffusion_settings
@@ -173,18 +185,18 @@ class D2NWGModule(L.LightningModule):
         return self.global_step < self.hparams.vae_steps
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        index, tokens, class_sets = batch
+        index, tokens, samples = batch
         vae_opt, diff_opt = self.optimizers()
         vae_sched, diff_sched = self.lr_schedulers()
         vae_stage = self.in_vae_stage
         if vae_stage:
-            losses = self.vae.loss(tokens, self.padding_mask)
+            losses = self.vae_loss(tokens, samples)
             opt, sched = vae_opt, vae_sched
             self.log_dict({f"vae/{k}": v for k, v in losses.items()}, prog_bar=True)
         else:
             if next(self.vae.parameters()).requires_grad:
                 self.freeze_vae()
-            losses = self.diffusion_loss(self.latents[index], class_sets)
+            losses = self.diffusion_loss(self.latents[index], samples[..., : self.condition_features])
             opt, sched = diff_opt, diff_sched
             self.log_dict({f"diffusion/{k}": v for k, v in losses.items()}, prog_bar=True)
         opt.zero_grad(set_to_none=True)
@@ -195,6 +207,22 @@ class D2NWGModule(L.LightningModule):
         if not vae_stage:
             self.ema.step(self.diffusion_parameters())
         return losses["loss"]
+
+    def vae_loss(self, tokens: torch.Tensor, samples: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Weight-space VAE loss plus, if enabled, the function-space KL on the members' samples ``[B, K, S, D]``."""
+        output = self.vae(tokens)
+        losses = self.vae.loss(tokens, self.padding_mask, output=output)
+        weight = self.vae_settings.function_weight
+        if weight > 0:
+            self.target.to(self.device)
+            inputs = samples.flatten(1, 2)  # (B, K*S, D)
+            with torch.no_grad():
+                reference = ensemble_logits(self.target, self.layout.unflatten(tokens), inputs).log_softmax(-1)
+            predicted = ensemble_logits(self.target, self.layout.unflatten(output[0]), inputs).log_softmax(-1)
+            kl = torch.nn.functional.kl_div(predicted.flatten(0, 1), reference.flatten(0, 1), log_target=True, reduction="batchmean")
+            losses["function_kl"] = kl
+            losses["loss"] = losses["loss"] + weight * kl
+        return losses
 
     @torch.no_grad()
     def freeze_vae(self) -> None:

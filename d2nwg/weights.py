@@ -263,24 +263,35 @@ class WeightLayout:
             parts.append(flat.view(len(state_dicts), n_tok, self.chunk_size))
         return torch.cat(parts, dim=1).to(dtype)
 
-    def detokenize(self, tokens: torch.Tensor, *, normalize: bool = True) -> list[dict[str, torch.Tensor]]:
-        """Inverse of `tokenize`: tokens ``[B, T, chunk_size]`` (or ``[T, chunk_size]``) to state_dicts."""
+    def unflatten(self, tokens: torch.Tensor, *, normalize: bool = True) -> dict[str, torch.Tensor]:
+        """Tokens ``[B, T, chunk_size]`` -> ``{name: [B, *shape]}`` in the tokens' dtype, keeping gradients.
+
+        The batched, differentiable inverse of `tokenize` (used by function-space losses);
+        `detokenize` is its exact, per-member counterpart.
+        """
         if tokens.dim() == 2:
             tokens = tokens.unsqueeze(0)
         expected = (self.num_tokens, self.chunk_size)
         if tokens.dim() != 3 or tuple(tokens.shape[1:]) != expected:
             raise ValueError(f"tokens have shape {list(tokens.shape)}, expected [B, {expected[0]}, {expected[1]}]")
-        out: list[dict[str, torch.Tensor]] = [{} for _ in range(tokens.shape[0])]
-        start = 0
+        out, start = {}, 0
         for spec, n_tok in zip(self.tensors, self.tokens_per_tensor()):
             flat = tokens[:, start : start + n_tok].reshape(tokens.shape[0], n_tok * self.chunk_size)[:, : spec.numel]
-            flat = flat.detach().to(torch.float64)
             if normalize:
                 flat = flat * spec.std + spec.mean
-            values = flat.to(_DTYPES[spec.dtype]).reshape(tokens.shape[0], *spec.shape)
-            for b in range(tokens.shape[0]):
-                out[b][spec.name] = values[b].clone()
+            out[spec.name] = flat.reshape(tokens.shape[0], *spec.shape)
             start += n_tok
+        return out
+
+    def detokenize(self, tokens: torch.Tensor, *, normalize: bool = True) -> list[dict[str, torch.Tensor]]:
+        """Inverse of `tokenize`: tokens ``[B, T, chunk_size]`` (or ``[T, chunk_size]``) to state_dicts."""
+        stacked = self.unflatten(tokens.detach().to(torch.float64), normalize=normalize)
+        batch = next(iter(stacked.values())).shape[0]
+        out: list[dict[str, torch.Tensor]] = [{} for _ in range(batch)]
+        for spec in self.tensors:
+            values = stacked[spec.name].to(_DTYPES[spec.dtype])
+            for b in range(batch):
+                out[b][spec.name] = values[b].clone()
         return out
 
     # ------------------------------------------------------------------ injection

@@ -190,8 +190,8 @@ def test_condition_features_limit_what_the_encoder_sees(tiny_digits_zoo, make_ti
     manifest["input"]["condition_features"] = 16
     (zoo_dir / "manifest.json").write_text(json.dumps(manifest))
     dm = ZooDataModule(zoo=str(zoo_dir), batch_size=2)
-    assert dm.feature_dim == 16
-    assert all(c.shape[-1] == 16 for c in dm.class_samples[0])
+    assert dm.feature_dim == 16 and dm.condition_features == 16
+    assert all(c.shape[-1] == 64 for c in dm.class_samples[0])  # whole inputs, for the function-space loss
 
     pipe = make_tiny_pipeline(tiny_digits_zoo)
     per_class = tiny_digits_zoo.class_samples(tiny_digits_zoo.members("heldout")[0].task, "support")

@@ -138,3 +138,28 @@ def test_cli_train_missing_config_is_a_user_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "nope.yaml" in err[0]
+
+
+def test_function_space_loss_is_zero_for_exact_reconstruction_and_trains_the_decoder(trained_run):
+    """The VAE's KL term compares the member's predictions with the reconstruction's on the member's samples."""
+    _, cli = trained_run
+    module = cli.model
+    dm = cli.datamodule
+    index, tokens, samples = next(iter(dm.train_dataloader()))
+    forward = module.vae.forward
+    try:
+        module.vae.forward = lambda t: (t, torch.zeros(1), torch.zeros(1))  # a perfect reconstruction
+        assert module.vae_loss(tokens, samples)["function_kl"].item() == pytest.approx(0.0, abs=1e-6)
+        module.vae.forward = lambda t: (t + torch.randn_like(t), torch.zeros(1), torch.zeros(1))
+        assert module.vae_loss(tokens, samples)["function_kl"].item() > 1e-3
+    finally:
+        module.vae.forward = forward
+    # the term reaches the decoder's parameters
+    module.vae.train().requires_grad_(True)
+    try:
+        module.vae.zero_grad()
+        module.vae_loss(tokens, samples)["function_kl"].backward()
+        assert module.vae.decoder.proj_out.weight.grad.abs().sum() > 0
+    finally:
+        module.vae.eval().requires_grad_(False)
+        module.vae.zero_grad()

@@ -178,6 +178,19 @@ def test_batch_tokenization_is_per_member():
     assert_sd_equal(layout.detokenize(batch[1])[0], layout.detokenize(batch)[1])
 
 
+def test_unflatten_is_the_batched_differentiable_inverse():
+    layout, zoo = fitted(SHAPES, torch.float32, mean=0.1, std=0.5)
+    tokens = layout.tokenize(zoo).requires_grad_(True)
+    stacked = layout.unflatten(tokens)
+    for b, sd in enumerate(zoo):
+        for name, value in sd.items():
+            torch.testing.assert_close(stacked[name][b], value)
+    sum(v.sum() for v in stacked.values()).backward()
+    # the gradient is each tensor's std on real entries and zero on padding
+    std = torch.tensor([spec.std for spec in layout.tensors])[layout.token_layer]
+    torch.testing.assert_close(tokens.grad[0], layout.padding_mask() * std[:, None])
+
+
 # ----------------------------------------------------------------------------- statistics
 def test_fit_stats_are_exactly_invertible_and_close_to_the_zoo_moments():
     zoo = make_zoo({"w": (50, 40)}, torch.float32, n=4, mean=0.37, std=0.05)

@@ -125,9 +125,17 @@ class WeightVAE(ModelMixin, ConfigMixin):
             z = z + self.config.latent_noise * torch.randn_like(z)
         return self.decode(z), mean, logvar
 
-    def loss(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Reconstruction MSE in normalised weight space (padding masked out) plus a small KL."""
-        recon, mean, logvar = self(tokens)
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        output: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Reconstruction MSE in normalised weight space (padding masked out) plus a small KL.
+
+        ``output`` is ``self(tokens)`` when the caller already ran it (to add losses on the reconstruction).
+        """
+        recon, mean, logvar = self(tokens) if output is None else output
         err = (recon - tokens).pow(2)
         mse = (err * mask).sum() / (mask.sum() * tokens.shape[0]) if mask is not None else err.mean()
         kl = gaussian_kl(mean, logvar)
