@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -254,7 +255,10 @@ def build_peft_model(
     # Exact module names: peft matches a target when the module name equals it, so the
     # slice is explicit in adapter_config.json and needs no layers_pattern guessing.
     names = [name for i in chosen for name in per_layer[i]]
-    return get_peft_model(base, adapter_config(kind, r, names, **options))
+    with warnings.catch_warnings():
+        # peft 0.21 calls transformers' deprecated `is_gradient_checkpointing`; nothing for users to act on.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(base, adapter_config(kind, r, names, **options))
 
 
 def adapter_state_dict(peft_model) -> dict[str, torch.Tensor]:

@@ -3,14 +3,16 @@
 An architecture is described by a JSON-able spec ``{"name": ..., "config": {...}}``
 so that a zoo or a pipeline stores it and `build_model` rebuilds a fresh module.
 Users add their own with `register_architecture` or pass ``"module:callable"``.
+A builder may also offer ``export_folder(weights, spec, out)``: `d2nwg generate`
+calls it to write a standard folder next to its own files (e.g. a PEFT adapter).
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping, Sequence
-
 from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 from torch import nn
 
@@ -66,3 +68,8 @@ def build_model(spec: Mapping) -> nn.Module:
         return builder(**dict(spec.get("config", {})))
     except TypeError as err:
         raise ValueError(f"architecture '{spec['name']}' rejected its config: {err}") from None
+
+
+def folder_exporter(spec: Mapping) -> Callable[[Mapping, Mapping, Path], Path] | None:
+    """The architecture's ``export_folder(weights, spec, out)`` hook, or None when it has none."""
+    return getattr(resolve_builder(spec["name"]), "export_folder", None)

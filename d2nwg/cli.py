@@ -191,12 +191,14 @@ def print_summary(summary: dict) -> None:
 # ----------------------------------------------------------------------------- generate / push
 def cmd_generate(args: argparse.Namespace) -> None:
     from d2nwg.datasets import load_dataset
-    from d2nwg.generate import generate_to_folder
+    from d2nwg.generate import generate_to_folder, use_base
     from d2nwg.pipeline import D2NWGPipeline
 
     pipe = D2NWGPipeline.from_pretrained(args.pipeline)
+    if args.base:
+        use_base(pipe, args.base)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    dataset = load_dataset(args.dataset, pipe.config.target.get("input"), classes, args.label_column)
+    dataset = load_dataset(args.dataset, pipe.config.target.get("input"), classes, args.label_column, args.text_column)
     result = generate_to_folder(
         pipe,
         dataset,
@@ -212,6 +214,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(result.files)} weight sets to {result.out}")
     if result.best is not None:
         print(f"best: {result.best}  accuracy on {result.num_held_back} held-back samples: {result.best_score:.4f}")
+    if result.exported is not None:
+        print(f"PEFT adapter + head.safetensors ({result.exported}) in {result.out}: PeftModel.from_pretrained(base, folder)")
 
 
 def cmd_push(args: argparse.Namespace) -> None:
@@ -299,13 +303,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate weights for your dataset", formatter_class=fmt)
     gen.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo id")
-    gen.add_argument("--dataset", required=True, help="folder of class subfolders of images, .npz (x, y) or .csv")
+    gen.add_argument(
+        "--dataset", required=True,
+        help="folder of class subfolders of images, .npz (x, y) or .csv; text pipelines: .csv with text and label "
+        "columns, or class subfolders of .txt files (one sentence per line)",
+    )
     gen.add_argument("--out", required=True, help="new output folder for the generated weights")
     gen.add_argument("--num-samples", type=int, default=10, help="weight sets to generate")
     gen.add_argument("--select", choices=["support"], default=None, help="pick the best set on held-back samples")
     gen.add_argument("--held-back", type=float, default=0.3, help="fraction of each class held back for --select")
     gen.add_argument("--classes", default=None, help="class order a,b,c (default: sorted names)")
     gen.add_argument("--label-column", default="label", help="label column of a .csv dataset")
+    gen.add_argument("--text-column", default="text", help="sentence column of a .csv dataset (text pipelines)")
+    gen.add_argument("--base", default=None, help="text pipelines: local folder or Hub id of the base model, if not where the zoo had it")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps")
     gen.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")

@@ -3,6 +3,12 @@
 Every reader returns per-class feature tensors in label order plus the class
 names, after converting samples to the input format the pipeline's zoo used
 (``input`` spec: e.g. 8x8 grey images scaled to [0, 1] for digits).
+
+Text pipelines (``input`` spec with ``"text": true``) read raw sentences instead:
+a ``.csv`` with a text and a label column, or a folder of class subfolders of
+``.txt`` files with one sentence per line. The sentences go through the zoo's
+frozen base model (`d2nwg.text_adapter.text_features`), truncated to its
+``max_length`` tokens, to become the same per-sample features as the zoo's.
 """
 
 from __future__ import annotations
@@ -70,7 +76,10 @@ def load_image_folder(root: Path, input_spec: Mapping, classes: Sequence[str] | 
     return LabelledDataset(per_class, names, sources)
 
 
-def _group(x: np.ndarray, labels: Sequence[str], classes: Sequence[str] | None, where: Path) -> LabelledDataset:
+def _group(
+    x: np.ndarray, labels: Sequence[str], classes: Sequence[str] | None, where: Path, row_sources: Sequence[str] | None = None
+) -> LabelledDataset:
+    """Rows ``x [n, ...]`` grouped by label; ``row_sources[i]`` names row i (default ``"row i"``)."""
     if x.ndim < 2 or len(x) != len(labels):
         raise ValueError(f"{where}: expected features [n, ...] and n labels, got {list(x.shape)} and {len(labels)}")
     x = x.reshape(len(x), -1).astype(np.float32)
@@ -83,7 +92,7 @@ def _group(x: np.ndarray, labels: Sequence[str], classes: Sequence[str] | None, 
         if not idx:
             raise ValueError(f"class '{name}' in {where} has no samples")
         per_class.append(torch.tensor(x[idx]))
-        sources.append([f"row {i}" for i in idx])
+        sources.append([f"row {i}" if row_sources is None else row_sources[i] for i in idx])
     return LabelledDataset(per_class, names, sources)
 
 
@@ -99,14 +108,24 @@ def load_npz(path: Path, classes: Sequence[str] | None = None) -> LabelledDatase
     return _group(x, [str(v) for v in y.tolist()], classes, path)
 
 
-def load_csv(path: Path, label_column: str = "label", classes: Sequence[str] | None = None) -> LabelledDataset:
-    """A ``.csv`` with numeric feature columns and a label column."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
+    """The rows of a ``.csv``, checking that it has rows and the named ``columns``."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"unreadable csv file {path}: {err}") from None
     if not rows:
         raise ValueError(f"{path} has no rows")
-    if label_column not in rows[0]:
-        raise ValueError(f"{path} has no label column '{label_column}'; columns: {list(rows[0])}")
+    for column in columns:
+        if column not in rows[0]:
+            raise ValueError(f"{path} has no column '{column}'; columns: {list(rows[0])}")
+    return rows
+
+
+def load_csv(path: Path, label_column: str = "label", classes: Sequence[str] | None = None) -> LabelledDataset:
+    """A ``.csv`` with numeric feature columns and a label column."""
+    rows = _read_csv(path, [label_column])
     features = [c for c in rows[0] if c != label_column]
     try:
         x = np.array([[float(r[c]) for c in features] for r in rows], dtype=np.float32)
@@ -115,13 +134,69 @@ def load_csv(path: Path, label_column: str = "label", classes: Sequence[str] | N
     return _group(x, [r[label_column] for r in rows], classes, path)
 
 
-def load_dataset(
-    path: str | Path, input_spec: Mapping | None = None, classes: Sequence[str] | None = None, label_column: str = "label"
+# ----------------------------------------------------------------------------- text
+def read_text_csv(path: Path, text_column: str = "text", label_column: str = "label") -> tuple[list[str], list[str], list[str]]:
+    """Sentences, labels and sources (``"row i"``, 0-based data rows) of a ``.csv``."""
+    rows = _read_csv(path, [text_column, label_column])
+    empty = [i for i, r in enumerate(rows) if not (r[text_column] or "").strip()]
+    if empty:
+        raise ValueError(f"{path}: empty text in row(s) {empty[:5]}")
+    return [r[text_column] for r in rows], [r[label_column] for r in rows], [f"row {i}" for i in range(len(rows))]
+
+
+def read_text_folder(root: Path) -> tuple[list[str], list[str], list[str]]:
+    """Sentences, labels and sources (``"class/file.txt:line"``) of ``root/<class>/*.txt``, one sentence per line."""
+    found = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise ValueError(f"{root} has no class subfolders")
+    texts, labels, sources = [], [], []
+    for folder in found:
+        before = len(texts)
+        for file in sorted(f for f in folder.iterdir() if f.suffix.lower() == ".txt"):
+            try:
+                lines = file.read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as err:
+                raise ValueError(f"unreadable text file {file}: {err}") from None
+            for number, line in enumerate(lines, start=1):
+                if line.strip():  # blank lines separate nothing: skip them
+                    texts.append(line.strip())
+                    labels.append(folder.name)
+                    sources.append(f"{folder.name}/{file.name}:{number}")
+        if len(texts) == before:
+            raise ValueError(f"class '{folder.name}' in {root} has no sentences (.txt files, one per line)")
+    return texts, labels, sources
+
+
+def load_text_dataset(
+    path: Path, input_spec: Mapping, classes: Sequence[str] | None = None, label_column: str = "label", text_column: str = "text"
 ) -> LabelledDataset:
-    """Read a dataset from a folder of class subfolders of images, an ``.npz`` or a ``.csv``."""
+    """Sentences from a ``.csv`` or a folder of ``.txt`` class folders, as the zoo's features (see module docstring)."""
+    if path.is_dir():
+        texts, labels, sources = read_text_folder(path)
+    elif path.suffix == ".csv":
+        texts, labels, sources = read_text_csv(path, text_column, label_column)
+    else:
+        raise ValueError(f"unsupported text dataset {path}: expected a .csv with a text column or a folder of class folders of .txt files")
+    _order_classes(sorted(set(labels)), classes, path)  # fail on unknown --classes before running the encoder
+    from d2nwg.text_adapter import text_features
+
+    x = text_features(texts, int(input_spec["first_layer"]), int(input_spec["max_length"]), input_spec["base"])
+    return _group(x.numpy(), labels, classes, path, sources)
+
+
+def load_dataset(
+    path: str | Path,
+    input_spec: Mapping | None = None,
+    classes: Sequence[str] | None = None,
+    label_column: str = "label",
+    text_column: str = "text",
+) -> LabelledDataset:
+    """Read a dataset from a folder of class subfolders of images, an ``.npz`` or a ``.csv`` (or text, see above)."""
     path = Path(path)
     if not path.exists():
         raise ValueError(f"dataset not found: {path}")
+    if (input_spec or {}).get("text"):
+        return load_text_dataset(path, input_spec, classes, label_column, text_column)
     if path.is_dir():
         return load_image_folder(path, input_spec or {}, classes)
     if path.suffix == ".npz":

@@ -4,6 +4,11 @@
 when a selection was asked for, ``labels.json`` (label id -> class name) and
 ``config.json`` (architecture, layout, input format), so that
 ``d2nwg.load_model(OUT)`` returns a ready ``nn.Module``.
+
+When the architecture has an ``export_folder`` hook (text adapters), ``OUT/`` is
+also a standard folder for the weights `load_model` picks: for adapters,
+``adapter_config.json`` + ``adapter_model.safetensors`` (``PeftModel.from_pretrained(base, OUT)``)
+plus ``head.safetensors`` and ``head.json``.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from d2nwg.architectures import build_model
+from d2nwg.architectures import build_model, folder_exporter
 from d2nwg.datasets import LabelledDataset
 from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts
 from d2nwg.io import atomic_dir, load_safetensors, save_safetensors
@@ -31,6 +36,8 @@ class GenerationResult:
     best_score: float | None
     scores: list[float] | None
     num_held_back: int = 0
+    exported: str | None = None
+    """The weight file that the standard (e.g. PEFT) folder in ``out`` holds, if the architecture exports one."""
 
 
 def split_held_back(dataset: LabelledDataset, fraction: float, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[str]]]:
@@ -88,6 +95,10 @@ def generate_to_folder(
         scores = ensemble_accuracy(pipe.build_model(), stack_state_dicts(output.weights), x, y).tolist()
         best_index = max(range(len(scores)), key=scores.__getitem__)
     target = pipe.config.target
+    names = [f"weights_{i:03d}.safetensors" for i in range(num_samples)]
+    export = folder_exporter(target["architecture"])
+    chosen = best_index if best_index is not None else 0  # the weight set load_model picks
+    exported = None if export is None else "best.safetensors" if best_index is not None else names[0]
     config = {
         "architecture": target["architecture"],
         "layout": target["layout"],
@@ -100,9 +111,11 @@ def generate_to_folder(
         "selection": None
         if held is None
         else {"method": "held-back samples", "held_back": held_sources, "scores": scores, "best": best_index},
+        "exported": exported,
     }
-    names = [f"weights_{i:03d}.safetensors" for i in range(num_samples)]
     with atomic_dir(out) as tmp:
+        if export is not None:
+            export(output.weights[chosen], target["architecture"], tmp)
         for name, weights in zip(names, output.weights):
             save_safetensors(tmp / name, weights, {"seed": seed, "format": "d2nwg-generated"})
         if best_index is not None:
@@ -116,7 +129,24 @@ def generate_to_folder(
         best_score=scores[best_index] if best_index is not None else None,
         scores=scores,
         num_held_back=sum(len(h) for h in held) if held is not None else 0,
+        exported=exported,
     )
+
+
+def use_base(pipe: D2NWGPipeline, base: str) -> None:
+    """Point a text-adapter pipeline at another copy of its base model: a local folder or a Hub id.
+
+    For a pipeline whose zoo was built on a folder that is not on this machine. The base must
+    hold the same weights: the generated adapters and the cached features depend on them.
+    """
+    from d2nwg.text_adapter import canonical_base
+
+    target = json.loads(json.dumps(pipe.config.target))  # a deep, mutable copy of the frozen config
+    if not (target.get("input") or {}).get("text"):
+        raise ValueError(f"--base applies to text-adapter pipelines only; this one generates {target['architecture']['name']!r}")
+    base = canonical_base(base)
+    target["architecture"]["config"]["base"] = target["input"]["base"] = base
+    pipe.register_to_config(target=target)
 
 
 def load_model(folder: str | Path, weights: str | None = None) -> nn.Module:

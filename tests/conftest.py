@@ -1,4 +1,4 @@
-"""Shared fixtures: one tiny digits zoo built once per test session."""
+"""Shared fixtures: one tiny digits zoo built once per test session, tiny pipelines, a tiny Llama."""
 
 from __future__ import annotations
 
@@ -42,7 +42,9 @@ def _make_tiny_pipeline(zoo, seed: int = 0):
     torch.manual_seed(seed)
     n, layout = TINY_NETS, zoo.layout
     num_classes = zoo.architecture["config"]["num_classes"]
-    feature_dim = zoo.class_samples(zoo.members("train")[0].task, "train")[0].shape[1]
+    input_spec = zoo.manifest.get("input", {})
+    # Text zoos condition on their leading `condition_features` numbers (the pooled sentence embedding).
+    feature_dim = input_spec.get("condition_features") or zoo.class_samples(zoo.members("train")[0].task, "train")[0].shape[1]
     vae = WeightVAE(
         chunk_size=layout.chunk_size, num_tokens=layout.num_tokens, latent_channels=n["latent_channels"],
         hidden_dim=n["dim"], depth=1, heads=n["heads"], merge=n["merge"],
@@ -64,7 +66,7 @@ def _make_tiny_pipeline(zoo, seed: int = 0):
         "architecture": zoo.architecture,
         "layout": zoo.layout.to_dict(),
         "feature": "identity",
-        "input": {"image_size": [8, 8], "grayscale": True},
+        "input": input_spec,
         "num_classes": num_classes,
     }
     pipe = D2NWGPipeline(
@@ -114,3 +116,37 @@ def heldout_images(tmp_path_factory, tiny_digits_zoo):
     """8 support PNGs per class of the session zoo's first held-out task (read-only)."""
     task = tiny_digits_zoo.members("heldout")[0].task
     return write_task_pngs(tiny_digits_zoo, task, "support", tmp_path_factory.mktemp("images") / task, per_class=8)
+
+
+# ----------------------------------------------------------------------------- tiny Llama
+def _tiny_llama(seed: int = 0, layers: int = 4, vocab_size: int = 64):
+    """A random ``LlamaForCausalLM``: hidden 32, 4 heads (2 kv heads: v_proj is 32 -> 16)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """``tiny_llama(seed=0, layers=4, vocab_size=64)`` -> a fresh random tiny LlamaForCausalLM."""
+    return _tiny_llama
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tiny_llama):
+    """A tiny LlamaForCausalLM folder (``save_pretrained``) with MiniLM's tokenizer: a real vocabulary, offline."""
+    from transformers import AutoTokenizer
+
+    from d2nwg.text_adapter import DEFAULT_BASE, resolve_base
+
+    folder = tmp_path_factory.mktemp("tiny_llama") / "model"
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(DEFAULT_BASE))
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -18,17 +18,7 @@ from d2nwg.adapters import (
 from d2nwg.weights import WeightLayout
 
 pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-
-def tiny_llama(seed: int = 0, layers: int = 4):
-    """hidden 32, 4 heads (2 kv heads: v_proj is 32 -> 16), vocab 64."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+pytest.importorskip("transformers")
 
 
 def randomize(sd: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
@@ -48,7 +38,7 @@ KINDS = [
 
 
 @pytest.mark.parametrize("kind,options,shapes", KINDS, ids=[k[0] for k in KINDS])
-def test_round_trip_through_layout_and_peft_folder(tmp_path, kind, options, shapes):
+def test_round_trip_through_layout_and_peft_folder(tmp_path, kind, options, shapes, tiny_llama):
     model = build_peft_model(tiny_llama(), kind, ["q_proj", "v_proj"], layers="1,3", r=4, **options)
     sd = adapter_state_dict(model)
     assert {k.split(".")[4] for k in sd} == {"1", "3"}  # base_model.model.model.layers.<i>. ...
@@ -78,7 +68,7 @@ def test_round_trip_through_layout_and_peft_folder(tmp_path, kind, options, shap
     assert all(torch.equal(v, weights[k]) for k, v in adapter_state_dict(loaded).items())
 
 
-def test_inject_names_missing_and_unexpected_keys():
+def test_inject_names_missing_and_unexpected_keys(tiny_llama):
     model = build_peft_model(tiny_llama(), "lora", ["q_proj"], layers="0", r=2)
     sd = adapter_state_dict(model)
     dropped = sorted(sd)[0]
@@ -90,7 +80,7 @@ def test_inject_names_missing_and_unexpected_keys():
         inject_adapter(model, {**sd, dropped: torch.zeros(3, 3)})
 
 
-def test_legacy_bone_keys_load_as_miss(tmp_path):
+def test_legacy_bone_keys_load_as_miss(tmp_path, tiny_llama):
     model = build_peft_model(tiny_llama(), "miss", ["q_proj", "v_proj"], layers="2", r=4)
     weights = randomize(adapter_state_dict(model), seed=3)
     legacy = {k.replace("miss_block", "bone_block"): v for k, v in weights.items()}
@@ -102,7 +92,7 @@ def test_legacy_bone_keys_load_as_miss(tmp_path):
         convert_legacy_bone({**legacy, **weights})
 
 
-def test_layer_specs():
+def test_layer_specs(tiny_llama):
     base = tiny_llama()
     assert parse_layers(base, "all", ["q_proj"]) == [0, 1, 2, 3]
     assert parse_layers(base, [3, 1], ["q_proj"]) == [1, 3]
@@ -113,7 +103,7 @@ def test_layer_specs():
         parse_layers(base, "all", ["nope"])
 
 
-def test_auto_layers_count_and_determinism():
+def test_auto_layers_count_and_determinism(tiny_llama):
     base = tiny_llama(layers=4)
     for spec, count in [("auto:top25%", 1), ("auto:top50%", 2), ("auto:3", 3)]:
         picked = parse_layers(base, spec, ["q_proj", "v_proj"])
@@ -124,7 +114,7 @@ def test_auto_layers_count_and_determinism():
     assert min(scores[i] for i in top2) >= max(scores[i] for i in set(scores) - set(top2))
 
 
-def test_snr_ranks_low_rank_plus_noise_above_noise():
+def test_snr_ranks_low_rank_plus_noise_above_noise(tiny_llama):
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(128, 64, generator=g)
     low_rank = torch.randn(128, 4, generator=g) @ torch.randn(4, 64, generator=g)

