@@ -1,6 +1,7 @@
-"""Benchmark of the default configuration: digits zoo -> train -> evaluate, with wall time per stage.
+"""Benchmark of a default configuration: zoo build -> train -> evaluate, with wall time per stage.
 
-    python benchmarks/bench_default.py --out runs/bench          # writes runs/bench/bench.json
+    python benchmarks/bench_default.py --out runs/bench          # digits; writes runs/bench/bench.json
+    python benchmarks/bench_default.py --recipe text-lora --out runs/bench-lora   # configs/text-lora.yaml
 
 Run it on an otherwise idle machine: the numbers are wall-clock seconds.
 """
@@ -19,7 +20,8 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench", help="benchmark directory (wiped first)")
-    parser.add_argument("--config", default=None, help="training config (default: built-in digits defaults)")
+    parser.add_argument("--recipe", default="digits", help="zoo recipe: digits, text-lora or text-bone")
+    parser.add_argument("--config", default=None, help="training config (default: configs/RECIPE.yaml)")
     parser.add_argument("--keep", action="store_true", help="reuse an existing zoo/pipeline in --out")
     args = parser.parse_args()
 
@@ -35,13 +37,12 @@ def main() -> None:
     times: dict[str, float] = {}
 
     t = time.perf_counter()
-    zoo = get_recipe("digits")(out / "zoo")
+    zoo = get_recipe(args.recipe)(out / "zoo")
     times["zoo_build_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    cli_args = ["--data.zoo", str(zoo.root), "--trainer.enable_progress_bar", "false"]
-    if args.config:
-        cli_args = ["--config", args.config, *cli_args]
+    config = args.config or Path(__file__).resolve().parents[1] / "configs" / f"{args.recipe}.yaml"
+    cli_args = ["--config", str(config), "--data.zoo", str(zoo.root), "--trainer.enable_progress_bar", "false"]
     if not (out / "run" / "pipeline" / "model_index.json").exists():
         cli = make_cli(cli_args, run=False, out=str(out / "run"))
         cli.trainer.fit(cli.model, cli.datamodule)
@@ -53,7 +54,7 @@ def main() -> None:
     times["evaluate_s"] = time.perf_counter() - t
     times["total_s"] = sum(times.values())
 
-    result = {"times": times, "summary": report["summary"], "torch_threads": torch.get_num_threads()}
+    result = {"recipe": args.recipe, "times": times, "summary": report["summary"], "torch_threads": torch.get_num_threads()}
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     print_summary(report["summary"])
     print(json.dumps(times, indent=2))

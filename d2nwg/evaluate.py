@@ -42,6 +42,7 @@ SUMMARY_ACCURACIES = (
     "retrieval_noise_acc",
     "generated_mean_acc",
     "generated_best_acc",
+    "generated_head_only_acc",
 )
 EVAL_BATCH = 256  # weight sets per vmapped forward: bounds memory for larger targets
 MAX_NOVELTY_REFERENCE = 500  # zoo members whose nearest-neighbour distance is the novelty reference
@@ -254,6 +255,7 @@ def evaluate(
             retrieved_sds = [train_sd_by_id[m.id] for m in retrieved]  # already loaded, not re-read
             retrieval_acc = paired_accuracy(module, retrieved_sds, data["test"])
             zoo_std = {spec.name: spec.std for spec in layout.tensors}
+            head_only = _head_only(layout, init)
 
             # 5. Generation, task by task: sample on support, select on support, report test.
             rows, generated_sds, sample_seconds = [], [], []
@@ -287,6 +289,7 @@ def evaluate(
                     }
                     for _ in range(num_samples)
                 ]
+                head_only_test = shared_accuracy(module, [head_only(gen[best])], *data["test"][i]) if head_only else None
                 noisy_support = shared_accuracy(module, noisy, *data["support"][i])
                 noisy_test = shared_accuracy(module, noisy, *data["test"][i])
 
@@ -305,6 +308,7 @@ def evaluate(
                         "generated_mean": float(gen_test.mean()),
                         "generated_best": float(gen_test[best]),
                         "generated_best_support": float(gen_support[best]),
+                        "generated_head_only": float(head_only_test[0]) if head_only else None,
                         "generated": [float(a) for a in gen_test],
                         "sample_seconds": sample_seconds[-1],
                     }
@@ -338,6 +342,7 @@ def evaluate(
         "retrieval_noise_acc": _mean([r["retrieval_noise"] for r in rows]),
         "generated_mean_acc": _mean([r["generated_mean"] for r in rows]),
         "generated_best_acc": _mean([r["generated_best"] for r in rows]),
+        "generated_head_only_acc": _mean([r["generated_head_only"] for r in rows]),
     }
     target = summary["generated_best_acc"]
     summary["finetune_steps_to_match"] = next(
@@ -367,6 +372,17 @@ def evaluate(
     if out is not None:
         write_report(report, Path(out))
     return report
+
+
+def _head_only(layout: WeightLayout, init: Mapping[str, torch.Tensor] | None):
+    """``sd -> sd`` keeping the generated classifier head (the layout's last module) and resetting every
+    other generated tensor to the shared init: the ablation that shows what the body (e.g. an adapter)
+    adds. ``None`` when the zoo has no init or the layout is only the head."""
+    head = layout.names[-1].rpartition(".")[0] + "."
+    body = [n for n in layout.names if not n.startswith(head)]
+    if init is None or not body:
+        return None
+    return lambda sd: {k: init[k] if k in body else v for k, v in sd.items()}
 
 
 def _mean_state_dict(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -484,6 +500,7 @@ def report_markdown(report: Mapping) -> str:
         "retrieval_noise_acc": "retrieval + noise (best of N on support)",
         "generated_mean_acc": "**generated, mean of N**",
         "generated_best_acc": "**generated, best of N on support**",
+        "generated_head_only_acc": "generated head only (rest at init)",
     }
     lines = ["# D2NWG evaluation", "", f"{s['num_tasks']} held-out tasks; accuracies on each task's test samples.", ""]
     lines += ["| method | test accuracy | / oracle |", "|---|---:|---:|"]

@@ -107,6 +107,12 @@ def test_generated_best_is_selected_on_support(zoo, report, tiny_pipeline):
         test = ensemble_accuracy(model, stacked, *zoo.task_data(row["task"], "test"))
         assert row["generated"] == pytest.approx(test.tolist())
         assert row["generated_best"] == pytest.approx(float(test[int(support.argmax())]))
+        # head-only ablation: the selected set's head (fc1) on the zoo's initial body (fc0)
+        init = zoo.init_state()
+        best = out.weights[int(support.argmax())]
+        ablated = {k: best[k] if k.startswith("fc1.") else init[k] for k in best}
+        head_only = ensemble_accuracy(model, stack_state_dicts([ablated]), *zoo.task_data(row["task"], "test"))
+        assert row["generated_head_only"] == pytest.approx(float(head_only[0]))
 
 
 def test_report_files(report):
