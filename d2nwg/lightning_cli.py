@@ -109,6 +109,8 @@ def make_cli(
     # which is what resuming needs.
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # Small zoos have fewer batches per epoch than the logging interval; logging counts steps across epochs.
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     if args is not None:  # d2nwg's own sys.argv is not meant for LightningCLI
         warnings.filterwarnings("ignore", message=".*args parameter is intended.*")
     return D2NWGCLI(

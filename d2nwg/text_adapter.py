@@ -72,7 +72,7 @@ def is_causal_lm(config) -> bool:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_encoder(base: str) -> nn.Module:
+def cached_encoder(base: str) -> nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -95,7 +95,7 @@ def _cached_encoder(base: str) -> nn.Module:
 
 def load_encoder(base: str = DEFAULT_BASE) -> nn.Module:
     """A fresh copy of the frozen base model (loaded from disk once per process)."""
-    return copy.deepcopy(_cached_encoder(base))
+    return copy.deepcopy(cached_encoder(base))
 
 
 def load_tokenizer(base: str = DEFAULT_BASE):
@@ -123,7 +123,7 @@ def text_features(
     tokenizer=None,
 ) -> torch.Tensor:
     """Per-sentence feature vectors ``[n, H + T*H + T]`` (see the module docstring)."""
-    encoder = encoder if encoder is not None else _cached_encoder(base)
+    encoder = encoder if encoder is not None else cached_encoder(base)
     # A causal LM's backbone without its LM head: logits [n, T, vocab] would dwarf the features.
     encoder = encoder.base_model
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base)

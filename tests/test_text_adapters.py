@@ -102,6 +102,19 @@ def test_recipes_registered_and_first_dataclass_is_settings():
         assert first().kind == kind
 
 
+def test_recipe_resolves_auto_layers_by_weight_snr():
+    from d2nwg.adapters import select_layers_by_snr
+    from d2nwg.text_adapter import cached_encoder
+    from model_zoo.text_adapters import TextAdapterRecipe, architecture
+
+    recipe = TextAdapterRecipe(layers="auto:top33%")
+    expected = select_layers_by_snr(cached_encoder(recipe.base), ["query", "value"], 2)  # 33% of 6 layers
+    assert architecture(recipe)["config"]["layers"] == sorted(expected)
+    assert architecture(TextAdapterRecipe(layers="4,5"))["config"]["layers"] == [4, 5]
+    with pytest.raises(ValueError, match="out of range"):
+        architecture(TextAdapterRecipe(layers="9"))
+
+
 TINY = dict(num_train_tasks=3, num_heldout_tasks=2, samples_train=4, samples_support=2, samples_test=4, steps=3, group_size=2)
 
 

@@ -150,10 +150,19 @@ def test_function_space_loss_is_zero_for_exact_reconstruction_and_trains_the_dec
     try:
         module.vae.forward = lambda t: (t, torch.zeros(1), torch.zeros(1))  # a perfect reconstruction
         assert module.vae_loss(tokens, samples)["function_kl"].item() == pytest.approx(0.0, abs=1e-6)
-        module.vae.forward = lambda t: (t + torch.randn_like(t), torch.zeros(1), torch.zeros(1))
+        noise = torch.randn_like(tokens)
+        module.vae.forward = lambda t: (t + noise, torch.zeros(1), torch.zeros(1))
         assert module.vae_loss(tokens, samples)["function_kl"].item() > 1e-3
+        # function_samples=1 runs members on each class's first drawn sample only
+        module.vae_settings.function_samples = 1
+        changed = samples.clone()
+        changed[:, :, 1:] = torch.rand_like(changed[:, :, 1:])
+        assert torch.equal(module.vae_loss(tokens, samples)["function_kl"], module.vae_loss(tokens, changed)["function_kl"])
+        changed[:, :, 0] = torch.rand_like(changed[:, :, 0])
+        assert not torch.equal(module.vae_loss(tokens, samples)["function_kl"], module.vae_loss(tokens, changed)["function_kl"])
     finally:
         module.vae.forward = forward
+        module.vae_settings.function_samples = 0
     # the term reaches the decoder's parameters
     module.vae.train().requires_grad_(True)
     try:
