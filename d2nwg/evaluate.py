@@ -378,8 +378,8 @@ def _head_only(layout: WeightLayout, init: Mapping[str, torch.Tensor] | None):
     """``sd -> sd`` keeping the generated classifier head (the layout's last module) and resetting every
     other generated tensor to the shared init: the ablation that shows what the body (e.g. an adapter)
     adds. ``None`` when the zoo has no init or the layout is only the head."""
-    head = layout.names[-1].rpartition(".")[0] + "."
-    body = [n for n in layout.names if not n.startswith(head)]
+    module = layout.names[-1].rpartition(".")[0]
+    body = {n for n in layout.names if module and not n.startswith(module + ".")}
     if init is None or not body:
         return None
     return lambda sd: {k: init[k] if k in body else v for k, v in sd.items()}

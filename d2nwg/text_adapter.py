@@ -77,17 +77,16 @@ def cached_encoder(base: str) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     path = resolve_base(base)
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load base model {base!r}: {str(err).splitlines()[0]}") from None
-    auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr: CLI errors stay one line
     try:
+        config = AutoConfig.from_pretrained(path)
+        auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
         # Eager attention: the adapted slice re-runs layers with an explicit mask; float32: the zoo, the head
         # and the evaluation compute in float32 whatever dtype the checkpoint was saved in.
         return auto.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load base model {base!r}: {str(err).splitlines()[0]}") from None
     finally:
         if bar_was_on:
             hf_logging.enable_progress_bar()
@@ -102,7 +101,10 @@ def load_tokenizer(base: str = DEFAULT_BASE):
     """The base's tokenizer, padding on the right (causal LMs without a pad token pad with EOS)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base(base))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_base(base))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load the tokenizer of {base!r}: {str(err).splitlines()[0]}") from None
     # Right padding keeps positions 0..len-1 for real tokens, so causal layers never see padding before them.
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
@@ -228,12 +230,23 @@ class TextAdapterClassifier(nn.Module):
         self.peft = build_peft_model(encoder, kind, list(target_modules), self.layers, r, **dict(options or {}))
         # Frozen weights become plain tensors: not parameters, so neither state_dict nor
         # functional_call sees them and vmap treats them as shared constants.
+        self._frozen: list[tuple[nn.Module, str]] = []
         for module in self.peft.modules():
             for name, p in list(module.named_parameters(recurse=False)):
                 if not p.requires_grad:
                     del module._parameters[name]
                     setattr(module, name, p.detach())
+                    self._frozen.append((module, name))
         self.head = nn.Linear(self.hidden, num_classes)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(device) / .double() must also move the frozen plain tensors and the rotary constants.
+        super()._apply(fn, recurse)
+        for module, name in self._frozen:
+            setattr(module, name, fn(getattr(module, name)))
+        if self.causal:
+            self.rope = tuple(fn(t) for t in self.rope)
+        return self
 
     @property
     def blocks(self) -> nn.ModuleList:

@@ -152,9 +152,7 @@ class D2NWGModule(L.LightningModule):
         self.register_buffer("padding_mask", dm.zoo.layout.padding_mask(), persistent=False)
         self.layout = dm.zoo.layout
         self.condition_features = dm.condition_features
-        # The members' architecture, run functionally with reconstructed weights; not a submodule,
-        # so it is neither trained nor saved.
-        object.__setattr__(self, "target", build_model(dm.zoo.architecture) if self.vae_settings.function_weight > 0 else None)
+        self.architecture = dm.zoo.architecture
 
     def make_train_scheduler(self) -> DDPMScheduler:
         d = self.diffusion_settings
@@ -217,7 +215,10 @@ class D2NWGModule(L.LightningModule):
         losses = self.vae.loss(tokens, self.padding_mask, output=output)
         weight = self.vae_settings.function_weight
         if weight > 0:
-            self.target.to(self.device)
+            if getattr(self, "target", None) is None:
+                # The members' architecture, built on first use (a run resumed past the VAE stage never
+                # needs it) and run functionally with reconstructed weights. Not a submodule: not trained, not saved.
+                object.__setattr__(self, "target", build_model(self.architecture).to(self.device))
             per_class = self.vae_settings.function_samples or samples.shape[2]
             inputs = samples[:, :, :per_class].flatten(1, 2)  # (B, K*S, D); samples are drawn in random order
             with torch.no_grad():

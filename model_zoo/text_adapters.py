@@ -169,7 +169,7 @@ def architecture(recipe: TextAdapterRecipe) -> dict:
 
     targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
     # "auto:top25%" ranks the base's layers by weight SNR once; the zoo stores the resolved indices.
-    layers = parse_layers(cached_encoder(recipe.base), str(recipe.layers), targets)
+    layers = parse_layers(cached_encoder(canonical_base(recipe.base)), str(recipe.layers), targets)
     return {
         "name": ARCHITECTURE_NAME,
         "config": {

@@ -67,6 +67,11 @@ def test_cached_slice_matches_full_peft_model(tmp_path, kind, name, tiny_llama_d
     expected = pooled @ member["head.weight"].T + member["head.bias"]
     assert torch.allclose(logits, expected, atol=1e-5)
 
+    # .to() moves the frozen plain tensors (and rotary constants) too, as .to("cuda") must
+    net.double()
+    with torch.no_grad():
+        assert torch.allclose(net(x.double()).float(), logits, atol=1e-4)
+
 
 def test_features_reject_wrong_width():
     net = build_model({"name": ARCHITECTURE_NAME, "config": {"layers": [5], "num_classes": 2}})
