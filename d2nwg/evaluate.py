@@ -44,6 +44,8 @@ SUMMARY_ACCURACIES = (
     "generated_best_acc",
     "generated_head_only_acc",
 )
+FINETUNE_STEPS = (1, 2, 5, 10, 20, 50, 100)
+"""Step counts of the fine-tuning baseline, capped by the members' own training steps."""
 EVAL_BATCH = 256  # weight sets per vmapped forward: bounds memory for larger targets
 MAX_NOVELTY_REFERENCE = 500  # zoo members whose nearest-neighbour distance is the novelty reference
 MAX_VAE_MEMBERS = 200  # members whose reconstruction accuracy is measured
@@ -87,6 +89,14 @@ def paired_accuracy(
             y = torch.stack([data[i][1] for i in chunk])
             acc[chunk] = ensemble_accuracy(module, stacked, x, y).cpu()
     return acc
+
+
+def default_finetune_steps(recipe: Mapping) -> list[int]:
+    """`FINETUNE_STEPS` up to the recipe's member ``steps`` (included), or all of them without one."""
+    steps = recipe.get("steps")
+    if not isinstance(steps, int) or steps < 1:
+        return list(FINETUNE_STEPS)
+    return [k for k in FINETUNE_STEPS if k < steps] + [steps]
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -175,7 +185,7 @@ def evaluate(
     seed: int = 0,
     max_tasks: int | None = None,
     noise_std: float = 0.1,
-    finetune_steps: Sequence[int] = (1, 2, 5, 10, 20, 50, 100),
+    finetune_steps: Sequence[int] | None = None,
     progress: bool = True,
 ) -> dict:
     """Run the evaluation protocol on every held-out task of ``zoo``.
@@ -189,7 +199,10 @@ def evaluate(
         seed: task i samples with ``torch.Generator().manual_seed(seed + i)``.
         max_tasks: evaluate only the first held-out tasks.
         noise_std: retrieval+noise perturbation, in units of each tensor's zoo std.
-        finetune_steps: step counts k of the fine-tuning baseline.
+        finetune_steps: step counts k of the fine-tuning baseline. Default: those of
+            `FINETUNE_STEPS` below the zoo recipe's member ``steps``, then ``steps`` itself
+            (fine-tuning that long is the oracle's own training, so longer runs add nothing);
+            all of `FINETUNE_STEPS` when the recipe does not say.
         progress: show a rich progress bar.
 
     Returns:
@@ -203,6 +216,8 @@ def evaluate(
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if finetune_steps is None:
+        finetune_steps = default_finetune_steps(zoo.manifest.get("recipe") or {})
     finetune_steps = sorted({int(k) for k in finetune_steps})
     if any(k < 0 for k in finetune_steps):
         raise ValueError(f"finetune_steps must be >= 0, got {finetune_steps}")
@@ -378,8 +393,8 @@ def _head_only(layout: WeightLayout, init: Mapping[str, torch.Tensor] | None):
     """``sd -> sd`` keeping the generated classifier head (the layout's last module) and resetting every
     other generated tensor to the shared init: the ablation that shows what the body (e.g. an adapter)
     adds. ``None`` when the zoo has no init or the layout is only the head."""
-    module = layout.names[-1].rpartition(".")[0]
-    body = {n for n in layout.names if module and not n.startswith(module + ".")}
+    head = set(layout.head_names())
+    body = {n for n in layout.names if n not in head}
     if init is None or not body:
         return None
     return lambda sd: {k: init[k] if k in body else v for k, v in sd.items()}

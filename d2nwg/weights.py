@@ -183,6 +183,12 @@ class WeightLayout:
             parts.append(valid.view(n_tok, self.chunk_size))
         return torch.cat(parts)
 
+    def head_names(self) -> list[str]:
+        """Tensors of the layout's last module (e.g. ``head.weight``, ``head.bias``): the classifier head,
+        provided the layout lists the head last, as every built-in recipe does."""
+        module = self.names[-1].rpartition(".")[0]
+        return [n for n in self.names if n.rpartition(".")[0] == module]
+
     # ------------------------------------------------------------------ validation
     def validate(self, state_dict: Mapping[str, torch.Tensor], *, strict: bool = False, where: str = "") -> None:
         """Raise ``ValueError`` naming the first missing, misshapen or non-finite tensor.

@@ -67,8 +67,9 @@ class TextAdapterRecipe:
     classes_per_task: int = 4
     mirrored_pairs: int = 1
     """Each task holds at least this many mirrored class pairs (a>b and b>a), which only word order separates."""
-    max_length: int = 16
-    """Tokens per sentence (templates need at most 14 with [CLS]/[SEP])."""
+    max_length: int = 14
+    """Tokens per sentence: the longest template sentence with [CLS]/[SEP] (10 on average; every
+    padded token costs as much as a real one in the adapted layers)."""
     samples_train: int = 16
     """Per-class sentences to train on; then support and test take the next ones."""
     samples_support: int = 16

@@ -13,7 +13,15 @@ import torch
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts
-from d2nwg.evaluate import SUMMARY_ACCURACIES, dataset_embedding, evaluate, paired_accuracy, retrieve
+from d2nwg.evaluate import (
+    FINETUNE_STEPS,
+    SUMMARY_ACCURACIES,
+    dataset_embedding,
+    default_finetune_steps,
+    evaluate,
+    paired_accuracy,
+    retrieve,
+)
 from d2nwg.pipeline import D2NWGPipeline
 from d2nwg.plots import plot_training_curves
 from d2nwg.zoo import ModelZoo
@@ -190,3 +198,15 @@ def test_plot_training_curves(tmp_path, header, rows):
 def test_plot_training_curves_missing_file(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         plot_training_curves(tmp_path / "nope.csv", tmp_path / "curves.png")
+
+
+def test_default_finetune_steps_stop_at_the_members_own_training(zoo, tiny_pipeline):
+    """Fine-tuning for the recipe's member steps is the oracle's own training, so the curve ends there."""
+    assert default_finetune_steps({"steps": 40}) == [1, 2, 5, 10, 20, 40]
+    assert default_finetune_steps({"steps": 100}) == list(FINETUNE_STEPS)
+    assert default_finetune_steps({}) == list(FINETUNE_STEPS)
+    steps = zoo.manifest["recipe"]["steps"]
+    result = evaluate(tiny_pipeline(zoo), zoo, num_samples=1, num_inference_steps=1, progress=False)
+    assert list(result["finetune_curve"]) == default_finetune_steps(zoo.manifest["recipe"])
+    # same init, data, optimiser and step count as the members: the last point reproduces the oracle
+    assert result["finetune_curve"][steps] == pytest.approx(result["summary"]["oracle_acc"], abs=0.01)

@@ -130,7 +130,8 @@ def test_tiny_zoo_builds_resumes_and_evaluates(tmp_path, recipe):
     assert len(zoo) == 5 and zoo.manifest["recipe"]["name"] == recipe
     assert zoo.manifest["input"]["condition_features"] == 384
     x, y = zoo.task_data("task00000", "test")
-    assert x.shape == (16, 384 + 16 * 384 + 16) and y.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    t = zoo.manifest["input"]["max_length"]
+    assert x.shape == (16, 384 + t * 384 + t) and y.tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
     gap = json.loads((zoo.root / "gap.json").read_text())
     assert set(gap) >= {"adapter_test_acc", "frozen_head_test_acc", "gap_points"}
     # Members evaluate through the unchanged evaluation helpers, reproducing the recorded metrics.

@@ -168,7 +168,8 @@ def test_peft_model_reproduces_the_printed_accuracy(generated):
 
     model = PeftModel.from_pretrained(load_base(g), g.out).eval()
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(g.base))
-    batch = tokenizer(sentences, padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+    max_length = json.loads((g.out / "head.json").read_text())["tokenizer"]["max_length"]
+    batch = tokenizer(sentences, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     head = load_safetensors(g.out / "head.safetensors")
     with torch.no_grad():
         hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states[-1]
@@ -181,7 +182,7 @@ def test_peft_model_reproduces_the_printed_accuracy(generated):
     # d2nwg.load_model(OUT) still works: the same logits from the cached features.
     net = d2nwg.load_model(g.out)
     with torch.no_grad():
-        ours = net(text_features(sentences, net.first, base=g.base))
+        ours = net(text_features(sentences, net.first, max_length, base=g.base))
     assert torch.allclose(ours, logits, atol=1e-5)
 
 

@@ -705,3 +705,11 @@ def test_property_json_roundtrip_preserves_tokenization(case):
     clone = WeightLayout.from_json(layout.to_json())
     assert clone == layout
     assert torch.equal(clone.tokenize(zoo, dtype=torch.float64), layout.tokenize(zoo, dtype=torch.float64))
+
+
+
+def test_head_names_are_the_last_modules_tensors():
+    sd = {"body.0.weight": torch.randn(5, 3), "head.weight": torch.randn(4, 5), "head.bias": torch.randn(4)}
+    assert WeightLayout.from_state_dict(sd, chunk_size=4).head_names() == ["head.weight", "head.bias"]
+    flat = {"weight": torch.randn(2, 2), "bias": torch.randn(2)}
+    assert WeightLayout.from_state_dict(flat, chunk_size=4).head_names() == ["weight", "bias"]
