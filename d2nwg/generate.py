@@ -98,7 +98,7 @@ def generate_to_folder(
     names = [f"weights_{i:03d}.safetensors" for i in range(num_samples)]
     export = folder_exporter(target["architecture"])
     chosen = best_index if best_index is not None else 0  # the weight set load_model picks
-    exported = None if export is None else "best.safetensors" if best_index is not None else names[0]
+    exported = None if export is None else default_weights_file(best_index is not None)
     config = {
         "architecture": target["architecture"],
         "layout": target["layout"],
@@ -149,6 +149,12 @@ def use_base(pipe: D2NWGPipeline, base: str) -> None:
     pipe.register_to_config(target=target)
 
 
+def default_weights_file(selected: bool) -> str:
+    """The weight set `load_model` loads and adapter folders export: the best on held-back samples if
+    selection ran, else the first sample."""
+    return "best.safetensors" if selected else "weights_000.safetensors"
+
+
 def load_model(folder: str | Path, weights: str | None = None) -> nn.Module:
     """A ready ``nn.Module`` from a `generate_to_folder` output (``best.safetensors`` if present).
 
@@ -163,7 +169,7 @@ def load_model(folder: str | Path, weights: str | None = None) -> nn.Module:
         raise ValueError(f"{folder} has no config.json; is it a d2nwg generate output?")
     config = json.loads(config_path.read_text())
     if weights is None:
-        weights = "best.safetensors" if (folder / "best.safetensors").exists() else "weights_000.safetensors"
+        weights = default_weights_file((folder / "best.safetensors").exists())
     model = build_model(config["architecture"])
     WeightLayout.from_dict(config["layout"]).inject(model, load_safetensors(folder / weights))
     return model.eval()
