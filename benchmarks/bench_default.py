@@ -25,9 +25,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="reuse an existing zoo/pipeline in --out")
     args = parser.parse_args()
 
-    from d2nwg.cli import print_summary
+    from d2nwg.console import print_summary
     from d2nwg.evaluate import evaluate
-    from d2nwg.lightning_cli import make_cli
+    from d2nwg.lightning_cli import train
     from d2nwg.pipeline import D2NWGPipeline
     from model_zoo import get_recipe
 
@@ -42,10 +42,8 @@ def main() -> None:
 
     t = time.perf_counter()
     config = args.config or Path(__file__).resolve().parents[1] / "configs" / f"{args.recipe}.yaml"
-    cli_args = ["--config", str(config), "--data.zoo", str(zoo.root), "--trainer.enable_progress_bar", "false"]
     if not (out / "run" / "pipeline" / "model_index.json").exists():
-        cli = make_cli(cli_args, run=False, out=str(out / "run"))
-        cli.trainer.fit(cli.model, cli.datamodule)
+        train(out / "run", str(config), str(zoo.root), progress_bar=False)
     times["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -54,7 +52,13 @@ def main() -> None:
     times["evaluate_s"] = time.perf_counter() - t
     times["total_s"] = sum(times.values())
 
-    result = {"recipe": args.recipe, "times": times, "summary": report["summary"], "torch_threads": torch.get_num_threads()}
+    result = {
+        "recipe": args.recipe,
+        "times": times,
+        "summary": report["summary"],
+        "summary_by_kind": report["summary_by_kind"],
+        "torch_threads": torch.get_num_threads(),
+    }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     print_summary(report["summary"])
     print(json.dumps(times, indent=2))

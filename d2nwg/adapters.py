@@ -5,7 +5,8 @@ weights to generate are the adapter tensors of a few chosen layers. This module
 builds those adapters with peft, reads and writes their state_dicts, and saves
 standard PEFT folders that ``PeftModel.from_pretrained(base, folder)`` loads.
 
-Adapter kinds are a registry (`ADAPTER_KINDS`), one small config builder each:
+Adapter kinds are a `d2nwg.registry.Registry` (`ADAPTER_KINDS`), one small config builder
+``(r, target_modules, **options) -> peft config`` each; add one with `register_adapter`:
 
 ==========  ===========================================  ==================================
 kind        peft config                                  tensors per target ``nn.Linear``
@@ -45,18 +46,32 @@ from typing import Any
 import torch
 from torch import nn
 
+from d2nwg.registry import Registry
+
 # ----------------------------------------------------------------------------- registry
-ADAPTER_KINDS: dict[str, Callable[..., Any]] = {}
+ADAPTER_KINDS: Registry[Callable[..., Any]] = Registry("adapter kind")
 
 
 def register_adapter(name: str) -> Callable:
-    """Decorator adding a peft config builder ``(r, target_modules, **options) -> PeftConfig``."""
+    """Decorator registering a peft config builder as adapter kind ``name``.
 
-    def wrap(builder: Callable[..., Any]) -> Callable[..., Any]:
-        ADAPTER_KINDS[name] = builder
-        return builder
+    Args:
+        name: the kind that `build_peft_model` and zoo recipes accept, e.g. ``"lora"``.
 
-    return wrap
+    Returns:
+        A decorator that registers a builder ``(r, target_modules, **options) -> peft config``
+        (import peft inside it, so that registering stays cheap) and returns it unchanged.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+
+    Example:
+        >>> @register_adapter("my-lora")                                     # doctest: +SKIP
+        ... def my_lora(r, target_modules, **options):
+        ...     from peft import LoraConfig
+        ...     return LoraConfig(r=r, lora_alpha=r, target_modules=target_modules, **options)
+    """
+    return ADAPTER_KINDS.register(name)
 
 
 @register_adapter("lora")
@@ -84,12 +99,15 @@ def miss_bat_config(r: int, target_modules: list[str], **options):
 
 
 def adapter_config(kind: str, r: int, target_modules: list[str], **options):
-    """The peft config of adapter ``kind`` (a key of `ADAPTER_KINDS`)."""
-    if kind not in ADAPTER_KINDS:
-        raise ValueError(f"unknown adapter kind {kind!r}; available: {sorted(ADAPTER_KINDS)}")
+    """The peft config of adapter ``kind`` (a name of `ADAPTER_KINDS`).
+
+    Raises:
+        ValueError: an unknown ``kind`` (listing the known ones) or a rank ``r < 1``.
+    """
+    builder = ADAPTER_KINDS.get(kind)
     if r < 1:
         raise ValueError(f"adapter rank r must be >= 1, got {r}")
-    return ADAPTER_KINDS[kind](r, list(target_modules), **options)
+    return builder(r, list(target_modules), **options)
 
 
 # ----------------------------------------------------------------------------- layer slices

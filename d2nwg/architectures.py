@@ -2,9 +2,27 @@
 
 An architecture is described by a JSON-able spec ``{"name": ..., "config": {...}}``
 so that a zoo or a pipeline stores it and `build_model` rebuilds a fresh module.
-Users add their own with `register_architecture` or pass ``"module:callable"``.
-A builder may also offer ``export_folder(weights, spec, out)``: `d2nwg generate`
-calls it to write a standard folder next to its own files (e.g. a PEFT adapter).
+The name is a key of `ARCHITECTURES` (an `Architecture` entry each), or
+``"package.module:callable"`` for a user's own builder, imported on use and not registered.
+
+Built-in entries:
+
+================  ==========================================================  ==================
+name              builds                                                      export_folder
+================  ==========================================================  ==================
+mlp               `MLP`, a ReLU classifier ``in_features -> hidden -> K``     none
+text-adapter      `d2nwg.text_classifier.TextAdapterClassifier` (lazy import)  PEFT folder + head
+================  ==========================================================  ==================
+
+An entry's optional ``export_folder(weights, spec, out)`` hook writes a standard folder
+next to `d2nwg generate`'s own files (e.g. a PEFT adapter that ``PeftModel.from_pretrained``
+loads). Users register their own with `register_architecture`.
+
+Example:
+    >>> from d2nwg.architectures import build_model
+    >>> net = build_model({"name": "mlp", "config": {"in_features": 64, "hidden": [32], "num_classes": 5}})
+    >>> type(net).__name__
+    'MLP'
 """
 
 from __future__ import annotations
@@ -12,18 +30,62 @@ from __future__ import annotations
 import importlib
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+from d2nwg.registry import Registry
+
+ExportFolder = Callable[[Mapping, Mapping, Path], Path]
+"""``export_folder(weights, architecture_spec, out) -> out``: writes a standard folder for one weight set."""
 
 
-def register_architecture(name: str) -> Callable:
-    """Decorator adding a model builder to the registry under ``name``."""
+@dataclass(frozen=True)
+class Architecture:
+    """A registered target architecture.
+
+    Args:
+        name: the registry name stored in zoos and pipelines, e.g. ``"mlp"``.
+        build: ``build(**config) -> nn.Module``; a class or a function.
+        export_folder: optional hook ``(weights, spec, out) -> out`` that `d2nwg generate`
+            calls to write a standard folder (e.g. a PEFT adapter) for the chosen weight set.
+    """
+
+    name: str
+    build: Callable[..., nn.Module]
+    export_folder: ExportFolder | None = None
+
+
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")
+# Heavy (transformers/peft) at use only: the entry lives next to its class and is imported on first lookup.
+ARCHITECTURES.register_lazy("text-adapter", "d2nwg.text_classifier:ARCHITECTURE")
+
+LEGACY_NAMES: dict[str, str] = {"d2nwg.text_adapter:TextAdapterClassifier": "text-adapter"}
+"""``"module:callable"`` names stored by older zoos and pipelines -> the registered entry that replaced them."""
+
+
+def register_architecture(name: str, *, export_folder: ExportFolder | None = None) -> Callable:
+    """Decorator registering a model builder (class or function) as architecture ``name``.
+
+    Args:
+        name: the registry name; zoos and pipelines store it in their architecture spec.
+        export_folder: optional ``(weights, spec, out) -> out`` hook (see `Architecture`).
+
+    Returns:
+        A decorator that registers ``Architecture(name, builder, export_folder)`` and
+        returns the builder unchanged.
+
+    Raises:
+        ValueError: ``name`` is already registered.
+
+    Example:
+        >>> @register_architecture("tiny-cnn")                      # doctest: +SKIP
+        ... class TinyCNN(nn.Module): ...
+    """
 
     def wrap(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        ARCHITECTURES[name] = builder
+        ARCHITECTURES.register(name, Architecture(name, builder, export_folder))
         return builder
 
     return wrap
@@ -46,21 +108,38 @@ class MLP(nn.Sequential):
         self.num_classes = num_classes
 
 
-def resolve_builder(name: str) -> Callable[..., nn.Module]:
-    """A registered name, or ``"package.module:callable"`` importable from the user's environment."""
+def resolve_architecture(name: str) -> Architecture:
+    """The `Architecture` of a spec name: registered, legacy (`LEGACY_NAMES`) or ``"module:callable"``.
+
+    A ``"module:callable"`` name is imported from the user's environment and wrapped in an
+    unregistered `Architecture` without an export hook.
+
+    Raises:
+        ValueError: an unknown name (listing the registered ones) or an import that fails.
+    """
+    name = LEGACY_NAMES.get(name, name)
     if name in ARCHITECTURES:
-        return ARCHITECTURES[name]
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            return getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import architecture '{name}': {err}") from None
-    raise ValueError(f"unknown architecture '{name}'; registered: {sorted(ARCHITECTURES)} (or use 'module:callable')")
+        return ARCHITECTURES.get(name)
+    if ":" not in name:
+        raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)} (or use 'module:callable')")
+    module_name, _, attr = name.partition(":")
+    try:
+        return Architecture(name, getattr(importlib.import_module(module_name), attr))
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"cannot import architecture '{name}': {err}") from None
+
+
+def resolve_builder(name: str) -> Callable[..., nn.Module]:
+    """The builder of a spec name (``resolve_architecture(name).build``)."""
+    return resolve_architecture(name).build
 
 
 def build_model(spec: Mapping) -> nn.Module:
-    """Build a fresh module from ``{"name": ..., "config": {...}}``."""
+    """Build a fresh module from ``{"name": ..., "config": {...}}``.
+
+    Raises:
+        ValueError: the spec has no name, the name is unknown, or the builder rejects the config.
+    """
     if "name" not in spec:
         raise ValueError(f"architecture spec needs a 'name', got {dict(spec)}")
     builder = resolve_builder(spec["name"])
@@ -70,6 +149,6 @@ def build_model(spec: Mapping) -> nn.Module:
         raise ValueError(f"architecture '{spec['name']}' rejected its config: {err}") from None
 
 
-def folder_exporter(spec: Mapping) -> Callable[[Mapping, Mapping, Path], Path] | None:
-    """The architecture's ``export_folder(weights, spec, out)`` hook, or None when it has none."""
-    return getattr(resolve_builder(spec["name"]), "export_folder", None)
+def folder_exporter(spec: Mapping) -> ExportFolder | None:
+    """The ``export_folder`` hook of the spec's architecture, or None when it has none."""
+    return resolve_architecture(spec["name"]).export_folder

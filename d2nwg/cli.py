@@ -7,58 +7,25 @@ User mistakes (bad paths, corrupt files, shape mismatches) surface as one
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
+from d2nwg.console import print_summary, print_zoo
+from d2nwg.errors import UserError, one_line
+
 EXIT_USER_ERROR = 2
-
-
-class UserError(ValueError):
-    """A mistake in the user's input: reported as one line, exit code 2."""
+FORMATTER = argparse.ArgumentDefaultsHelpFormatter
+"""Shows "(default: ...)" after each option's help."""
 
 
 # ----------------------------------------------------------------------------- zoo
-def _recipe_settings(name: str):
-    import importlib
-
-    from model_zoo import RECIPES
-
-    module = importlib.import_module(RECIPES[name])
-    return next(v for v in vars(module).values() if dataclasses.is_dataclass(v) and v.__module__ == module.__name__)
-
-
-def _field_help(settings_cls) -> dict[str, str]:
-    """The docstring under each field of a settings dataclass (``--help`` text; defaults need one)."""
-    import ast
-    import inspect
-    import textwrap
-
-    try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(settings_cls))).body[0].body
-    except (OSError, TypeError, SyntaxError, IndexError, AttributeError):
-        return {}
-    docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
 def cmd_zoo_build(args: argparse.Namespace) -> None:
     from model_zoo import get_recipe
 
-    settings_cls = _recipe_settings(args.recipe)
-    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(settings_cls)}
-    zoo = get_recipe(args.recipe)(args.out, **settings)
-    _print_zoo(zoo.summary())
+    recipe = get_recipe(args.recipe)
+    zoo = recipe(args.out, **{f.name: getattr(args, f.name) for f in recipe.settings()})
+    print_zoo(zoo.summary())
 
 
 def cmd_zoo_info(args: argparse.Namespace) -> None:
@@ -68,7 +35,7 @@ def cmd_zoo_info(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        _print_zoo(summary)
+        print_zoo(summary)
 
 
 def cmd_zoo_ingest(args: argparse.Namespace) -> None:
@@ -97,59 +64,15 @@ def cmd_zoo_ingest(args: argparse.Namespace) -> None:
         for bad in err.bad:
             print(f"bad checkpoint {bad.name}: {bad.reason}", file=sys.stderr)
         raise UserError(str(err)) from None
-    _print_zoo(zoo.summary())
-
-
-def _print_zoo(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"model zoo {summary['root']}", show_header=False)
-    acc = summary["test_acc"]
-    rows = [
-        ("architecture", json.dumps(summary["architecture"])),
-        ("members", f"{summary['members']}  {summary['members_by_split']}"),
-        ("tasks", f"{summary['tasks']}  {summary['tasks_by_split']}"),
-        ("classes in pool", str(summary["classes"])),
-        ("parameters per member", f"{summary['params_per_member']:,}"),
-        ("tokens per member", f"{summary['tokens_per_member']} x {summary['chunk_size']}"),
-        ("member test accuracy", f"mean {acc['mean']:.4f}  min {acc['min']:.4f}  max {acc['max']:.4f}"),
-        ("samples per split", json.dumps(summary["samples_per_split"])),
-    ]
-    for key, value in rows:
-        table.add_row(key, value)
-    Console().print(table)
+    print_zoo(zoo.summary())
 
 
 # ----------------------------------------------------------------------------- train
-def train_args(config: str | None, zoo: str | None, overrides: list[str]) -> list[str]:
-    """LightningCLI arguments for one `d2nwg train` run."""
-    args = ["--config", config] if config else []
-    if zoo:
-        args += ["--data.zoo", zoo]
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
-        args += [f"--{key}", value]
-    return args
-
-
 def cmd_train(args: argparse.Namespace) -> None:
-    from d2nwg.lightning_cli import make_cli
+    from d2nwg.lightning_cli import train
 
-    out = Path(args.out)
-    if args.config and not Path(args.config).is_file():
-        raise UserError(f"config file not found: {args.config}")
-    try:
-        cli = make_cli(train_args(args.config, args.zoo, args.set), run=False, out=str(out), logger=args.logger)
-    except argparse.ArgumentError as err:
-        raise UserError(f"invalid training configuration: {err}") from None
-    ckpt = out / "checkpoints" / "last.ckpt"
-    if args.resume and not ckpt.is_file():
-        raise UserError(f"--resume: no checkpoint at {ckpt}")
-    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(ckpt) if args.resume else None)
-    print(f"pipeline: {out / 'pipeline'}")
+    pipeline_dir = train(args.out, args.config, args.zoo, args.set, resume=args.resume, logger=args.logger)
+    print(f"pipeline: {pipeline_dir}")
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -173,21 +96,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.out) / 'report.md'}")
 
 
-def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="held-out tasks (accuracy on test samples)")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in summary.items():
-        if isinstance(value, float):
-            table.add_row(key, f"{value:.4f}")
-        elif isinstance(value, int) or value is None:
-            table.add_row(key, str(value))
-    Console().print(table)
-
-
 # ----------------------------------------------------------------------------- generate / push
 def cmd_generate(args: argparse.Namespace) -> None:
     from d2nwg.datasets import load_dataset
@@ -198,7 +106,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.base:
         use_base(pipe, args.base)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
-    dataset = load_dataset(args.dataset, pipe.config.target.get("input"), classes, args.label_column, args.text_column)
+    dataset = load_dataset(args.dataset, pipe.target_spec.input, classes, args.label_column, args.text_column)
     result = generate_to_folder(
         pipe,
         dataset,
@@ -233,37 +141,38 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    parser = argparse.ArgumentParser(prog="d2nwg", description="Diffusion-based neural network weight generation.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    zoo = sub.add_parser("zoo", help="build, ingest or inspect model zoos", formatter_class=fmt)
-    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
-    build = zoo_sub.add_parser("build", help="train a zoo from a recipe", formatter_class=fmt)
+def add_zoo_build_parser(zoo_sub) -> None:
+    build = zoo_sub.add_parser("build", help="train a zoo from a recipe", formatter_class=FORMATTER)
     recipes = build.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
     from model_zoo import RECIPES
 
     for name in RECIPES:
-        settings_cls = _recipe_settings(name)
-        p = recipes.add_parser(name, help=(settings_cls.__doc__ or "").strip(), formatter_class=fmt)
+        recipe = RECIPES.get(name)
+        p = recipes.add_parser(name, help=(recipe.settings_cls.__doc__ or "").strip(), formatter_class=FORMATTER)
         p.add_argument("--out", required=True, help="zoo directory (a killed build resumes here)")
-        docs = _field_help(settings_cls)
-        for f in dataclasses.fields(settings_cls):
-            # ArgumentDefaultsHelpFormatter only shows "(default: ...)" for options that have help.
+        docs = recipe.settings_help()
+        for f in recipe.settings():
+            # ArgumentDefaultsHelpFormatter only shows "(default: ...)" for options that have help;
+            # argparse %-formats help, so a literal "%" (e.g. "auto:top25%") must be doubled.
             p.add_argument(
                 f"--{f.name.replace('_', '-')}",
                 dest=f.name,
                 type=type(f.default),
                 default=f.default,
-                help=docs.get(f.name, f.name.replace("_", " ")),
+                help=docs[f.name].replace("%", "%%"),
             )
         p.set_defaults(func=cmd_zoo_build)
-    info = zoo_sub.add_parser("info", help="print counts, sizes and accuracy of a zoo", formatter_class=fmt)
+
+
+def add_zoo_info_parser(zoo_sub) -> None:
+    info = zoo_sub.add_parser("info", help="print counts, sizes and accuracy of a zoo", formatter_class=FORMATTER)
     info.add_argument("zoo", help="zoo directory")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=cmd_zoo_info)
-    ingest = zoo_sub.add_parser("ingest", help="build a zoo from your own checkpoints and datasets", formatter_class=fmt)
+
+
+def add_zoo_ingest_parser(zoo_sub) -> None:
+    ingest = zoo_sub.add_parser("ingest", help="build a zoo from your own checkpoints and datasets", formatter_class=FORMATTER)
     ingest.add_argument("--checkpoints", required=True, help="folder of *.safetensors, *.pt or *.pth state_dicts")
     ingest.add_argument("--datasets", required=True, help="folder of datasets: class-folder images, .npz (x, y) or .csv")
     ingest.add_argument("--mapping", required=True, help="CSV checkpoint,dataset[,split] or JSON {checkpoint: dataset}")
@@ -281,7 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--out", required=True, help="new zoo directory (must not exist or be empty)")
     ingest.set_defaults(func=cmd_zoo_ingest)
 
-    train = sub.add_parser("train", help="train the hyper-model (VAE, then diffusion)", formatter_class=fmt)
+
+def add_zoo_parser(sub) -> None:
+    zoo = sub.add_parser("zoo", help="build, ingest or inspect model zoos", formatter_class=FORMATTER)
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    add_zoo_build_parser(zoo_sub)
+    add_zoo_info_parser(zoo_sub)
+    add_zoo_ingest_parser(zoo_sub)
+
+
+def add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="train the hyper-model (VAE, then diffusion)", formatter_class=FORMATTER)
     train.add_argument("--config", default=None, help="LightningCLI YAML, e.g. configs/digits.yaml (default: built-in digits settings)")
     train.add_argument("--out", required=True, help="run directory: logs, checkpoints/last.ckpt, pipeline/")
     train.add_argument("--zoo", default=None, help="zoo directory (overrides data.zoo of the config)")
@@ -290,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.diffusion_steps=100")
     train.set_defaults(func=cmd_train)
 
-    ev = sub.add_parser("evaluate", help="evaluate a pipeline on a zoo's held-out tasks", formatter_class=fmt)
+
+def add_evaluate_parser(sub) -> None:
+    ev = sub.add_parser("evaluate", help="evaluate a pipeline on a zoo's held-out tasks", formatter_class=FORMATTER)
     ev.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo id")
     ev.add_argument("--zoo", required=True, help="zoo directory with held-out tasks")
     ev.add_argument("--out", required=True, help="report folder (report.json, report.md, plots)")
@@ -301,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-tasks", type=int, default=None, help="evaluate only the first N held-out tasks")
     ev.set_defaults(func=cmd_evaluate)
 
-    gen = sub.add_parser("generate", help="generate weights for your dataset", formatter_class=fmt)
+
+def add_generate_parser(sub) -> None:
+    gen = sub.add_parser("generate", help="generate weights for your dataset", formatter_class=FORMATTER)
     gen.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo id")
     gen.add_argument(
         "--dataset", required=True,
@@ -321,18 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     gen.set_defaults(func=cmd_generate)
 
-    push = sub.add_parser("push", help="upload a pipeline with a model card to the Hugging Face Hub", formatter_class=fmt)
+
+def add_push_parser(sub) -> None:
+    push = sub.add_parser("push", help="upload a pipeline with a model card to the Hugging Face Hub", formatter_class=FORMATTER)
     push.add_argument("--pipeline", required=True, help="saved pipeline folder")
     push.add_argument("--repo-id", required=True, help="user/name on the Hub")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--report", default=None, help="evaluation folder whose report.json and plots go in the card")
     push.set_defaults(func=cmd_push)
 
-    demo = sub.add_parser("demo", help="build the digits zoo, train, evaluate and generate", formatter_class=fmt)
+
+def add_demo_parser(sub) -> None:
+    demo = sub.add_parser("demo", help="build the digits zoo, train, evaluate and generate", formatter_class=FORMATTER)
     demo.add_argument("--out", default="runs/demo", help="demo directory")
     demo.add_argument("--config", default=None, help="training config (default: the packaged digits config)")
     demo.add_argument("--fast", action="store_true", help="tiny settings for a smoke run (poor quality)")
     demo.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``d2nwg`` argument parser: one subcommand per ``add_<command>_parser``."""
+    parser = argparse.ArgumentParser(prog="d2nwg", description="Diffusion-based neural network weight generation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (add_zoo_parser, add_train_parser, add_evaluate_parser, add_generate_parser, add_push_parser, add_demo_parser):
+        add(sub)
     return parser
 
 
@@ -341,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -4,10 +4,10 @@ Every reader returns per-class feature tensors in label order plus the class
 names, after converting samples to the input format the pipeline's zoo used
 (``input`` spec: e.g. 8x8 grey images scaled to [0, 1] for digits).
 
-Text pipelines (``input`` spec with ``"text": true``) read raw sentences instead:
+Text pipelines (`d2nwg.specs.InputSpec` of kind ``"text"``) read raw sentences instead:
 a ``.csv`` with a text and a label column, or a folder of class subfolders of
 ``.txt`` files with one sentence per line. The sentences go through the zoo's
-frozen base model (`d2nwg.text_adapter.text_features`), truncated to its
+frozen base model (`d2nwg.text_classifier.text_features`), truncated to its
 ``max_length`` tokens, to become the same per-sample features as the zoo's.
 """
 
@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from d2nwg.specs import InputSpec
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -37,6 +39,20 @@ class LabelledDataset:
         return len(self.class_names)
 
 
+def to_xy(per_class: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate per-class samples into one labelled batch.
+
+    Args:
+        per_class: ``per_class[i]`` holds the ``[n_i, D]`` samples of class i.
+
+    Returns:
+        ``x [sum n_i, D]`` (classes in order) and ``y [sum n_i]`` (int64, class i repeated ``n_i`` times).
+    """
+    x = torch.cat(list(per_class))
+    y = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(per_class)])
+    return x, y
+
+
 def _order_classes(found: Sequence[str], classes: Sequence[str] | None, where: Path) -> list[str]:
     if classes is None:
         return sorted(found)
@@ -46,21 +62,24 @@ def _order_classes(found: Sequence[str], classes: Sequence[str] | None, where: P
     return list(classes)
 
 
-def load_image(path: Path, input_spec: Mapping) -> np.ndarray:
-    """One image as a flat float vector in the zoo's format (``image_size``, grey, scaled to [0, 1])."""
+def load_image(path: Path, input_spec: InputSpec) -> np.ndarray:
+    """One image as a flat float vector in the zoo's format (``image_size``, grey, scaled to [0, 1]).
+
+    Without an ``image_size`` (a vector zoo) the image keeps its own size.
+    """
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if input_spec.get("grayscale", True) else "RGB")
-            size = tuple(input_spec.get("image_size", img.size))
+            img = img.convert("L" if input_spec.grayscale else "RGB")
+            size = input_spec.image_size or (img.size[1], img.size[0])
             img = img.resize((size[1], size[0]), Image.BILINEAR) if img.size != (size[1], size[0]) else img
             return np.asarray(img, dtype=np.float32).reshape(-1) / 255.0
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ValueError(f"unreadable image {path}: {err}") from None
 
 
-def load_image_folder(root: Path, input_spec: Mapping, classes: Sequence[str] | None = None) -> LabelledDataset:
+def load_image_folder(root: Path, input_spec: InputSpec, classes: Sequence[str] | None = None) -> LabelledDataset:
     """``root/<class>/*.png``; class order is sorted folder names unless ``classes`` is given."""
     found = [d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if not found:
@@ -168,7 +187,7 @@ def read_text_folder(root: Path) -> tuple[list[str], list[str], list[str]]:
 
 
 def load_text_dataset(
-    path: Path, input_spec: Mapping, classes: Sequence[str] | None = None, label_column: str = "label", text_column: str = "text"
+    path: Path, input_spec: InputSpec, classes: Sequence[str] | None = None, label_column: str = "label", text_column: str = "text"
 ) -> LabelledDataset:
     """Sentences from a ``.csv`` or a folder of ``.txt`` class folders, as the zoo's features (see module docstring)."""
     if path.is_dir():
@@ -178,27 +197,41 @@ def load_text_dataset(
     else:
         raise ValueError(f"unsupported text dataset {path}: expected a .csv with a text column or a folder of class folders of .txt files")
     _order_classes(sorted(set(labels)), classes, path)  # fail on unknown --classes before running the encoder
-    from d2nwg.text_adapter import text_features
+    from d2nwg.text_classifier import text_features
 
-    x = text_features(texts, int(input_spec["first_layer"]), int(input_spec["max_length"]), input_spec["base"])
+    x = text_features(texts, input_spec.first_layer, input_spec.max_length, input_spec.base)
     return _group(x.numpy(), labels, classes, path, sources)
 
 
 def load_dataset(
     path: str | Path,
-    input_spec: Mapping | None = None,
+    input_spec: InputSpec | Mapping | None = None,
     classes: Sequence[str] | None = None,
     label_column: str = "label",
     text_column: str = "text",
 ) -> LabelledDataset:
-    """Read a dataset from a folder of class subfolders of images, an ``.npz`` or a ``.csv`` (or text, see above)."""
+    """Read a dataset from a folder of class subfolders of images, an ``.npz`` or a ``.csv`` (or text, see above).
+
+    Args:
+        path: the dataset file or folder.
+        input_spec: the zoo's input format (a dict is read with `InputSpec.from_dict`; ``None``: vectors).
+        classes: class order (label i = ``classes[i]``); default: sorted class names.
+        label_column: label column of a ``.csv``.
+        text_column: sentence column of a text ``.csv``.
+
+    Raises:
+        ValueError: a missing or unsupported path, unknown ``classes``, or unreadable samples.
+    """
     path = Path(path)
     if not path.exists():
         raise ValueError(f"dataset not found: {path}")
-    if (input_spec or {}).get("text"):
-        return load_text_dataset(path, input_spec, classes, label_column, text_column)
+    spec = input_spec if isinstance(input_spec, InputSpec) else InputSpec.from_dict(input_spec)
+    if spec.kind == "text":
+        return load_text_dataset(path, spec, classes, label_column, text_column)
+    if spec.kind == "generative-text":
+        raise ValueError(f"cannot read {path}: datasets of 'generative-text' pipelines are not supported yet")
     if path.is_dir():
-        return load_image_folder(path, input_spec or {}, classes)
+        return load_image_folder(path, spec, classes)
     if path.suffix == ".npz":
         return load_npz(path, classes)
     if path.suffix == ".csv":

@@ -48,7 +48,14 @@ def ensemble_accuracy(
     module: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
     """Accuracy of each of N parameter sets, shape ``[N]``."""
-    logits = ensemble_logits(module, stacked, x)
+    return logits_accuracy(ensemble_logits(module, stacked, x), y)
+
+
+def logits_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Share of samples whose argmax is the label: logits ``[..., n, C]``, y ``[..., n]`` -> ``[...]``.
+
+    The one definition of accuracy, for one model (``model(x)``) and for stacked members alike.
+    """
     return (logits.argmax(-1) == y).float().mean(-1)
 
 
@@ -66,12 +73,14 @@ def train_ensemble(
     record_at: Sequence[int] = (),
     eval_x: torch.Tensor | None = None,
     eval_y: torch.Tensor | None = None,
+    stacked_init: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
     """Full-batch training of N members at once, every member starting from ``init``.
 
     Args:
         module: the architecture (its own parameters are not touched).
-        init: the shared initial state_dict (unstacked).
+        init: the shared initial state_dict (unstacked), or with ``stacked_init=True`` one initial state per
+            member stacked ``{name: [N, *shape]}`` (members from independent random initialisations).
         x, y: per-member training data ``[N, n, d]`` and ``[N, n]``.
         steps: optimiser steps; lr, weight_decay: optimiser settings.
         optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``); both act elementwise, hence per member.
@@ -81,7 +90,14 @@ def train_ensemble(
         The trained stacked parameters and ``{step: accuracy [N]}`` for ``record_at``.
     """
     n = x.shape[0]
-    params = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).requires_grad_(True) for k, v in init.items()}
+    if stacked_init:
+        bad = [k for k, v in init.items() if v.dim() == 0 or v.shape[0] != n]
+        if bad:
+            raise ValueError(f"stacked_init needs {n} initial states per tensor (one per member); {bad[0]!r} does not have them")
+        # clone(): the optimiser updates params in place and must not write into the caller's inits.
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
+    else:
+        params = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).requires_grad_(True) for k, v in init.items()}
     if optimizer == "adamw":
         optimiser = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
@@ -118,3 +134,60 @@ def initial_state(module_factory, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     module = module_factory()
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- accuracy of many weight sets
+EVAL_BATCH = 256  # weight sets per vmapped forward: bounds memory for larger targets
+
+
+def _to_float(sd: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
+
+
+def shared_accuracy(
+    module: nn.Module, state_dicts: Sequence[Mapping[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """Accuracy ``[N]`` of N weight sets on one dataset ``x [n, D]``, ``y [n]`` (batched on ``x``'s device)."""
+    device = x.device
+    out = []
+    for i in range(0, len(state_dicts), EVAL_BATCH):
+        stacked = stack_state_dicts([_to_float(sd, device) for sd in state_dicts[i : i + EVAL_BATCH]])
+        out.append(ensemble_accuracy(module, stacked, x, y).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def paired_accuracy(
+    module: nn.Module,
+    state_dicts: Sequence[Mapping[str, torch.Tensor]],
+    data: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """Accuracy ``[N]`` of weight set i on dataset i; datasets of equal shape run in one batch.
+
+    Raises:
+        ValueError: the numbers of weight sets and datasets differ.
+    """
+    if len(state_dicts) != len(data):
+        raise ValueError(f"got {len(state_dicts)} weight sets for {len(data)} datasets")
+    groups: dict[tuple, list[int]] = {}
+    for i, (x, y) in enumerate(data):
+        groups.setdefault((tuple(x.shape), tuple(y.shape)), []).append(i)
+    acc = torch.zeros(len(data))
+    for idx in groups.values():
+        for s in range(0, len(idx), EVAL_BATCH):
+            chunk = idx[s : s + EVAL_BATCH]
+            device = data[chunk[0]][0].device
+            stacked = stack_state_dicts([_to_float(state_dicts[i], device) for i in chunk])
+            x = torch.stack([data[i][0] for i in chunk])
+            y = torch.stack([data[i][1] for i in chunk])
+            acc[chunk] = ensemble_accuracy(module, stacked, x, y).cpu()
+    return acc
+
+
+def mean_state_dict(state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Elementwise mean of floating tensors (float64 running sum); other tensors from the first."""
+    first = state_dicts[0]
+    total = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in first.items() if v.is_floating_point()}
+    for sd in state_dicts:
+        for k in total:
+            total[k] += sd[k].double()
+    return {k: (total[k] / len(state_dicts)).to(v.dtype) if k in total else v for k, v in first.items()}

@@ -13,6 +13,7 @@ plus ``head.safetensors`` and ``head.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from d2nwg.architectures import build_model, folder_exporter
-from d2nwg.datasets import LabelledDataset
+from d2nwg.datasets import LabelledDataset, to_xy
 from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts
 from d2nwg.io import atomic_dir, load_safetensors, save_safetensors
 from d2nwg.pipeline import D2NWGPipeline
@@ -90,20 +91,19 @@ def generate_to_folder(
     output = pipe(cond, num_samples=num_samples, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator)
     scores = best_index = None
     if held is not None:
-        x = torch.cat(held)
-        y = torch.cat([torch.full((len(h),), i) for i, h in enumerate(held)])
+        x, y = to_xy(held)
         scores = ensemble_accuracy(pipe.build_model(), stack_state_dicts(output.weights), x, y).tolist()
         best_index = max(range(len(scores)), key=scores.__getitem__)
-    target = pipe.config.target
+    target = pipe.target_spec
     names = [f"weights_{i:03d}.safetensors" for i in range(num_samples)]
-    export = folder_exporter(target["architecture"])
+    export = folder_exporter(target.architecture)
     chosen = best_index if best_index is not None else 0  # the weight set load_model picks
     exported = None if export is None else default_weights_file(best_index is not None)
     config = {
-        "architecture": target["architecture"],
-        "layout": target["layout"],
-        "input": target.get("input"),
-        "num_classes": pipe.num_classes,
+        "architecture": target.architecture,
+        "layout": target.layout,
+        "input": target.input.to_dict(),
+        "num_classes": target.num_classes,
         "pipeline": source,
         "seed": seed,
         "num_inference_steps": num_inference_steps,
@@ -115,7 +115,7 @@ def generate_to_folder(
     }
     with atomic_dir(out) as tmp:
         if export is not None:
-            export(output.weights[chosen], target["architecture"], tmp)
+            export(output.weights[chosen], target.architecture, tmp)
         for name, weights in zip(names, output.weights):
             save_safetensors(tmp / name, weights, {"seed": seed, "format": "d2nwg-generated"})
         if best_index is not None:
@@ -139,14 +139,16 @@ def use_base(pipe: D2NWGPipeline, base: str) -> None:
     For a pipeline whose zoo was built on a folder that is not on this machine. The base must
     hold the same weights: the generated adapters and the cached features depend on them.
     """
-    from d2nwg.text_adapter import canonical_base
+    from d2nwg.text_classifier import canonical_base
 
-    target = json.loads(json.dumps(pipe.config.target))  # a deep, mutable copy of the frozen config
-    if not (target.get("input") or {}).get("text"):
-        raise ValueError(f"--base applies to text-adapter pipelines only; this one generates {target['architecture']['name']!r}")
+    target = pipe.target_spec
+    if target.input.kind != "text":
+        raise ValueError(f"--base applies to text-adapter pipelines only; this one generates {target.architecture['name']!r}")
     base = canonical_base(base)
-    target["architecture"]["config"]["base"] = target["input"]["base"] = base
-    pipe.register_to_config(target=target)
+    architecture = json.loads(json.dumps(target.architecture))  # a deep copy: the frozen config stays untouched
+    architecture["config"]["base"] = base
+    target = dataclasses.replace(target, architecture=architecture, input=dataclasses.replace(target.input, base=base))
+    pipe.register_to_config(target=target.to_dict())
 
 
 def default_weights_file(selected: bool) -> str:

@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from d2nwg.errors import one_line
+
 REPORT_ACCURACIES = {
     "generated_best_acc": "Generated (best of N on support)",
     "generated_mean_acc": "Generated (mean of N)",
@@ -38,7 +40,7 @@ def download_pipeline(repo_id: str, revision: str | None = None) -> Path:
             "(check the path if you meant a local folder)"
         ) from None
     except (HfHubHTTPError, OSError) as err:
-        raise ValueError(f"cannot download '{repo_id}': {str(err).splitlines()[0]}") from None
+        raise ValueError(f"cannot download '{repo_id}': {one_line(err)}") from None
 
 
 def model_card(pipeline_dir: Path, repo_id: str, report: Mapping | None = None) -> str:
@@ -139,7 +141,7 @@ def push_pipeline(
             url = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             api.upload_folder(repo_id=url, folder_path=staged, commit_message=commit_message)
         except HfHubHTTPError as err:
-            raise ValueError(f"push to '{repo_id}' failed: {str(err).splitlines()[0]}") from None
+            raise ValueError(f"push to '{repo_id}' failed: {one_line(err)}") from None
         except OSError as err:
-            raise ValueError(f"push to '{repo_id}' failed (no network?): {str(err).splitlines()[0]}") from None
+            raise ValueError(f"push to '{repo_id}' failed (no network?): {one_line(err)}") from None
     return f"{api.endpoint}/{repo_id}"

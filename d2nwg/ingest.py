@@ -39,8 +39,11 @@ import torch
 from torch import nn
 
 from d2nwg.architectures import build_model
-from d2nwg.datasets import LabelledDataset, load_dataset
+from d2nwg.datasets import LabelledDataset, load_dataset, to_xy
+from d2nwg.ensemble import logits_accuracy
+from d2nwg.errors import one_line
 from d2nwg.io import atomic_dir, load_weights
+from d2nwg.specs import InputSpec
 from d2nwg.weights import WeightLayout
 from d2nwg.zoo import SPLITS, ModelZoo
 
@@ -268,17 +271,6 @@ def load_checkpoint(
     return selected
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(-1) == y).float().mean())
-
-
-def _split_data(splits: list[dict[str, torch.Tensor]], split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.cat([s[split] for s in splits]).float()
-    y = torch.cat([torch.full((len(s[split]),), i, dtype=torch.long) for i, s in enumerate(splits)])
-    return x, y
-
-
 def _member_ids(names: Sequence[str]) -> dict[str, str]:
     """Checkpoint file name -> a file-system-safe member id (its stem; the whole name on a clash)."""
 
@@ -290,6 +282,444 @@ def _member_ids(names: Sequence[str]) -> dict[str, str]:
     if len(set(ids.values())) != len(ids):
         raise ValueError(f"checkpoint names give clashing member ids: {sorted(ids)}")
     return ids
+
+
+# ----------------------------------------------------------------------------- stages
+# ingest() runs these in order: parse_settings -> discover -> read_datasets -> build_target ->
+# validate_checkpoints -> group_into_tasks -> split_tasks -> write_zoo. Each stage takes what the
+# earlier ones produced and raises ValueError before anything is written.
+# Shaped for what comes next: a task holds a list of members and split_tasks chooses per task, so
+# grouping several checkpoints of one run or dataset into one task changes group_into_tasks only;
+# nested checkpoint folders belong to discover; every checkpoint read goes through Target.read
+# (the place for key-prefix stripping); a weight transform such as alignment fits before write_zoo.
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """The checked options of one ingest (see `ingest` for their meaning)."""
+
+    arch: str
+    arch_config: dict
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    chunk_size: int
+    heldout_fraction: float
+    split_fractions: tuple[float, float, float]
+    seed: int
+    skip_bad: bool
+    image_size: tuple[int, int]
+    label_column: str
+
+
+def parse_settings(
+    arch: str,
+    *,
+    arch_config: str | Mapping | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    chunk_size: int = 32,
+    heldout_fraction: float = 0.1,
+    split_fractions: str | Sequence[float] = (0.6, 0.2, 0.2),
+    seed: int = 0,
+    skip_bad: bool = False,
+    image_size: str | Sequence[int] = (8, 8),
+    label_column: str = "label",
+) -> IngestSettings:
+    """Check and normalise `ingest`'s options (CLI strings or Python values).
+
+    Returns:
+        The settings; ``include`` defaults to every tensor (``"*"``).
+
+    Raises:
+        ValueError: malformed split fractions, image size or architecture config, or a held-out fraction outside [0, 1).
+    """
+    fractions = parse_split_fractions(split_fractions)
+    size = parse_image_size(image_size)
+    config = parse_arch_config(arch_config)
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ValueError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
+    return IngestSettings(
+        arch=arch,
+        arch_config=config,
+        include=tuple(include or ("*",)),
+        exclude=tuple(exclude),
+        chunk_size=chunk_size,
+        heldout_fraction=heldout_fraction,
+        split_fractions=fractions,
+        seed=seed,
+        skip_bad=skip_bad,
+        image_size=size,
+        label_column=label_column,
+    )
+
+
+def check_new_folder(out: str | Path) -> Path:
+    """``out`` as a path, if it does not exist or is an empty folder (the zoo must not mix with other files).
+
+    Raises:
+        ValueError: ``out`` is a file or a non-empty folder.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already exists and is not an empty folder; choose a new one")
+    return out
+
+
+@dataclass
+class Sources:
+    """What an ingest reads: the mapping's entries, with the checkpoint and dataset each one names."""
+
+    checkpoint_root: Path
+    dataset_root: Path
+    mapping: Path
+    entries: list[MappingEntry]
+    dataset_paths: dict[str, Path]
+    """The mapping's dataset names -> the file or folder each resolves to."""
+
+    def checkpoint_path(self, entry: MappingEntry) -> Path:
+        return self.checkpoint_root / entry.checkpoint
+
+    def dataset_key(self, entry: MappingEntry) -> str:
+        """The class namespace of the entry's dataset (see `_dataset_key`)."""
+        return _dataset_key(self.dataset_paths[entry.dataset])
+
+
+def discover(
+    checkpoints: str | Path, datasets: str | Path, mapping: str | Path, warn: Callable[[str], None]
+) -> Sources:
+    """Stage 1: find the inputs. Reads the mapping and checks that every file it names exists.
+
+    Args:
+        checkpoints: folder of ``*.safetensors``/``*.pt``/``*.pth`` files.
+        datasets: folder of datasets (``name``, ``name.npz``, ``name.csv`` or a class-folder directory).
+        mapping: the mapping file (see `read_mapping`).
+        warn: receives one line per checkpoint file that the mapping does not name.
+
+    Returns:
+        The mapping's entries with resolved dataset paths.
+
+    Raises:
+        ValueError: a missing folder, a malformed mapping, or mapped files that are missing or of the wrong type
+            (all of them in one message).
+    """
+    ckpt_root, data_root = Path(checkpoints), Path(datasets)
+    for flag, root in (("--checkpoints", ckpt_root), ("--datasets", data_root)):
+        if not root.is_dir():
+            raise ValueError(f"{flag} folder not found: {root}")
+    entries = read_mapping(mapping)
+    missing_ckpts = [e.checkpoint for e in entries if not (ckpt_root / e.checkpoint).is_file()]
+    wrong_type = [e.checkpoint for e in entries if Path(e.checkpoint).suffix.lower() not in CHECKPOINT_SUFFIXES]
+    dataset_paths = {e.dataset: _resolve_dataset(data_root, e.dataset) for e in entries}
+    missing_data = sorted(name for name, p in dataset_paths.items() if p is None)
+    problems = []
+    if missing_ckpts:
+        problems.append(f"checkpoint(s) not found in {ckpt_root}: {', '.join(missing_ckpts)}")
+    if wrong_type:
+        problems.append(f"checkpoint(s) {', '.join(wrong_type)} are not {'/'.join(CHECKPOINT_SUFFIXES)} files")
+    if missing_data:
+        problems.append(f"dataset(s) not found in {data_root}: {', '.join(missing_data)}")
+    if problems:
+        raise ValueError(f"mapping file {mapping}: " + "; ".join(problems))
+    mapped = {e.checkpoint for e in entries}
+    for path in sorted(ckpt_root.iterdir()):
+        if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.name not in mapped:
+            warn(f"checkpoint {path.name} is not in the mapping; ignored")
+    return Sources(ckpt_root, data_root, Path(mapping), entries, dataset_paths)  # type: ignore[arg-type]
+
+
+@dataclass
+class ZooDataset:
+    """One dataset as it enters the zoo: classes in label order and each class's train/support/test samples."""
+
+    key: str
+    data: LabelledDataset
+    splits: list[dict[str, torch.Tensor]]
+    """Per class (label order): ``{"train", "support", "test"}`` samples."""
+
+    def xy(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x [n, D], y [n])`` of one split."""
+        x, y = to_xy([s[split] for s in self.splits])
+        return x.float(), y
+
+
+def read_datasets(sources: Sources, settings: IngestSettings) -> tuple[dict[str, ZooDataset], InputSpec]:
+    """Stage 2: load every mapped dataset and split each class into train/support/test.
+
+    Image folders are resized to ``settings.image_size``; if any dataset is an image folder the zoo's input is
+    images. Label order is numeric when every class name is an integer (`numeric_label_order`).
+
+    Returns:
+        ``{dataset key: ZooDataset}`` and the zoo's input spec.
+
+    Raises:
+        ValueError: two datasets share a class namespace, a dataset is unreadable, feature sizes differ,
+            or a class has too few samples for the split fractions.
+    """
+    keys: dict[str, str] = {}  # dataset key -> the mapping name that first resolved to it
+    for name, path in sources.dataset_paths.items():
+        key = _dataset_key(path)
+        if key in keys and sources.dataset_paths[keys[key]] != path:
+            raise ValueError(f"datasets '{keys[key]}' and '{name}' both map to the class namespace '{key}'; rename one")
+        keys.setdefault(key, name)
+    images = any(p.is_dir() for p in sources.dataset_paths.values())
+    input_spec = InputSpec(kind="image", image_size=settings.image_size) if images else InputSpec(kind="vector")
+    loaded: dict[str, LabelledDataset] = {}
+    for key, name in keys.items():
+        dataset = load_dataset(sources.dataset_paths[name], input_spec, None, settings.label_column)
+        loaded[key] = numeric_label_order(dataset)
+    dims = {key: int(ds.per_class[0].shape[-1]) for key, ds in loaded.items()}
+    if len(set(dims.values())) > 1:
+        raise ValueError(f"datasets have different feature dimensions {dims}; one zoo needs one input size")
+    return {
+        key: ZooDataset(key, ds, split_dataset(key, ds, settings.split_fractions, settings.seed))
+        for key, ds in loaded.items()
+    }, input_spec
+
+
+@dataclass
+class Target:
+    """The architecture every checkpoint must fit: its spec, a model built from it and the weight layout."""
+
+    spec: dict
+    model: nn.Module
+    layout: WeightLayout
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+
+    def read(self, path: Path) -> dict[str, torch.Tensor]:
+        """The layout's tensors of one checkpoint file (see `load_checkpoint`)."""
+        return load_checkpoint(path, self.layout, self.include, self.exclude)
+
+
+def build_target(settings: IngestSettings) -> Target:
+    """Build the architecture (seeded with ``settings.seed``) and the layout of the tensors to tokenize.
+
+    Raises:
+        ValueError: an unknown architecture, or one that rejects its config.
+    """
+    spec = {"name": settings.arch, "config": settings.arch_config}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        model = build_model(spec)
+    model.eval()
+    layout = WeightLayout.from_module(model, settings.include, settings.exclude, settings.chunk_size)
+    return Target(spec, model, layout, settings.include, settings.exclude)
+
+
+def output_widths(target: Target, datasets: Mapping[str, ZooDataset]) -> dict[str, int]:
+    """How many logits the architecture gives on each dataset's test samples.
+
+    Raises:
+        ValueError: the architecture fails on a dataset's inputs, or does not return logits ``[n, classes]``.
+    """
+    arch = target.spec["name"]
+    widths: dict[str, int] = {}
+    for key, dataset in datasets.items():
+        x, _ = dataset.xy("test")
+        try:
+            with torch.no_grad():
+                logits = target.model(x)
+        except Exception as err:  # a user's module raises anything on a wrong input size
+            raise ValueError(
+                f"architecture '{arch}' cannot run on dataset '{key}' ({x.shape[-1]} features per sample): "
+                f"{one_line(err)}"
+            ) from None
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != len(x):
+            shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"architecture '{arch}' must return logits [n, classes]; got {shape} on dataset '{key}'")
+        widths[key] = int(logits.shape[-1])
+    return widths
+
+
+@dataclass
+class ValidCheckpoint:
+    """A checkpoint that passed every check, with its zoo member id and its accuracy per data split."""
+
+    entry: MappingEntry
+    path: Path
+    member_id: str
+    dataset: str
+    metrics: dict[str, float]
+
+
+def validate_checkpoints(
+    sources: Sources,
+    datasets: Mapping[str, ZooDataset],
+    target: Target,
+    skip_bad: bool = False,
+    warn: Callable[[str], None] = lambda message: None,
+) -> tuple[list[ValidCheckpoint], list[BadCheckpoint]]:
+    """Stage 3: check every checkpoint and measure its accuracy; collect all problems before failing.
+
+    A checkpoint must load, hold every layout tensor with the right shape and finite values, hold no
+    unexpected tensor among the selected ones, and output as many logits as its dataset has classes.
+
+    Args:
+        sources, datasets, target: what the earlier stages produced.
+        skip_bad: leave bad checkpoints out (one ``warn`` line each) instead of raising.
+        warn: receives the skipped checkpoints.
+
+    Returns:
+        The valid checkpoints in mapping order, and the bad ones.
+
+    Raises:
+        ValueError: the architecture does not run on the datasets, checkpoint names give clashing member ids,
+            or no checkpoint is usable.
+        BadCheckpointsError: bad checkpoints without ``skip_bad``.
+    """
+    widths = output_widths(target, datasets)
+    ids = _member_ids([e.checkpoint for e in sources.entries])
+    good: list[ValidCheckpoint] = []
+    bad: list[BadCheckpoint] = []
+    for entry in sources.entries:
+        key, path = sources.dataset_key(entry), sources.checkpoint_path(entry)
+        try:
+            state = target.read(path)
+            classes = datasets[key].data.num_classes
+            if widths[key] != classes:
+                raise ValueError(
+                    f"class count mismatch: the model outputs {widths[key]} logits but dataset '{key}' has {classes} classes"
+                )
+            target.layout.inject(target.model, state)
+            metrics = {}
+            for split in SPLITS:
+                x, y = datasets[key].xy(split)
+                with torch.no_grad():
+                    metrics[f"{split}_acc"] = float(logits_accuracy(target.model(x), y))
+        except ValueError as err:
+            bad.append(BadCheckpoint(entry.checkpoint, one_line(err, empty="unusable")))
+            continue
+        good.append(ValidCheckpoint(entry, path, ids[entry.checkpoint], key, metrics))
+    if bad and not skip_bad:
+        raise BadCheckpointsError(bad)
+    for b in bad:
+        warn(f"skipping bad checkpoint {b.name}: {b.reason}")
+    if not good:
+        raise ValueError("no usable checkpoints: nothing to build a zoo from")
+    return good, bad
+
+
+@dataclass
+class IngestTask:
+    """One zoo task: a dataset's classes in label order, and the checkpoints that become its members."""
+
+    id: str
+    dataset: str
+    members: list[ValidCheckpoint]
+    split: str | None
+    """``"train"``/``"heldout"`` from the mapping, or None: `split_tasks` chooses."""
+    order_key: str
+    """Sorts the tasks whose split `split_tasks` chooses, so the choice ignores the mapping's order."""
+
+
+def group_into_tasks(checkpoints: Sequence[ValidCheckpoint]) -> list[IngestTask]:
+    """Stage 4: one task per checkpoint, named by its member id, in the checkpoints' order.
+
+    Returns:
+        The tasks; a task's split is its checkpoint's mapped split.
+    """
+    return [IngestTask(c.member_id, c.dataset, [c], c.entry.split, c.entry.checkpoint) for c in checkpoints]
+
+
+def split_tasks(tasks: Sequence[IngestTask], heldout_fraction: float, seed: int) -> dict[str, str]:
+    """Stage 5: ``"train"`` or ``"heldout"`` per task id.
+
+    Tasks keep a split given in the mapping; of the others a seeded ``heldout_fraction`` is held out,
+    always leaving at least one training task.
+
+    Raises:
+        ValueError: every task is held out.
+    """
+    task_split = {t.id: t.split for t in tasks if t.split}
+    free = sorted((t for t in tasks if not t.split), key=lambda t: t.order_key)
+    n_heldout = round(heldout_fraction * len(free))
+    if "train" not in task_split.values():
+        n_heldout = min(n_heldout, len(free) - 1)
+    perm = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed)).tolist()
+    for rank, i in enumerate(perm):
+        task_split[free[i].id] = "heldout" if rank < max(n_heldout, 0) else "train"
+    if "train" not in task_split.values():
+        raise ValueError("every usable checkpoint is held out; a zoo needs at least one 'train' member")
+    return task_split  # type: ignore[return-value]
+
+
+def check_head_size(tasks: Sequence[IngestTask], datasets: Mapping[str, ZooDataset]) -> None:
+    """Every task must have the same number of classes: the zoo's members share one head size.
+
+    Raises:
+        ValueError: the tasks' class counts differ.
+    """
+    counts = {datasets[t.dataset].data.num_classes for t in tasks}
+    if len(counts) != 1:
+        raise ValueError(f"checkpoints have different class counts {sorted(counts)}; one zoo needs one head size")
+
+
+def write_zoo(
+    out: Path,
+    tasks: Sequence[IngestTask],
+    task_splits: Mapping[str, str],
+    datasets: Mapping[str, ZooDataset],
+    target: Target,
+    input_spec: InputSpec,
+    recipe: Mapping,
+) -> ModelZoo:
+    """Stage 6: write the zoo atomically: ``out`` appears complete or not at all.
+
+    The class pool holds the classes of the datasets the tasks use, as ``"<dataset>/<class>"``. Member
+    weights are read from their checkpoint files again, so only one is in memory at a time.
+
+    Returns:
+        The written zoo, opened from ``out``.
+    """
+    used = sorted({t.dataset for t in tasks})
+    classes = {
+        f"{key}/{cls}": datasets[key].splits[i] for key in used for i, cls in enumerate(datasets[key].data.class_names)
+    }
+    zoo_tasks = {
+        t.id: {
+            "classes": [f"{t.dataset}/{c}" for c in datasets[t.dataset].data.class_names],
+            "split": task_splits[t.id],
+        }
+        for t in tasks
+    }
+    with atomic_dir(out) as tmp:
+        zoo = ModelZoo.create(
+            tmp,
+            architecture=target.spec,
+            layout=target.layout,
+            classes=classes,
+            tasks=zoo_tasks,
+            input_spec=input_spec,
+            recipe=dict(recipe),
+        )
+        for task in tasks:
+            for member in task.members:
+                state = target.read(member.path)
+                zoo.add(state, task.id, member.metrics, seed=0, member_id=member.member_id, flush=False)
+        zoo.flush()
+        zoo.fit_layout("train")
+    return ModelZoo.open(out)
+
+
+def ingest_recipe(
+    settings: IngestSettings, sources: Sources, tasks: Sequence[IngestTask], skipped: Sequence[BadCheckpoint]
+) -> dict:
+    """The zoo's ``recipe`` record: where the members came from and with which options."""
+    return {
+        "name": "ingest",
+        "checkpoints": str(sources.checkpoint_root.resolve()),
+        "datasets": str(sources.dataset_root.resolve()),
+        "mapping": str(sources.mapping.resolve()),
+        "include": list(settings.include),
+        "exclude": list(settings.exclude),
+        "chunk_size": settings.chunk_size,
+        "heldout_fraction": settings.heldout_fraction,
+        "split_fractions": list(settings.split_fractions),
+        "seed": settings.seed,
+        "skip_bad": settings.skip_bad,
+        "skipped": [b.name for b in skipped],
+        "sources": {m.member_id: m.entry.checkpoint for t in tasks for m in t.members},
+    }
 
 
 # ----------------------------------------------------------------------------- ingest
@@ -333,162 +763,23 @@ def ingest(
     Raises:
         BadCheckpointsError: bad checkpoints without ``skip_bad`` (nothing is written).
         ValueError: any other problem with the inputs (nothing is written).
+
+    Example:
+        >>> zoo = ingest("ckpts", "data", "map.csv", "mlp", "runs/zoo", arch_config={"hidden": [32]})  # doctest: +SKIP
     """
     warn = warn or (lambda message: None)
-    include = tuple(include or ("*",))
-    exclude = tuple(exclude)
-    fractions = parse_split_fractions(split_fractions)
-    height, width = parse_image_size(image_size)
-    config = parse_arch_config(arch_config)
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise ValueError(f"--heldout-fraction must be in [0, 1), got {heldout_fraction}")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} already exists and is not an empty folder; choose a new one")
-    ckpt_root, data_root = Path(checkpoints), Path(datasets)
-    for flag, root in (("--checkpoints", ckpt_root), ("--datasets", data_root)):
-        if not root.is_dir():
-            raise ValueError(f"{flag} folder not found: {root}")
-
-    # --- mapping: every named checkpoint and dataset must exist
-    entries = read_mapping(mapping)
-    missing_ckpts = [e.checkpoint for e in entries if not (ckpt_root / e.checkpoint).is_file()]
-    wrong_type = [e.checkpoint for e in entries if Path(e.checkpoint).suffix.lower() not in CHECKPOINT_SUFFIXES]
-    dataset_paths = {e.dataset: _resolve_dataset(data_root, e.dataset) for e in entries}
-    missing_data = sorted(name for name, p in dataset_paths.items() if p is None)
-    problems = []
-    if missing_ckpts:
-        problems.append(f"checkpoint(s) not found in {ckpt_root}: {', '.join(missing_ckpts)}")
-    if wrong_type:
-        problems.append(f"checkpoint(s) {', '.join(wrong_type)} are not {'/'.join(CHECKPOINT_SUFFIXES)} files")
-    if missing_data:
-        problems.append(f"dataset(s) not found in {data_root}: {', '.join(missing_data)}")
-    if problems:
-        raise ValueError(f"mapping file {mapping}: " + "; ".join(problems))
-    mapped = {e.checkpoint for e in entries}
-    for path in sorted(ckpt_root.iterdir()):
-        if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.name not in mapped:
-            warn(f"checkpoint {path.name} is not in the mapping; ignored")
-
-    # --- datasets: load, check feature dims, split per class
-    keys: dict[str, str] = {}  # dataset key -> the mapping name that first resolved to it
-    for name, path in dataset_paths.items():
-        key = _dataset_key(path)
-        if key in keys and dataset_paths[keys[key]] != path:
-            raise ValueError(f"datasets '{keys[key]}' and '{name}' both map to the class namespace '{key}'; rename one")
-        keys.setdefault(key, name)
-    images = any(p.is_dir() for p in dataset_paths.values())
-    input_spec = {"image_size": [height, width], "grayscale": True} if images else {}
-    loaded: dict[str, LabelledDataset] = {}
-    for key, name in keys.items():
-        loaded[key] = numeric_label_order(load_dataset(dataset_paths[name], input_spec, None, label_column))
-    dims = {key: int(ds.per_class[0].shape[-1]) for key, ds in loaded.items()}
-    if len(set(dims.values())) > 1:
-        raise ValueError(f"datasets have different feature dimensions {dims}; one zoo needs one input size")
-    splits = {key: split_dataset(key, ds, fractions, seed) for key, ds in loaded.items()}
-
-    # --- architecture and layout
-    spec = {"name": arch, "config": config}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(spec)
-    model.eval()
-    layout = WeightLayout.from_module(model, include, exclude, chunk_size)
-    widths: dict[str, int] = {}
-    for key, data in splits.items():
-        x, _ = _split_data(data, "test")
-        try:
-            with torch.no_grad():
-                logits = model(x)
-        except Exception as err:  # a user's module raises anything on a wrong input size
-            first = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(
-                f"architecture '{arch}' cannot run on dataset '{key}' ({dims[key]} features per sample): {first}"
-            ) from None
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or len(logits) != len(x):
-            shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"architecture '{arch}' must return logits [n, classes]; got {shape} on dataset '{key}'")
-        widths[key] = int(logits.shape[-1])
-
-    # --- checkpoints: validate every one, collect all problems
-    ids = _member_ids([e.checkpoint for e in entries])
-    good: list[tuple[MappingEntry, str, dict[str, float]]] = []  # entry, dataset key, metrics
-    bad: list[BadCheckpoint] = []
-    for entry in entries:
-        key = _dataset_key(dataset_paths[entry.dataset])
-        try:
-            state = load_checkpoint(ckpt_root / entry.checkpoint, layout, include, exclude)
-            classes = loaded[key].num_classes
-            if widths[key] != classes:
-                raise ValueError(
-                    f"class count mismatch: the model outputs {widths[key]} logits but dataset '{key}' has {classes} classes"
-                )
-            layout.inject(model, state)
-            metrics = {f"{s}_acc": accuracy(model, *_split_data(splits[key], s)) for s in SPLITS}
-        except ValueError as err:
-            bad.append(BadCheckpoint(entry.checkpoint, str(err).splitlines()[0] if str(err) else "unusable"))
-            continue
-        good.append((entry, key, metrics))
-    if bad and not skip_bad:
-        raise BadCheckpointsError(bad)
-    for b in bad:
-        warn(f"skipping bad checkpoint {b.name}: {b.reason}")
-    if not good:
-        raise ValueError("no usable checkpoints: nothing to build a zoo from")
-
-    # --- task splits: from the mapping, else a seeded heldout_fraction of the rest
-    task_split = {e.checkpoint: e.split for e, _, _ in good if e.split}
-    free = sorted(e.checkpoint for e, _, _ in good if not e.split)
-    n_heldout = round(heldout_fraction * len(free))
-    if "train" not in task_split.values():
-        n_heldout = min(n_heldout, len(free) - 1)
-    perm = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed)).tolist()
-    for rank, i in enumerate(perm):
-        task_split[free[i]] = "heldout" if rank < max(n_heldout, 0) else "train"
-    if "train" not in task_split.values():
-        raise ValueError("every usable checkpoint is held out; a zoo needs at least one 'train' member")
-    counts = {loaded[key].num_classes for _, key, _ in good}
-    if len(counts) != 1:
-        raise ValueError(f"checkpoints have different class counts {sorted(counts)}; one zoo needs one head size")
-
-    # --- write atomically
-    used = sorted({key for _, key, _ in good})
-    classes = {
-        f"{key}/{cls}": splits[key][i] for key in used for i, cls in enumerate(loaded[key].class_names)
-    }
-    tasks = {
-        ids[e.checkpoint]: {"classes": [f"{key}/{c}" for c in loaded[key].class_names], "split": task_split[e.checkpoint]}
-        for e, key, _ in good
-    }
-    recipe = {
-        "name": "ingest",
-        "checkpoints": str(ckpt_root.resolve()),
-        "datasets": str(data_root.resolve()),
-        "mapping": str(Path(mapping).resolve()),
-        "include": list(include),
-        "exclude": list(exclude),
-        "chunk_size": chunk_size,
-        "heldout_fraction": heldout_fraction,
-        "split_fractions": list(fractions),
-        "seed": seed,
-        "skip_bad": skip_bad,
-        "skipped": [b.name for b in bad],
-        "sources": {ids[e.checkpoint]: e.checkpoint for e, _, _ in good},
-    }
-    with atomic_dir(out) as tmp:
-        zoo = ModelZoo.create(
-            tmp,
-            architecture=spec,
-            layout=layout,
-            classes=classes,
-            tasks=tasks,
-            feature="identity",
-            input_spec=input_spec,
-            recipe=recipe,
-        )
-        for entry, _, metrics in good:
-            state = load_checkpoint(ckpt_root / entry.checkpoint, layout, include, exclude)
-            zoo.add(state, ids[entry.checkpoint], metrics, seed=0, member_id=ids[entry.checkpoint], flush=False)
-        zoo.flush()
-        zoo.fit_layout("train")
-    return ModelZoo.open(out)
+    settings = parse_settings(
+        arch, arch_config=arch_config, include=include, exclude=exclude, chunk_size=chunk_size,
+        heldout_fraction=heldout_fraction, split_fractions=split_fractions, seed=seed, skip_bad=skip_bad,
+        image_size=image_size, label_column=label_column,
+    )  # fmt: skip
+    out = check_new_folder(out)
+    sources = discover(checkpoints, datasets, mapping, warn)
+    data, input_spec = read_datasets(sources, settings)
+    target = build_target(settings)
+    good, bad = validate_checkpoints(sources, data, target, settings.skip_bad, warn)
+    tasks = group_into_tasks(good)
+    task_splits = split_tasks(tasks, settings.heldout_fraction, settings.seed)
+    check_head_size(tasks, data)
+    recipe = ingest_recipe(settings, sources, tasks, bad)
+    return write_zoo(out, tasks, task_splits, data, target, input_spec, recipe)

@@ -14,6 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from d2nwg.errors import one_line
+
 
 @contextmanager
 def atomic_path(path: Path):
@@ -88,7 +90,7 @@ def load_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for bad pickles
-        raise ValueError(f"corrupt or unsafe checkpoint {path}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"corrupt or unsafe checkpoint {path}: {one_line(err)}") from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

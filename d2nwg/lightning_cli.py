@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -11,9 +13,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
-from d2nwg.data import ZooDataModule
+from d2nwg.datamodule import ZooDataModule
+from d2nwg.errors import UserError
 from d2nwg.io import atomic_dir
 from d2nwg.pipeline import D2NWGPipeline
+from d2nwg.specs import TargetSpec
 from d2nwg.training import D2NWGModule
 
 
@@ -21,16 +25,18 @@ def pipeline_from_module(module: D2NWGModule, datamodule: ZooDataModule) -> D2NW
     """Assemble a sampling pipeline from a trained module (EMA weights) and its zoo."""
     vae, encoder, denoiser = module.export_networks()
     zoo = datamodule.zoo
-    target = {
-        "architecture": zoo.architecture,
-        "layout": zoo.layout.to_dict(),
-        "feature": zoo.manifest.get("feature", "identity"),
-        "input": zoo.manifest.get("input", {}),
-        "num_classes": datamodule.num_classes,
-        "zoo_recipe": zoo.manifest.get("recipe", {}).get("name", "custom"),
-    }
+    target = TargetSpec(
+        architecture=zoo.architecture,
+        layout=zoo.layout.to_dict(),
+        num_classes=datamodule.num_classes,
+        input=zoo.input_spec,
+        zoo_recipe=(zoo.manifest.get("recipe") or {}).get("name", "custom"),
+    )
     scheduler = module.make_sample_scheduler()
-    pipe = D2NWGPipeline(vae=vae, dataset_encoder=encoder, denoiser=denoiser, scheduler=scheduler, target=target)
+    pipe = D2NWGPipeline(
+        vae=vae, dataset_encoder=encoder, denoiser=denoiser, scheduler=scheduler, target=target,
+        head_solver=module.hparams.head_solver,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -123,3 +129,75 @@ def make_cli(
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": run},
     )
+
+
+def train_args(config: str | None, zoo: str | None, overrides: Sequence[str]) -> list[str]:
+    """LightningCLI arguments for one `d2nwg train` run.
+
+    Args:
+        config: a LightningCLI YAML file, or None for the built-in defaults.
+        zoo: a zoo directory that replaces the config's ``data.zoo``, or None.
+        overrides: ``KEY=VALUE`` items such as ``model.diffusion_steps=100``.
+
+    Returns:
+        ``["--config", config, "--data.zoo", zoo, "--KEY", "VALUE", ...]``.
+
+    Raises:
+        UserError: an override without ``=``.
+    """
+    args = ["--config", config] if config else []
+    if zoo:
+        args += ["--data.zoo", zoo]
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--set expects KEY=VALUE, got {item!r}")
+        args += [f"--{key}", value]
+    return args
+
+
+def train(
+    out: str | Path,
+    config: str | None = None,
+    zoo: str | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    resume: bool = False,
+    logger: str = "csv",
+    progress_bar: bool = True,
+) -> Path:
+    """Train the hyper-model (VAE, then diffusion) into the run directory ``out``.
+
+    Args:
+        out: run directory; gets ``logs/``, ``checkpoints/last.ckpt`` and, when training completes, ``pipeline/``.
+        config: LightningCLI YAML (e.g. ``configs/digits.yaml``); None: the built-in digits settings.
+        zoo: zoo directory that replaces the config's ``data.zoo``.
+        overrides: ``KEY=VALUE`` config overrides, e.g. ``model.diffusion_steps=100``.
+        resume: continue from ``out/checkpoints/last.ckpt``.
+        logger: ``"csv"``, or ``"wandb"`` for a ``WandbLogger`` next to the CSV logs.
+        progress_bar: show Lightning's progress bar.
+
+    Returns:
+        The pipeline folder ``out/pipeline``.
+
+    Raises:
+        UserError: a missing config file, an invalid configuration or override, or ``resume`` without a checkpoint.
+
+    Example:
+        >>> pipeline_dir = train("runs/train", "configs/digits.yaml", zoo="runs/zoo")  # doctest: +SKIP
+    """
+    out = Path(out)
+    if config and not Path(config).is_file():
+        raise UserError(f"config file not found: {config}")
+    args = train_args(config, zoo, overrides)
+    if not progress_bar:
+        args += ["--trainer.enable_progress_bar", "false"]
+    try:
+        cli = make_cli(args, run=False, out=str(out), logger=logger)
+    except argparse.ArgumentError as err:
+        raise UserError(f"invalid training configuration: {err}") from None
+    ckpt = out / "checkpoints" / "last.ckpt"
+    if resume and not ckpt.is_file():
+        raise UserError(f"--resume: no checkpoint at {ckpt}")
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(ckpt) if resume else None)
+    return out / "pipeline"

@@ -2,8 +2,17 @@
 
 The pipeline holds the trained parts (weight VAE, dataset encoder, denoiser,
 sampling scheduler) and a *target* description (architecture spec, weight
-layout, feature extractor) so that generated weights can be injected into a
-freshly built model. It saves and loads like any diffusers pipeline.
+layout, input spec) so that generated weights can be injected into a freshly
+built model. It saves and loads like any diffusers pipeline.
+
+The diffusion model generates whole weight sets. With ``head_solver="lda"`` (the
+default of newly trained pipelines) the classifier head of every generated set is
+then rewritten from the dataset itself: a shrinkage-LDA head (`d2nwg.heads.lda_head`)
+on the support samples' features in that generated body's feature space. Row i of
+the head is thus computed from class i's samples, not recalled for a class the zoo
+memorised, which is what lets a pipeline serve datasets with classes no zoo member
+saw (measured on digits: 0.76 -> 0.96 on unseen-class tasks, unchanged on new orders
+of seen classes; README "Generalising to new classes").
 """
 
 from __future__ import annotations
@@ -18,7 +27,9 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from d2nwg.architectures import build_model
+from d2nwg.heads import HEAD_SOLVERS, head_inputs, head_module_name, with_head
 from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
+from d2nwg.specs import TargetSpec
 from d2nwg.weights import WeightLayout
 
 PIPELINE_COMPONENTS = ("vae", "dataset_encoder", "denoiser", "scheduler")
@@ -54,9 +65,15 @@ class D2NWGPipeline(DiffusionPipeline):
     Args:
         vae: decodes latents into weight tokens.
         dataset_encoder: embeds per-class samples into conditioning tokens.
-        denoiser: predicts the noise of latent weights.
+        denoiser: predicts the clean latents x0 from noisy ones (``prediction_type="sample"``, the
+            default of `d2nwg.training.DiffusionSettings`; the scheduler's config says which).
         scheduler: any diffusers scheduler (DDIM by default; clip_sample must be off).
-        target: ``{"architecture": spec, "layout": layout dict, "feature": name, "num_classes": K}``.
+        target: what is generated, a `d2nwg.specs.TargetSpec` or its ``to_dict()`` (architecture spec,
+            layout dict, num_classes, input spec). Stored as that plain dict in ``model_index.json``;
+            read it typed with `target_spec`.
+        head_solver: ``"generated"`` keeps the decoded head; ``"lda"`` or ``"class_mean"`` rewrites it
+            from the dataset in each generated body's feature space (`d2nwg.heads.HEAD_SOLVERS`).
+            Pipelines saved before this option existed load as ``"generated"``.
 
     Example:
         >>> pipe = D2NWGPipeline.from_pretrained("runs/demo/run/pipeline")  # doctest: +SKIP
@@ -73,14 +90,26 @@ class D2NWGPipeline(DiffusionPipeline):
         dataset_encoder: DatasetEncoder,
         denoiser: Denoiser,
         scheduler: SchedulerMixin,
-        target: dict | None = None,
+        target: TargetSpec | dict | None = None,
+        head_solver: str = "generated",
     ):
         super().__init__()
+        if head_solver != "generated" and head_solver not in HEAD_SOLVERS:
+            raise ValueError(f"unknown head_solver {head_solver!r}; expected 'generated' or one of {sorted(HEAD_SOLVERS)}")
+        if isinstance(target, TargetSpec):
+            target = target.to_dict()  # diffusers stores init kwargs as JSON
         self.register_modules(vae=vae, dataset_encoder=dataset_encoder, denoiser=denoiser, scheduler=scheduler)
-        self.register_to_config(target=target)
+        self.register_to_config(target=target, head_solver=head_solver)
         self._layout = WeightLayout.from_dict(target["layout"]) if target else None
 
     # ------------------------------------------------------------------ target
+    @property
+    def target_spec(self) -> TargetSpec:
+        """The ``target`` config, typed (older targets without an input ``kind`` are inferred)."""
+        if not self.config.target:
+            raise ValueError("this pipeline has no target")
+        return TargetSpec.from_dict(self.config.target)
+
     @property
     def layout(self) -> WeightLayout:
         if self._layout is None:
@@ -89,11 +118,11 @@ class D2NWGPipeline(DiffusionPipeline):
 
     @property
     def num_classes(self) -> int:
-        return int(self.config.target["num_classes"])
+        return self.target_spec.num_classes
 
     def build_model(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """A fresh module of the target architecture, with ``weights`` injected if given."""
-        model = build_model(self.config.target["architecture"])
+        model = build_model(self.target_spec.architecture)
         if weights is not None:
             self.layout.inject(model, weights)
         return model.eval()
@@ -106,7 +135,7 @@ class D2NWGPipeline(DiffusionPipeline):
             raise ValueError(
                 f"the dataset has {len(dataset)} classes but this pipeline generates {self.num_classes}-class models"
             )
-        n = (self.config.target.get("input") or {}).get("condition_features")
+        n = self.target_spec.input.condition_features
         x, mask = pad_class_sets([s[:, :n] if s.dim() == 2 else s for s in dataset] if n else dataset)
         expected = self.dataset_encoder.config.feature_dim
         if x.shape[-1] != expected:
@@ -132,6 +161,16 @@ class D2NWGPipeline(DiffusionPipeline):
             num_inference_steps: denoising steps of the scheduler.
             guidance_scale: classifier-free guidance; 1.0 disables it.
             generator: makes sampling reproducible.
+            return_dict: return a `D2NWGOutput` (else a ``(weights, tokens)`` tuple).
+
+        Returns:
+            ``D2NWGOutput(weights, tokens)``: ``num_samples`` state_dicts of the layout's tensors
+            (float32, on the CPU), heads rewritten by ``head_solver`` unless it is ``"generated"``,
+            and the decoded weight tokens ``[num_samples, T, chunk]`` (before any head rewrite).
+            The same seed and inputs give bit-identical weights.
+
+        Raises:
+            ValueError: the dataset's class count or feature width does not match the pipeline.
         """
         # 1. Condition on the dataset, and on nothing for guidance.
         class_tokens, pooled = self.encode_dataset(dataset)
@@ -159,9 +198,29 @@ class D2NWGPipeline(DiffusionPipeline):
         # 4. Decode latents into weight tokens, then into state_dicts.
         tokens = self.vae.decode(latents / self.vae.config.scaling_factor).cpu()
         weights = self.layout.detokenize(tokens)
+        # 5. Rewrite each head from the dataset in its generated body's feature space.
+        if self.config.head_solver != "generated":
+            weights = [self.solve_head(w, dataset) for w in weights]
         if not return_dict:
             return weights, tokens
         return D2NWGOutput(weights=weights, tokens=tokens)
+
+    def solve_head(self, weights: dict[str, torch.Tensor], dataset: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``weights`` with the head computed by ``head_solver`` from ``dataset`` (per-class ``[n_c, D]``
+        samples in label order) in the feature space of the body that ``weights`` hold."""
+        module = self._solver_module()
+        head_names = self.layout.head_names()
+        x = torch.cat([s.float() for s in dataset])
+        y = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(dataset)])
+        features = head_inputs(module, head_module_name(head_names), weights, x)
+        weight, bias = HEAD_SOLVERS[self.config.head_solver](features, y, len(dataset))
+        return with_head(weights, head_names, weight, bias)
+
+    def _solver_module(self) -> nn.Module:
+        # Built once: the body is swapped in functionally, so one CPU module serves every sample.
+        if getattr(self, "_head_module", None) is None:
+            self._head_module = self.build_model()
+        return self._head_module
 
     # ------------------------------------------------------------------ saving / loading
     def push_to_hub(

@@ -19,6 +19,7 @@ from diffusers.training_utils import EMAModel
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import ensemble_logits
+from d2nwg.heads import HEAD_SOLVERS
 from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
 
 
@@ -98,6 +99,11 @@ class D2NWGModule(L.LightningModule):
         vae_lr: AdamW learning rate of the VAE stage.
         diffusion_lr: AdamW learning rate of the diffusion stage.
         weight_decay: AdamW weight decay of both stages.
+        head_solver: how the exported pipeline writes classifier heads: ``"lda"`` (default) computes
+            each generated body's head from the dataset in that body's feature space, which is what
+            generalises to classes no zoo member saw (digits unseen-class tasks: 0.76 with the decoded
+            head, 0.96 with LDA; unseen orders unchanged); ``"generated"`` keeps the decoded head.
+            Only the export reads it: the networks train the same either way.
     """
 
     def __init__(
@@ -111,8 +117,11 @@ class D2NWGModule(L.LightningModule):
         vae_lr: float = 1e-3,
         diffusion_lr: float = 3e-4,
         weight_decay: float = 0.0,
+        head_solver: str = "lda",
     ):
         super().__init__()
+        if head_solver != "generated" and head_solver not in HEAD_SOLVERS:
+            raise ValueError(f"unknown head_solver {head_solver!r}; expected 'generated' or one of {sorted(HEAD_SOLVERS)}")
         self.save_hyperparameters()
         self.vae_settings = as_settings(VAESettings, vae)
         self.encoder_settings = as_settings(EncoderSettings, encoder)

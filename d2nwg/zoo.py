@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from d2nwg.datasets import to_xy
 from d2nwg.io import atomic_write_json, load_safetensors, save_safetensors
+from d2nwg.specs import InputSpec
 from d2nwg.weights import WeightLayout
 
 ZOO_FORMAT = "d2nwg-zoo/1"
@@ -72,8 +74,7 @@ class ModelZoo:
         classes: Mapping[str, Mapping[str, torch.Tensor]],
         tasks: Mapping[str, Mapping],
         init_state: Mapping[str, torch.Tensor] | None = None,
-        feature: str = "identity",
-        input_spec: Mapping | None = None,
+        input_spec: InputSpec | Mapping | None = None,
         recipe: Mapping | None = None,
     ) -> ModelZoo:
         """Create a zoo, or reopen it for resuming when it was created with the same recipe.
@@ -84,8 +85,8 @@ class ModelZoo:
             classes: ``{class_name: {split: samples [n, D]}}`` for every split in ``SPLITS``.
             tasks: ``{task_id: {"classes": [...], "split": "train"|"heldout"}}``.
             init_state: the shared initialisation, if members were trained from one.
-            feature: name of the feature extractor that turns raw samples into ``D`` features.
-            input_spec: how raw user inputs become samples, e.g. ``{"image_size": [8, 8], "grayscale": True}``.
+            input_spec: how raw user inputs become samples, e.g. ``InputSpec(kind="image", image_size=(8, 8))``
+                (a dict is read with `InputSpec.from_dict`; ``None``: plain feature vectors).
             recipe: the build settings, compared on resume.
         """
         root = Path(root)
@@ -97,6 +98,7 @@ class ModelZoo:
                     f"{root} already holds a zoo built with a different recipe; choose another --out or delete it"
                 )
             return zoo
+        input_spec = _input_spec(input_spec)  # validated before anything is written
         for name, splits in classes.items():
             missing = [s for s in SPLITS if s not in splits or len(splits[s]) == 0]
             if missing:
@@ -115,8 +117,7 @@ class ModelZoo:
         manifest = {
             "format": ZOO_FORMAT,
             "architecture": dict(architecture),
-            "feature": feature,
-            "input": dict(input_spec or {}),
+            "input": input_spec.to_dict(),
             "recipe": recipe,
             "classes": list(classes),
             "tasks": {k: {"classes": list(v["classes"]), "split": v.get("split", "train")} for k, v in tasks.items()},
@@ -165,8 +166,32 @@ class ModelZoo:
         return self.manifest["architecture"]
 
     @property
+    def input_spec(self) -> InputSpec:
+        """How raw user inputs become this zoo's samples (old manifests without ``kind`` are inferred)."""
+        return InputSpec.from_dict(self.manifest.get("input"))
+
+    @property
     def tasks(self) -> dict[str, dict]:
         return self.manifest["tasks"]
+
+    def train_classes(self) -> set[str]:
+        """Every class that at least one training task contains."""
+        return {c for t in self.tasks.values() if t["split"] == "train" for c in t["classes"]}
+
+    def task_kind(self, task: str) -> str:
+        """``"train"``, or the kind of a held-out task (DESIGN.md §4):
+
+        * ``"unseen_classes"``: it contains at least one class that no training task contains,
+          the honest test of "a new dataset";
+        * ``"unseen_order"``: all of its classes occur in training tasks, only this
+          combination and order does not.
+
+        Derived from the task lists alone, so ingested zoos get the same split as recipes.
+        """
+        if self.tasks[task]["split"] == "train":
+            return "train"
+        seen = self.train_classes()
+        return "unseen_order" if all(c in seen for c in self.tasks[task]["classes"]) else "unseen_classes"
 
     def add(
         self,
@@ -248,10 +273,7 @@ class ModelZoo:
 
     def task_data(self, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x [n, D], y [n])`` of ``task`` for ``split``; labels follow the task's class order."""
-        per_class = self.class_samples(task, split)
-        x = torch.cat(per_class)
-        y = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(per_class)])
-        return x, y
+        return to_xy(self.class_samples(task, split))
 
     def summary(self) -> dict:
         """Counts, sizes and accuracy statistics (what ``d2nwg zoo info`` prints)."""
@@ -286,3 +308,7 @@ class ModelZoo:
 def member_groups(ids: Sequence[str], size: int) -> list[list[str]]:
     """Fixed-size consecutive groups: the unit of batched training and of resuming."""
     return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
+
+
+def _input_spec(spec: InputSpec | Mapping | None) -> InputSpec:
+    return spec if isinstance(spec, InputSpec) else InputSpec.from_dict(spec)

@@ -1,13 +1,18 @@
 """The default zoo: small MLPs on 5-class tasks carved out of sklearn's bundled digits.
 
-A task is an *ordered* choice of 5 of the 10 digits; the order defines the label
-ids, so "3,1,7,0,9" and "1,3,7,0,9" are different tasks with different heads.
-Held-out tasks use class orders that no training task uses.
+A task is an *ordered* choice of 5 digits; the order defines the label ids, so
+"3,1,6,0,2" and "1,3,6,0,2" are different tasks with different heads. Training
+tasks use only the *seen* digits (all but ``unseen_classes``, default 7, 8, 9).
+Held-out tasks are of two kinds: *unseen order* (seen digits in a combination and
+order no training task uses) and *unseen classes* (at least one digit that no
+training task contains).
 
 Every member starts from **one shared initialisation**. Networks trained from
 different random seeds differ by a permutation of their hidden units, which a VAE
 cannot average over; from a shared start, unit *j* plays a comparable role in
-every member, so the zoo is a smooth family that a generator can learn.
+every member, so the zoo is a smooth family that a generator can learn. With
+``init="random"`` each member starts from its own seeded initialisation instead, as
+collected checkpoints do; align such a zoo with `d2nwg.align.align_zoo_dir`.
 """
 
 from __future__ import annotations
@@ -20,8 +25,10 @@ import torch
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import initial_state, recipe_optimizer
+from d2nwg.specs import InputSpec
 from d2nwg.weights import WeightLayout
 from d2nwg.zoo import ModelZoo
+from model_zoo import Recipe
 from model_zoo.members import train_members
 
 
@@ -32,26 +39,41 @@ class DigitsRecipe:
     num_train_tasks: int = 1000
     """Training tasks (one member each)."""
     num_heldout_tasks: int = 100
-    """Unseen tasks kept for evaluation (their members are the oracles)."""
+    """Held-out tasks of *unseen order*: a combination and order of seen classes that no training task
+    uses (their members are the oracles)."""
+    num_unseen_class_tasks: int = 100
+    """Held-out tasks of *unseen classes*: each contains at least one of ``unseen_classes``."""
+    unseen_classes: str = "7,8,9"
+    """Comma-separated digits that no training task contains ("" for none): held-out tasks with them
+    test generation for a genuinely new dataset, not a recombination of memorised classes."""
     classes_per_task: int = 5
+    """Classes per task (K): the head size of every member."""
     hidden: int = 32
     """Hidden width of the 64-hidden-K MLP; also the token size, so one token is one head row."""
     samples_train: int = 100
     """Per-class samples to train on; then support and test take the next ones."""
     samples_support: int = 30
+    """Per-class samples a generated model is conditioned on (and selected with) at evaluation."""
     samples_test: int = 44
+    """Per-class samples that measure test accuracy."""
     steps: int = 100
     """Full-batch steps per member (reaches ~0.98 test accuracy)."""
     optimizer: str = "adamw"
     """"adamw" or "sgd". An SGD zoo (lr 0.5, momentum 0.9) is more compressible (lower VAE error)
     but its members were measured less robust to reconstruction error, and generated worse."""
     lr: float = 1e-2
+    """Learning rate of the member optimiser."""
     momentum: float = 0.9
     """Used by "sgd" only."""
     weight_decay: float = 0.0
+    """Weight decay of the member optimiser."""
     group_size: int = 128
     """Members trained together in one batched run; also the unit of resuming."""
     seed: int = 0
+    """Seed of the data splits, the task draw and the shared initialisation."""
+    init: str = "shared"
+    """"shared" (every member from one initialisation) or "random" (each member from its own seeded
+    initialisation, the common case for collected checkpoints; align with d2nwg zoo align)."""
 
 
 def digits_pool(recipe: DigitsRecipe) -> dict[str, dict[str, torch.Tensor]]:
@@ -74,34 +96,67 @@ def digits_pool(recipe: DigitsRecipe) -> dict[str, dict[str, torch.Tensor]]:
     return pool
 
 
+def parse_digit_list(text: str) -> list[int]:
+    """``"7,8,9"`` -> ``[7, 8, 9]``; raises ``ValueError`` for anything but distinct digits 0-9."""
+    try:
+        digits = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"unseen_classes must be comma-separated digits such as '7,8,9', got {text!r}") from None
+    if any(not 0 <= d <= 9 for d in digits) or len(set(digits)) != len(digits):
+        raise ValueError(f"unseen_classes must be distinct digits 0-9, got {text!r}")
+    return digits
+
+
 def digits_tasks(recipe: DigitsRecipe) -> dict[str, dict]:
-    """Distinct ordered class tuples: the first ones train, the rest are held out."""
-    g = torch.Generator().manual_seed(recipe.seed + 1)
-    total = recipe.num_train_tasks + recipe.num_heldout_tasks
-    if not 1 <= recipe.classes_per_task <= 10:
-        raise ValueError(f"classes_per_task must be between 1 and 10, got {recipe.classes_per_task}")
-    available = math.perm(10, recipe.classes_per_task)
-    if total > available:
+    """Distinct ordered class tuples: training tasks, then the two kinds of held-out task.
+
+    Training and unseen-order tasks use only the seen digits; every unseen-class task
+    contains at least one of ``recipe.unseen_classes``, so no training task ever sees them.
+    """
+    k = recipe.classes_per_task
+    if not 1 <= k <= 10:
+        raise ValueError(f"classes_per_task must be between 1 and 10, got {k}")
+    unseen = parse_digit_list(recipe.unseen_classes)
+    seen_digits = [d for d in range(10) if d not in unseen]
+    seen_total = recipe.num_train_tasks + recipe.num_heldout_tasks
+    available = math.perm(len(seen_digits), k) if k <= len(seen_digits) else 0
+    if seen_total > available:
         # Otherwise the loop below never finds enough distinct class orders.
         raise ValueError(
-            f"{total} tasks requested but only {available} ordered choices of {recipe.classes_per_task} of 10 digits exist"
+            f"{seen_total} train + unseen-order tasks requested but only {available} ordered choices of "
+            f"{k} of the {len(seen_digits)} seen digits exist"
         )
-    seen: set[tuple[int, ...]] = set()
-    tasks = {}
-    while len(tasks) < total:
-        order = tuple(torch.randperm(10, generator=g)[: recipe.classes_per_task].tolist())
-        if order in seen:
-            continue
-        seen.add(order)
-        i = len(tasks)
-        split = "train" if i < recipe.num_train_tasks else "heldout"
-        tasks[f"task{i:05d}"] = {"classes": [str(d) for d in order], "split": split}
+    novel_available = math.perm(10, k) - available
+    if recipe.num_unseen_class_tasks > novel_available:
+        raise ValueError(
+            f"{recipe.num_unseen_class_tasks} unseen-class tasks requested but only {novel_available} ordered "
+            f"choices of {k} digits contain one of {unseen}"
+        )
+    g = torch.Generator().manual_seed(recipe.seed + 1)
+    used: set[tuple[int, ...]] = set()
+
+    def draw(pool: list[int], count: int, split: str, need_unseen: bool) -> None:
+        drawn = 0
+        while drawn < count:
+            order = tuple(pool[i] for i in torch.randperm(len(pool), generator=g)[:k].tolist())
+            if order in used or (need_unseen and not any(d in unseen for d in order)):
+                continue
+            used.add(order)
+            tasks[f"task{len(tasks):05d}"] = {"classes": [str(d) for d in order], "split": split}
+            drawn += 1
+
+    tasks: dict[str, dict] = {}
+    draw(seen_digits, recipe.num_train_tasks, "train", False)
+    draw(seen_digits, recipe.num_heldout_tasks, "heldout", False)
+    draw(list(range(10)), recipe.num_unseen_class_tasks, "heldout", True)
     return tasks
 
 
 def build(out: str | Path, **settings) -> ModelZoo:
     """Build (or resume building) the digits zoo in ``out``."""
     recipe = DigitsRecipe(**settings)
+    if recipe.init not in ("shared", "random"):
+        raise ValueError(f"init must be 'shared' or 'random', got {recipe.init!r}")
     arch = {"name": "mlp", "config": {"in_features": 64, "hidden": [recipe.hidden], "num_classes": recipe.classes_per_task}}
     model = build_model(arch)
     init = initial_state(lambda: build_model(arch), recipe.seed)
@@ -112,14 +167,22 @@ def build(out: str | Path, **settings) -> ModelZoo:
         layout=layout,
         classes=digits_pool(recipe),
         tasks=digits_tasks(recipe),
-        init_state=init,
-        feature="identity",
-        input_spec={"image_size": [8, 8], "grayscale": True},
+        init_state=init if recipe.init == "shared" else None,  # none: baselines must not assume a shared start
+        input_spec=InputSpec(kind="image", image_size=(8, 8), grayscale=True),
         recipe={"name": "digits", **asdict(recipe)},
     )
+    task_index = {t: i for i, t in enumerate(zoo.tasks)}
+
+    def own_init(task: str) -> dict[str, torch.Tensor]:
+        # Seeded by the task's index (never recipe.seed itself), so a resumed build redraws the same inits.
+        return initial_state(lambda: build_model(arch), recipe.seed + task_index[task] + 1)
+
     train_members(
-        zoo, model, init, steps=recipe.steps, optim=recipe_optimizer(asdict(recipe)),
+        zoo, model, init if recipe.init == "shared" else own_init, steps=recipe.steps, optim=recipe_optimizer(asdict(recipe)),
         group_size=recipe.group_size, seed=recipe.seed,
     )
     zoo.fit_layout("train")
     return zoo
+
+
+RECIPE = Recipe("digits", DigitsRecipe, build)

@@ -1,14 +1,14 @@
-"""Training a zoo's members in vmapped groups from one shared initialisation, resumably."""
+"""Training a zoo's members in vmapped groups, from one shared initialisation or one per task, resumably."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from rich.progress import Progress
 from torch import nn
 
-from d2nwg.ensemble import ensemble_accuracy, train_ensemble, unstack_state_dict
+from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts, train_ensemble, unstack_state_dict
 from d2nwg.zoo import SPLITS, ModelZoo, member_groups
 
 
@@ -21,7 +21,7 @@ def stacked_task_data(zoo: ModelZoo, task_ids: list[str], split: str) -> tuple[t
 def train_members(
     zoo: ModelZoo,
     model: nn.Module,
-    init: Mapping[str, torch.Tensor],
+    init: Mapping[str, torch.Tensor] | Callable[[str], Mapping[str, torch.Tensor]],
     *,
     steps: int,
     optim: Mapping,
@@ -30,6 +30,9 @@ def train_members(
     description: str = "training zoo members",
 ) -> None:
     """Train one member per task of ``zoo`` and add it with its train/support/test accuracy.
+
+    ``init`` is the shared initial state_dict, or a callable ``task_id -> state_dict`` giving each
+    member its own initialisation (it must be deterministic, so a resumed build trains the same members).
 
     Groups of ``group_size`` consecutive tasks train together and are the unit of resuming:
     a group whose members are all in the zoo is skipped, so a killed build redoes only the rest.
@@ -42,7 +45,11 @@ def train_members(
                 progress.advance(bar, len(group))
                 continue
             x, y = stacked_task_data(zoo, group, "train")
-            params, _ = train_ensemble(model, init, x, y, steps=steps, **optim)
+            if callable(init):
+                stacked = stack_state_dicts([init(t) for t in group])
+                params, _ = train_ensemble(model, stacked, x, y, steps=steps, stacked_init=True, **optim)
+            else:
+                params, _ = train_ensemble(model, init, x, y, steps=steps, **optim)
             accs = {s: ensemble_accuracy(model, params, *stacked_task_data(zoo, group, s)) for s in SPLITS}
             for i, (task, sd) in enumerate(zip(group, unstack_state_dict(params))):
                 zoo.add(sd, task, {f"{s}_acc": float(acc[i]) for s, acc in accs.items()}, seed=seed, flush=False)

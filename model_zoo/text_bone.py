@@ -1,4 +1,4 @@
-"""The "text-bone" zoo: `model_zoo.text_adapters` with MiSS (Bone's successor in peft >= 0.19) adapters."""
+"""The "text-bone" zoo: `model_zoo.text_lora` with MiSS (Bone's successor in peft >= 0.19) adapters."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from d2nwg.zoo import ModelZoo
-from model_zoo.text_adapters import TextAdapterRecipe
-from model_zoo.text_adapters import build as build_text_adapters
+from model_zoo import Recipe
+from model_zoo.text_lora import TextAdapterRecipe
+from model_zoo.text_lora import build as build_text_adapters
 
 
 @dataclass
@@ -27,3 +28,6 @@ class TextBoneRecipe(TextAdapterRecipe):
 def build(out: str | Path, **settings) -> ModelZoo:
     """Build (or resume building) a MiSS text-adapter zoo in ``out``."""
     return build_text_adapters(out, **{**asdict(TextBoneRecipe()), **settings})
+
+
+RECIPE = Recipe("text-bone", TextBoneRecipe, build)

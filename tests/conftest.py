@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-TINY_DIGITS = {"num_train_tasks": 10, "num_heldout_tasks": 3, "steps": 15, "group_size": 4}
-"""Settings of the session zoo: 13 members in 4 groups (the last one partial)."""
+TINY_DIGITS = {"num_train_tasks": 10, "num_heldout_tasks": 2, "num_unseen_class_tasks": 1, "steps": 15, "group_size": 4}
+"""Settings of the session zoo: 13 members in 4 groups (the last one partial); held out: 2 tasks of
+unseen order and 1 with an unseen class."""
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +27,7 @@ TINY_NETS = {"latent_channels": 4, "merge": 4, "dim": 16, "heads": 2}
 """Sizes of the untrained session pipeline's networks (widths 16, one block each)."""
 
 
-def _make_tiny_pipeline(zoo, seed: int = 0):
+def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated"):
     """An untrained `D2NWGPipeline` for ``zoo`` built directly from tiny networks (no Lightning).
 
     The denoiser's adaLN-Zero / zero-output layers are re-drawn at random: with them at
@@ -38,13 +39,13 @@ def _make_tiny_pipeline(zoo, seed: int = 0):
 
     from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
     from d2nwg.pipeline import D2NWGPipeline
+    from d2nwg.specs import TargetSpec
 
     torch.manual_seed(seed)
     n, layout = TINY_NETS, zoo.layout
     num_classes = zoo.architecture["config"]["num_classes"]
-    input_spec = zoo.manifest.get("input", {})
     # Text zoos condition on their leading `condition_features` numbers (the pooled sentence embedding).
-    feature_dim = input_spec.get("condition_features") or zoo.class_samples(zoo.members("train")[0].task, "train")[0].shape[1]
+    feature_dim = zoo.input_spec.condition_features or zoo.class_samples(zoo.members("train")[0].task, "train")[0].shape[1]
     vae = WeightVAE(
         chunk_size=layout.chunk_size, num_tokens=layout.num_tokens, latent_channels=n["latent_channels"],
         hidden_dim=n["dim"], depth=1, heads=n["heads"], merge=n["merge"],
@@ -62,16 +63,12 @@ def _make_tiny_pipeline(zoo, seed: int = 0):
         for p in denoiser.parameters():
             if not p.any():
                 p.normal_(0.0, 0.1)
-    target = {
-        "architecture": zoo.architecture,
-        "layout": zoo.layout.to_dict(),
-        "feature": "identity",
-        "input": input_spec,
-        "num_classes": num_classes,
-    }
+    target = TargetSpec(
+        architecture=zoo.architecture, layout=zoo.layout.to_dict(), num_classes=num_classes, input=zoo.input_spec
+    )
     pipe = D2NWGPipeline(
         vae=vae.eval(), dataset_encoder=encoder.eval(), denoiser=denoiser.eval(),
-        scheduler=DDIMScheduler(clip_sample=False), target=target,
+        scheduler=DDIMScheduler(clip_sample=False), target=target, head_solver=head_solver,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -79,7 +76,7 @@ def _make_tiny_pipeline(zoo, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def make_tiny_pipeline():
-    """``make_tiny_pipeline(zoo, seed=0)`` -> a fresh untrained tiny pipeline."""
+    """``make_tiny_pipeline(zoo, seed=0, head_solver="generated")`` -> a fresh untrained tiny pipeline."""
     return _make_tiny_pipeline
 
 
@@ -97,25 +94,14 @@ def tiny_pipeline_dir(tmp_path_factory, tiny_pipeline):
     return path
 
 
-def write_task_pngs(zoo, task: str, split: str, out, per_class: int | None = None):
-    """A task's samples as 8x8 grey PNGs in ``out/<class name>/<split>_<j>.png``; returns ``out``."""
-    import numpy as np
-    from PIL import Image
-
-    for name, samples in zip(zoo.tasks[task]["classes"], zoo.class_samples(task, split)):
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for j, x in enumerate(samples[:per_class]):
-            pixels = np.clip(np.rint(x.numpy().reshape(8, 8) * 255.0), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels, mode="L").save(folder / f"{split}_{j:03d}.png")
-    return out
-
-
 @pytest.fixture(scope="session")
 def heldout_images(tmp_path_factory, tiny_digits_zoo):
     """8 support PNGs per class of the session zoo's first held-out task (read-only)."""
+    from d2nwg.demo import write_task_images
+
     task = tiny_digits_zoo.members("heldout")[0].task
-    return write_task_pngs(tiny_digits_zoo, task, "support", tmp_path_factory.mktemp("images") / task, per_class=8)
+    out = tmp_path_factory.mktemp("images") / task
+    return write_task_images(tiny_digits_zoo, task, out, splits=("support",), per_class=8)
 
 
 # ----------------------------------------------------------------------------- tiny Llama
@@ -143,7 +129,7 @@ def tiny_llama_dir(tmp_path_factory, tiny_llama):
     """A tiny LlamaForCausalLM folder (``save_pretrained``) with MiniLM's tokenizer: a real vocabulary, offline."""
     from transformers import AutoTokenizer
 
-    from d2nwg.text_adapter import DEFAULT_BASE, resolve_base
+    from d2nwg.text_classifier import DEFAULT_BASE, resolve_base
 
     folder = tmp_path_factory.mktemp("tiny_llama") / "model"
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(DEFAULT_BASE))

@@ -18,7 +18,7 @@ from d2nwg.cli import main
 from d2nwg.zoo import ModelZoo
 from model_zoo.digits import DigitsRecipe
 
-BUILD = {"num_train_tasks": 6, "num_heldout_tasks": 2, "steps": 10, "group_size": 4}
+BUILD = {"num_train_tasks": 6, "num_heldout_tasks": 1, "num_unseen_class_tasks": 1, "steps": 10, "group_size": 4}
 
 
 def build_argv(out: Path, **settings) -> list[str]:
@@ -58,10 +58,11 @@ def test_build_succeeds_and_prints_member_counts(cli_zoo):
     assert code == 0
     members = [line for line in stdout.splitlines() if "members" in line]
     assert members, stdout
-    total = BUILD["num_train_tasks"] + BUILD["num_heldout_tasks"]
+    heldout = BUILD["num_heldout_tasks"] + BUILD["num_unseen_class_tasks"]
+    total = BUILD["num_train_tasks"] + heldout
     assert re.search(rf"\b{total}\b", members[0])
     assert f"'train': {BUILD['num_train_tasks']}" in members[0]
-    assert f"'heldout': {BUILD['num_heldout_tasks']}" in members[0]
+    assert f"'heldout': {heldout}" in members[0]
 
 
 def test_build_passes_settings_to_the_recipe(cli_zoo):
@@ -78,8 +79,9 @@ def test_info_json(cli_zoo, capsys):
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     zoo = ModelZoo.open(out)
-    assert summary["members"] == BUILD["num_train_tasks"] + BUILD["num_heldout_tasks"] == len(zoo)
-    assert summary["members_by_split"] == {"train": BUILD["num_train_tasks"], "heldout": BUILD["num_heldout_tasks"]}
+    heldout = BUILD["num_heldout_tasks"] + BUILD["num_unseen_class_tasks"]
+    assert summary["members"] == BUILD["num_train_tasks"] + heldout == len(zoo)
+    assert summary["members_by_split"] == {"train": BUILD["num_train_tasks"], "heldout": heldout}
     assert summary["params_per_member"] == zoo.layout.num_params
     model = build_model(zoo.architecture)
     assert summary["params_per_member"] == sum(p.numel() for p in model.parameters())

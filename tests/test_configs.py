@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from d2nwg.data import ZooDataModule
+from d2nwg.datamodule import ZooDataModule
 from d2nwg.lightning_cli import make_cli
 from d2nwg.training import D2NWGModule
 

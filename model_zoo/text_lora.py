@@ -21,7 +21,7 @@ training task uses.
 
 **Speed on CPU.** The encoder below the first adapted layer is frozen, so its
 output is computed once per sentence and stored as the sample's features (see
-`d2nwg.text_adapter`); members recompute only the adapted slice, in vmapped groups
+`d2nwg.text_classifier`); members recompute only the adapted slice, in vmapped groups
 that share one initialisation (as in the digits recipe).
 """
 
@@ -39,8 +39,10 @@ import torch
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import ensemble_accuracy, initial_state, train_ensemble
+from d2nwg.specs import InputSpec
 from d2nwg.weights import WeightLayout
 from d2nwg.zoo import ModelZoo
+from model_zoo import Recipe
 from model_zoo.members import stacked_task_data, train_members
 
 
@@ -65,6 +67,7 @@ class TextAdapterRecipe:
     num_heldout_tasks: int = 32
     """Unseen tasks kept for evaluation (their members are the oracles)."""
     classes_per_task: int = 4
+    """Classes per task (K): the head size of every member."""
     mirrored_pairs: int = 1
     """Each task holds at least this many mirrored class pairs (a>b and b>a), which only word order separates."""
     max_length: int = 14
@@ -73,14 +76,19 @@ class TextAdapterRecipe:
     samples_train: int = 16
     """Per-class sentences to train on; then support and test take the next ones."""
     samples_support: int = 16
+    """Per-class samples a generated model is conditioned on (and selected with) at evaluation."""
     samples_test: int = 32
+    """Per-class samples that measure test accuracy."""
     steps: int = 40
     """Full-batch AdamW steps per member (40: +8.0 points over a frozen head on 16 held-out tasks; 30: +5.2)."""
     lr: float = 3e-3
+    """Learning rate of the member optimiser."""
     weight_decay: float = 0.0
+    """Weight decay of the member optimiser."""
     group_size: int = 16
     """Members trained together in one vmapped run; also the unit of resuming."""
     seed: int = 0
+    """Seed of the data splits, the task draw and the shared initialisation."""
 
 
 # ----------------------------------------------------------------------------- sentences
@@ -166,7 +174,7 @@ def _mirrored(order: tuple[str, ...]) -> int:
 # ----------------------------------------------------------------------------- zoo
 def architecture(recipe: TextAdapterRecipe) -> dict:
     from d2nwg.adapters import parse_layers
-    from d2nwg.text_adapter import ARCHITECTURE_NAME, cached_encoder, canonical_base
+    from d2nwg.text_classifier import ARCHITECTURE_NAME, cached_encoder, canonical_base
 
     targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
     # "auto:top25%" ranks the base's layers by weight SNR once; the zoo stores the resolved indices.
@@ -199,7 +207,7 @@ def frozen_head_accuracy(zoo: ModelZoo, task_ids: list[str], recipe: TextAdapter
 
 def build(out: str | Path, **settings) -> ModelZoo:
     """Build (or resume building) a text-adapter zoo in ``out``; writes ``gap.json`` and ``build_time.json``."""
-    from d2nwg.text_adapter import load_tokenizer, text_features
+    from d2nwg.text_classifier import load_tokenizer, text_features
 
     recipe = TextAdapterRecipe(**settings)
     started = time.perf_counter()
@@ -226,16 +234,15 @@ def build(out: str | Path, **settings) -> ModelZoo:
         classes=classes,
         tasks=text_tasks(recipe),
         init_state=init,
-        feature="text-adapter",
-        input_spec={
-            "text": True,
-            "base": arch["config"]["base"],
-            "max_length": recipe.max_length,
-            "first_layer": model.first,
+        input_spec=InputSpec(
+            kind="text",
+            base=arch["config"]["base"],
+            max_length=recipe.max_length,
+            first_layer=model.first,
             # Only the first `condition_features` numbers (the pooled sentence embedding) describe the
             # dataset; the rest is the cached encoder state that the architecture recomputes from.
-            "condition_features": model.hidden,
-        },
+            condition_features=model.hidden,
+        ),
         recipe={"name": f"text-{'lora' if recipe.kind == 'lora' else 'bone'}", **asdict(recipe)},
     )
     features_s = time.perf_counter() - started
@@ -264,3 +271,6 @@ def build(out: str | Path, **settings) -> ModelZoo:
     timing = {"features_s": features_s, "members_s": members_s, "members": len(zoo), "total_s": time.perf_counter() - started}
     (zoo.root / "build_time.json").write_text(json.dumps(timing, indent=2))
     return zoo
+
+
+RECIPE = Recipe("text-lora", TextAdapterRecipe, build)

@@ -59,7 +59,7 @@ class ZooDataModule(L.LightningDataModule):
         members = self.zoo.members(split)
         # Zoos whose samples carry more than the dataset description (e.g. cached encoder states
         # for text adapters) say how many leading features describe the dataset.
-        self.condition_features: int | None = self.zoo.manifest.get("input", {}).get("condition_features")
+        self.condition_features: int | None = self.zoo.input_spec.condition_features
         self.class_samples = [self.zoo.class_samples(m.task, "train") for m in members]
         counts = {len(c) for c in self.class_samples}
         if len(counts) != 1:

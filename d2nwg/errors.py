@@ -1,0 +1,23 @@
+"""User-facing errors: what the CLI reports as one ``error: ...`` line (exit code 2) instead of a traceback."""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """A mistake in the user's input: reported as one line, exit code 2."""
+
+
+def one_line(err: BaseException, empty: str | None = None) -> str:
+    """The first line of ``err``'s message, for errors that must stay one line.
+
+    Args:
+        err: any exception; third-party ones (torch, huggingface_hub, PIL) often carry multi-line messages.
+        empty: what to return when the message is empty; default: the exception's type name.
+
+    Returns:
+        The message's first line, or ``empty`` (or the type name) when there is no message.
+    """
+    text = str(err)
+    if not text:
+        return empty if empty is not None else type(err).__name__
+    return text.splitlines()[0]

@@ -1,0 +1,124 @@
+"""Closed-form classifier heads in a network's feature space, and the features themselves.
+
+A classifier's *head* is its last linear layer, ``logits = W f + b`` on the features
+``f`` that the rest of the network (the *body*) computes. Two zero-gradient-step ways
+to write that layer from labelled samples live here:
+
+* `class_mean_head`: nearest class mean in feature space written as a linear layer,
+  ``W_i = mu_i``, ``b_i = -|mu_i|^2 / 2`` (weight imprinting, Qi, Brown and Lowe,
+  CVPR 2018, with Euclidean instead of cosine distance so that it is a plain
+  ``nn.Linear``). The *prototype* baseline of the evaluation protocol.
+* `lda_head`: Fisher's linear discriminant with Ledoit-Wolf-style shrinkage towards
+  a scaled identity, ``W_i = S^-1 mu_i``, ``b_i = -mu_i^T S^-1 mu_i / 2``: class means
+  plus the shared within-class covariance, the Bayes-optimal linear rule for Gaussian
+  classes with one covariance. d2nwg's pipeline writes the head of every generated
+  body this way (`D2NWGPipeline`), so that row i is computed from class i's samples
+  in the generated body's feature space rather than recalled for a memorised class.
+
+Both are equivariant in the classes: permuting the classes permutes the rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+
+def head_module_name(head_names: Sequence[str]) -> str:
+    """``["fc1.weight", "fc1.bias"]`` -> ``"fc1"``; raises ``ValueError`` if they name several modules."""
+    modules = {n.rpartition(".")[0] for n in head_names}
+    if len(modules) != 1:
+        raise ValueError(f"head tensors {list(head_names)} do not belong to one module")
+    return modules.pop()
+
+
+def head_inputs(module: nn.Module, head: str, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The features ``[n, F]`` that submodule ``head`` receives when ``module`` runs on ``x [n, ...]`` with ``params``.
+
+    ``params`` may hold only some tensors; the rest come from ``module``. Raises
+    ``ValueError`` when ``head`` is not a submodule that sees a ``[n, F]`` input.
+    """
+    try:
+        target = module.get_submodule(head)
+    except AttributeError:
+        raise ValueError(f"the model has no submodule {head!r} to read head features from") from None
+    captured: list[torch.Tensor] = []
+    handle = target.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            functional_call(module, dict(params), (x,), strict=False)
+    finally:
+        handle.remove()
+    if not captured or captured[0].dim() != 2:
+        raise ValueError(f"head {head!r} did not receive a [n, F] feature matrix")
+    return captured[0]
+
+
+def _class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    counts = torch.bincount(labels, minlength=num_classes)
+    if (counts == 0).any():
+        raise ValueError(f"every class needs at least one sample; counts per class: {counts.tolist()}")
+    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype).index_add_(0, labels, features)
+    return sums / counts[:, None].to(features.dtype)
+
+
+def class_mean_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-class-mean head: ``(W [K, F], b [K])`` with ``argmax(W f + b) = argmin_i |f - mu_i|``.
+
+    Args:
+        features: ``[n, F]`` features of labelled samples; labels: ``[n]`` in ``[0, K)``.
+        num_classes: K.
+    """
+    mu = _class_means(features.double(), labels, num_classes)
+    return mu.to(features.dtype), (-0.5 * (mu * mu).sum(1)).to(features.dtype)
+
+
+def lda_head(
+    features: torch.Tensor, labels: torch.Tensor, num_classes: int, shrinkage: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrinkage LDA head ``(W [K, F], b [K])`` (equal class priors).
+
+    Args:
+        features: ``[n, F]``; labels: ``[n]`` in ``[0, K)``; num_classes: K.
+        shrinkage: ``S = (1 - s) * S_within + s * mean(diag(S_within)) * I``; in (0, 1]
+            keeps ``S`` invertible when features are fewer than samples or dead (ReLU units
+            that never fire have zero variance). 0.1 was best on held-out digits tasks.
+
+    Raises:
+        ValueError: ``shrinkage`` outside (0, 1], or a class without samples.
+    """
+    if not 0.0 < shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must be in (0, 1], got {shrinkage}")
+    f = features.double()
+    mu = _class_means(f, labels, num_classes)  # (K, F)
+    centred = f - mu[labels]
+    within = centred.T @ centred / len(f)  # (F, F)
+    scale = within.diagonal().mean()
+    if scale <= 1e-12:  # one sample per class (or identical ones): no spread to scale by; plain NCM
+        scale = torch.ones((), dtype=f.dtype)
+    eye = torch.eye(f.shape[1], dtype=f.dtype)
+    cov = (1 - shrinkage) * within + shrinkage * scale * eye
+    w = torch.linalg.solve(cov, mu.T).T  # (K, F)
+    b = -0.5 * (w * mu).sum(1)
+    return w.to(features.dtype), b.to(features.dtype)
+
+
+HEAD_SOLVERS = {"class_mean": class_mean_head, "lda": lda_head}
+"""Closed-form heads by name (``D2NWGPipeline(head_solver=...)``)."""
+
+
+def with_head(
+    state_dict: Mapping[str, torch.Tensor], head_names: Sequence[str], weight: torch.Tensor, bias: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """A copy of ``state_dict`` whose head weight (``[K, F]``) and bias (``[K]``, if the head has one) are replaced."""
+    out = dict(state_dict)
+    for name in head_names:
+        ref = state_dict[name]
+        value = weight if name.endswith("weight") else bias
+        if value.shape != ref.shape:
+            raise ValueError(f"computed head tensor for {name!r} has shape {list(value.shape)}, expected {list(ref.shape)}")
+        out[name] = value.to(ref.dtype)
+    return out
