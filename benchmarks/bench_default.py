@@ -2,6 +2,7 @@
 
     python benchmarks/bench_default.py --out runs/bench          # digits; writes runs/bench/bench.json
     python benchmarks/bench_default.py --recipe text-lora --out runs/bench-lora   # configs/text-lora.yaml
+    python benchmarks/bench_default.py --zoo-set init=random --align --out runs/bench-aligned  # random inits, aligned
 
 Run it on an otherwise idle machine: the numbers are wall-clock seconds.
 """
@@ -23,12 +24,17 @@ def main() -> None:
     parser.add_argument("--recipe", default="digits", help="zoo recipe: digits, text-lora or text-bone")
     parser.add_argument("--config", default=None, help="training config (default: configs/RECIPE.yaml)")
     parser.add_argument("--keep", action="store_true", help="reuse an existing zoo/pipeline in --out")
+    parser.add_argument("--zoo-set", action="append", default=[], metavar="KEY=VALUE", help="recipe setting, e.g. init=random")
+    parser.add_argument("--align", action="store_true", help="align the zoo's members (weight matching) before training")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="training override, e.g. model.head_solver=generated")
     args = parser.parse_args()
 
-    from d2nwg.console import print_summary
+    from d2nwg.align import align_zoo_dir
+    from d2nwg.console import print_summary, print_summary_by_kind
     from d2nwg.evaluate import evaluate
     from d2nwg.lightning_cli import train
     from d2nwg.pipeline import D2NWGPipeline
+    from d2nwg.zoo import ModelZoo
     from model_zoo import get_recipe
 
     out = Path(args.out)
@@ -36,14 +42,28 @@ def main() -> None:
         shutil.rmtree(out)
     times: dict[str, float] = {}
 
+    recipe = get_recipe(args.recipe)
+    types = {f.name: type(f.default) for f in recipe.settings()}
+    settings = {}
+    for item in args.zoo_set:
+        key, _, value = item.partition("=")
+        if key not in types:
+            parser.error(f"--zoo-set: unknown {args.recipe} setting {key!r}; known: {sorted(types)}")
+        settings[key] = types[key](value)
     t = time.perf_counter()
-    zoo = get_recipe(args.recipe)(out / "zoo")
+    zoo = recipe(out / "zoo", **settings)
     times["zoo_build_s"] = time.perf_counter() - t
+    if args.align:
+        t = time.perf_counter()
+        if not (out / "zoo-aligned" / "alignment.json").exists():
+            align_zoo_dir(zoo.root, out / "zoo-aligned")
+        zoo = ModelZoo.open(out / "zoo-aligned")
+        times["align_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     config = args.config or Path(__file__).resolve().parents[1] / "configs" / f"{args.recipe}.yaml"
     if not (out / "run" / "pipeline" / "model_index.json").exists():
-        train(out / "run", str(config), str(zoo.root), progress_bar=False)
+        train(out / "run", str(config), str(zoo.root), args.set, progress_bar=False)
     times["train_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -54,6 +74,9 @@ def main() -> None:
 
     result = {
         "recipe": args.recipe,
+        "zoo_settings": settings,
+        "aligned": args.align,
+        "train_overrides": args.set,
         "times": times,
         "summary": report["summary"],
         "summary_by_kind": report["summary_by_kind"],
@@ -61,6 +84,7 @@ def main() -> None:
     }
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     print_summary(report["summary"])
+    print_summary_by_kind(report["summary_by_kind"])
     print(json.dumps(times, indent=2))
 
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import mean_state_dict, paired_accuracy, shared_accuracy, train_ensemble
-from d2nwg.heads import class_mean_head, head_inputs, head_module_name, with_head
+from d2nwg.heads import class_mean_head, head_inputs, head_module_name, lda_head, with_head
 from d2nwg.registry import Registry
 from d2nwg.zoo import Member, ModelZoo
 
@@ -131,6 +131,11 @@ class EvalContext:
         return {m.id: self.zoo.load_member(m) for m in self.train_members}
 
     @cached_property
+    def zoo_mean(self) -> dict[str, torch.Tensor]:
+        """The elementwise mean of every train member."""
+        return mean_state_dict(list(self.train_state_dicts.values()))
+
+    @cached_property
     def neighbours(self) -> list[list[Member]]:
         """The `KNN_K` nearest train members of each task (retrieval uses the first)."""
         return nearest_members(self.zoo, self.task_ids, candidates=self.train_members, k=KNN_K)
@@ -196,8 +201,7 @@ def initialisation(ctx: EvalContext) -> dict[str, list]:
 
 @baseline("zoo_mean", "the elementwise mean of every train member")
 def zoo_mean(ctx: EvalContext) -> dict[str, list]:
-    mean = mean_state_dict(list(ctx.train_state_dicts.values()))
-    return {"zoo_mean": _values(ctx.accuracy([mean] * len(ctx.task_ids)))}
+    return {"zoo_mean": _values(ctx.accuracy([ctx.zoo_mean] * len(ctx.task_ids)))}
 
 
 @baseline("retrieval", "the train member whose task's support embedding is nearest")
@@ -210,14 +214,18 @@ def retrieval(ctx: EvalContext) -> dict[str, list]:
 @baseline("retrieval_noise", "N noisy copies of the retrieved member, the best on support")
 def retrieval_noise(ctx: EvalContext) -> dict[str, list]:
     zoo_std = {spec.name: spec.std for spec in ctx.zoo.layout.tensors}
+    # Log-space tensors (running variances, `d2nwg.weights`) get their noise in log space: they stay positive.
+    log_space = {spec.name for spec in ctx.zoo.layout.tensors if spec.transform == "log"}
+
+    def perturb(k: str, v: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        noise = ctx.noise_std * zoo_std[k] * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        return v * noise.exp() if k in log_space else v + noise
+
     best, mean = [], []
     for i, neighbours in enumerate(ctx.neighbours):
         sd = ctx.train_state_dicts[neighbours[0].id]
         g = torch.Generator().manual_seed(ctx.seed + i)
-        noisy = [
-            {k: v + ctx.noise_std * zoo_std[k] * torch.randn(v.shape, generator=g, dtype=v.dtype) if k in zoo_std else v for k, v in sd.items()}
-            for _ in range(ctx.num_samples)
-        ]
+        noisy = [{k: perturb(k, v, g) if k in zoo_std else v for k, v in sd.items()} for _ in range(ctx.num_samples)]
         support = shared_accuracy(ctx.module, noisy, *ctx.data["support"][i])
         test = shared_accuracy(ctx.module, noisy, *ctx.data["test"][i])
         best.append(float(test[int(support.argmax())]))
@@ -232,18 +240,32 @@ def knn_ensemble(ctx: EvalContext) -> dict[str, list]:
 
 
 # ----------------------------------------------------------------------------- zero-training
-@baseline("prototype", "init body with a head of support class means in its feature space (weight imprinting)")
-def prototype(ctx: EvalContext) -> dict[str, list]:
+def _solved_heads(ctx: EvalContext, body: Mapping[str, torch.Tensor], solver) -> list[dict[str, torch.Tensor]]:
+    """For each task, ``body`` with its head solved by ``solver`` on the task's support features."""
     head_names = ctx.zoo.layout.head_names()
     head = head_module_name(head_names)
-    start = {k: v.to(ctx.data["support"][0][0].device) for k, v in ctx.start.items()}
+    body = {k: v.to(ctx.data["support"][0][0].device) for k, v in body.items()}
     sds = []
     for i in range(len(ctx.task_ids)):
         x, y = ctx.data["support"][i]
-        features = head_inputs(ctx.module, head, start, x)
-        weight, bias = class_mean_head(features, y, len(ctx.zoo.tasks[ctx.task_ids[i]]["classes"]))
-        sds.append(with_head(start, head_names, weight, bias))
-    return {"prototype": _values(ctx.accuracy(sds))}
+        weight, bias = solver(head_inputs(ctx.module, head, body, x), y, len(ctx.zoo.tasks[ctx.task_ids[i]]["classes"]))
+        sds.append(with_head(body, head_names, weight, bias))
+    return sds
+
+
+@baseline("prototype", "init body with a head of support class means in its feature space (weight imprinting)")
+def prototype(ctx: EvalContext) -> dict[str, list]:
+    return {"prototype": _values(ctx.accuracy(_solved_heads(ctx, ctx.start, class_mean_head)))}
+
+
+@baseline("lda_init", "init body with a shrinkage-LDA head on the support features (no zoo, no gradient step)")
+def lda_init(ctx: EvalContext) -> dict[str, list]:
+    return {"lda_init": _values(ctx.accuracy(_solved_heads(ctx, ctx.start, lda_head)))}
+
+
+@baseline("lda_zoo_mean", "zoo-mean body with a shrinkage-LDA head: the generator's head rule without the generator")
+def lda_zoo_mean(ctx: EvalContext) -> dict[str, list]:
+    return {"lda_zoo_mean": _values(ctx.accuracy(_solved_heads(ctx, ctx.zoo_mean, lda_head)))}
 
 
 @baseline("ncm", "nearest class mean of the support samples on raw input features (vector inputs only)")

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from d2nwg.console import print_summary, print_zoo
+from d2nwg.console import print_summary, print_summary_by_kind, print_zoo
 from d2nwg.errors import UserError, one_line
 
 EXIT_USER_ERROR = 2
@@ -31,7 +31,11 @@ def cmd_zoo_build(args: argparse.Namespace) -> None:
 def cmd_zoo_info(args: argparse.Namespace) -> None:
     from d2nwg.zoo import ModelZoo
 
-    summary = ModelZoo.open(args.zoo).summary()
+    zoo = ModelZoo.open(args.zoo)
+    leak = zoo.split_leak_message()
+    if leak:
+        print(f"warning: {leak}", file=sys.stderr)
+    summary = zoo.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -58,13 +62,23 @@ def cmd_zoo_ingest(args: argparse.Namespace) -> None:
             skip_bad=args.skip_bad,
             image_size=args.image_size,
             label_column=args.label_column,
+            epochs=args.epochs,
             warn=lambda message: print(f"warning: {message}", file=sys.stderr),
+            align=args.align,
         )
     except BadCheckpointsError as err:
         for bad in err.bad:
             print(f"bad checkpoint {bad.name}: {bad.reason}", file=sys.stderr)
         raise UserError(str(err)) from None
     print_zoo(zoo.summary())
+
+
+def cmd_zoo_align(args: argparse.Namespace) -> None:
+    from d2nwg.align import align_zoo_dir
+
+    zoo = align_zoo_dir(args.zoo, args.out, reference=args.reference, seed=args.seed)
+    print_zoo(zoo.summary())
+    print(f"alignment: {zoo.root / 'alignment.json'}")
 
 
 # ----------------------------------------------------------------------------- train
@@ -81,18 +95,26 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from d2nwg.pipeline import D2NWGPipeline
     from d2nwg.zoo import ModelZoo
 
+    zoo = ModelZoo.open(args.zoo)
+    leak = zoo.split_leak_message()
+    if leak and not args.allow_split_leak:
+        raise UserError(f"{leak}; --allow-split-leak evaluates anyway")
+    if leak:
+        print(f"warning: {leak}", file=sys.stderr)
     pipe = D2NWGPipeline.from_pretrained(args.pipeline)
     report = evaluate(
         pipe,
-        ModelZoo.open(args.zoo),
+        zoo,
         Path(args.out),
         num_samples=args.num_samples,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         seed=args.seed,
         max_tasks=args.max_tasks,
+        baselines=args.baselines,
     )
     print_summary(report["summary"])
+    print_summary_by_kind(report["summary_by_kind"])
     print(f"report: {Path(args.out) / 'report.md'}")
 
 
@@ -173,22 +195,51 @@ def add_zoo_info_parser(zoo_sub) -> None:
 
 def add_zoo_ingest_parser(zoo_sub) -> None:
     ingest = zoo_sub.add_parser("ingest", help="build a zoo from your own checkpoints and datasets", formatter_class=FORMATTER)
-    ingest.add_argument("--checkpoints", required=True, help="folder of *.safetensors, *.pt or *.pth state_dicts")
+    ingest.add_argument(
+        "--checkpoints", required=True,
+        help="folder of *.safetensors, *.pt, *.pth, *.bin or Lightning *.ckpt state_dicts, or of model folders "
+        "<model>/checkpoint_<epoch>/checkpoints + <model>/result.json, at any depth",
+    )
     ingest.add_argument("--datasets", required=True, help="folder of datasets: class-folder images, .npz (x, y) or .csv")
-    ingest.add_argument("--mapping", required=True, help="CSV checkpoint,dataset[,split] or JSON {checkpoint: dataset}")
+    ingest.add_argument(
+        "--mapping", required=True,
+        help="CSV checkpoint,dataset[,split][,run] or JSON {checkpoint: dataset | {dataset, split, run}}; a checkpoint "
+        "is a file path below --checkpoints or a model folder (its path, or its name if unique); one dataset = one "
+        "task, and checkpoints sharing a run (or group) value stay on one side of the split",
+    )
+    ingest.add_argument(
+        "--epochs", default="last",
+        help="epochs of each model folder that become members: last, all, or N (the last N)",
+    )
     ingest.add_argument("--arch", required=True, help="registered architecture name or module:callable")
     ingest.add_argument("--arch-config", default=None, help="JSON object (or a .json file) of builder arguments")
     ingest.add_argument("--include", nargs="+", action="extend", default=None, metavar="GLOB", help="tensors to tokenize (default: all)")
     ingest.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="GLOB", help="tensors to leave out")
     ingest.add_argument("--chunk-size", type=int, default=32, help="numbers per weight token")
-    ingest.add_argument("--heldout-fraction", type=float, default=0.1, help="share of checkpoints without a mapped split held out")
+    ingest.add_argument("--heldout-fraction", type=float, default=0.1, help="share of datasets (tasks) without a mapped split held out")
     ingest.add_argument("--split-fractions", default="0.6,0.2,0.2", help="per-class train,support,test fractions of each dataset")
     ingest.add_argument("--image-size", default="8,8", help="H,W that image-folder datasets are resized to")
     ingest.add_argument("--label-column", default="label", help="label column of .csv datasets")
     ingest.add_argument("--seed", type=int, default=0, help="seed of data splits, held-out choice and initialisation")
     ingest.add_argument("--skip-bad", action="store_true", help="leave bad checkpoints out (with warnings) instead of failing")
     ingest.add_argument("--out", required=True, help="new zoo directory (must not exist or be empty)")
+    ingest.add_argument(
+        "--align", action="store_true",
+        help="align members trained from different random inits to one reference (weight matching; writes alignment.json)",
+    )
     ingest.set_defaults(func=cmd_zoo_ingest)
+
+
+def add_zoo_align_parser(zoo_sub) -> None:
+    align = zoo_sub.add_parser(
+        "align", help="copy a zoo with every member permuted to match one reference (Git Re-Basin weight matching)",
+        formatter_class=FORMATTER,
+    )
+    align.add_argument("zoo", help="zoo directory to align (left untouched)")
+    align.add_argument("--out", required=True, help="new zoo directory (must not exist or be empty)")
+    align.add_argument("--reference", default="auto", help="member id to align to ('auto': the first train member)")
+    align.add_argument("--seed", type=int, default=0, help="seed of the layer order of weight matching")
+    align.set_defaults(func=cmd_zoo_align)
 
 
 def add_zoo_parser(sub) -> None:
@@ -197,6 +248,7 @@ def add_zoo_parser(sub) -> None:
     add_zoo_build_parser(zoo_sub)
     add_zoo_info_parser(zoo_sub)
     add_zoo_ingest_parser(zoo_sub)
+    add_zoo_align_parser(zoo_sub)
 
 
 def add_train_parser(sub) -> None:
@@ -220,6 +272,16 @@ def add_evaluate_parser(sub) -> None:
     ev.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
     ev.add_argument("--max-tasks", type=int, default=None, help="evaluate only the first N held-out tasks")
+    ev.add_argument(
+        "--allow-split-leak", action="store_true",
+        help="evaluate even when held-out tasks share a dataset with train tasks (zoos ingested before tasks were datasets)",
+    )
+    from d2nwg.baselines import BASELINES
+
+    ev.add_argument(
+        "--baselines", nargs="+", choices=BASELINES.names(), default=None, metavar="NAME",
+        help=f"baselines to run (default: all of {', '.join(BASELINES.names())})",
+    )
     ev.set_defaults(func=cmd_evaluate)
 
 

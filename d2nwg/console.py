@@ -77,6 +77,27 @@ def print_summary(summary: dict) -> None:
     Console().print(table)
 
 
+def print_summary_by_kind(by_kind: dict) -> None:
+    """Print each metric per kind of held-out task side by side (``evaluate(...)["summary_by_kind"]``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from d2nwg.metrics import METRICS
+
+    if not by_kind:
+        return
+    table = Table(title="by kind of held-out task (test accuracy)")
+    table.add_column("metric")
+    for kind, summary in by_kind.items():
+        table.add_column(f"{kind} ({summary['num_tasks']})", justify="right")
+    keys = [m.summary_key for m in METRICS] + ["generated_minus_best_zero_training"]
+    for key in keys:
+        values = [s.get(key) for s in by_kind.values()]
+        if any(v is not None for v in values):
+            table.add_row(key, *("n/a" if v is None else f"{v:.4f}" for v in values))
+    Console().print(table)
+
+
 @contextmanager
 def hidden_progress_bars(hf_logging) -> Iterator[None]:
     """Hide a Hugging Face library's own progress bars (e.g. "Loading weights") while loading.

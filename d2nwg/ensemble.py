@@ -4,11 +4,31 @@ A zoo of small networks is cheap to train when every member is a slice of one
 stacked parameter tensor: ``vmap`` over ``functional_call`` runs all of them in a
 single batched forward, and Adam (elementwise) on the stacked tensors is exactly
 per-member Adam, because the summed loss gives each member its own gradient.
+
+Modes, and what happens to buffers (BatchNorm running statistics):
+
+* **Evaluating** (`ensemble_logits`, `ensemble_accuracy`, the VAE's function-space loss):
+  every member runs in eval mode, whatever mode the module is in (it is restored
+  afterwards). BatchNorm normalises with the member's *own* running statistics,
+  passed in stacked like its weights (or the module's, shared, when the stack lacks
+  them), and nothing is written: shared buffers are never mutated, which is what
+  lets ``vmap`` run at all (an in-place update of an expanded buffer is an error).
+  LayerNorm and GroupNorm have no buffers and behave the same in both modes.
+* **Training** (`train_ensemble`, the zoo recipes and the fine-tuning baseline):
+  BatchNorm layers run in training mode, i.e. on batch statistics, as the members
+  themselves were trained; each member's running statistics (and
+  ``num_batches_tracked``) live in its own slice of a stacked copy and are updated
+  there with the layer's momentum, never in the module. Buffers are never optimised.
+  Every other layer stays in eval mode (no dropout: the fine-tuning baseline and the
+  built-in recipes always ran that way). Accuracies recorded during training use
+  eval mode with the members' updated running statistics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -32,15 +52,64 @@ def full_params(module: nn.Module, stacked: Mapping[str, torch.Tensor]) -> dict[
     return {k: stacked[k] if k in stacked else v.detach().expand(n, *v.shape) for k, v in base.items()}
 
 
-def ensemble_logits(module: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """Logits of N parameter sets. ``x`` is shared ``[n, d]`` or per member ``[N, n, d]``; returns ``[N, n, C]``."""
+def _eval_batch_norm(bn: nn.modules.batchnorm._BatchNorm, original, x: torch.Tensor) -> torch.Tensor:
+    """Eval-mode BatchNorm that is differentiable in the running statistics.
+
+    The fused kernel refuses gradients with respect to ``running_mean``/``running_var``; the VAE's
+    function-space loss needs them (the statistics are decoded like weights). `members_mode` swaps
+    this in only when a stacked running statistic requires grad.
+    """
+    mean, var = bn.running_mean, bn.running_var
+    if bn.training or mean is None:
+        return original(x)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.weight is not None:
+        out = out * bn.weight.view(shape) + bn.bias.view(shape)
+    return out
+
+
+@contextmanager
+def members_mode(module: nn.Module, batch_norm_train: bool = False, grad_stats: bool = False) -> Iterator[nn.Module]:
+    """Run ``module`` in eval mode (BatchNorm layers in train mode if ``batch_norm_train``); restores every
+    submodule's own mode (and forward) afterwards. ``grad_stats``: eval-mode BatchNorm layers compute
+    their affine formula in plain ops so that gradients reach the running statistics."""
+    modes = [(m, m.training) for m in module.modules()]
+    patched = []
+    try:
+        for m in module.modules():
+            is_bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
+            m.training = batch_norm_train and is_bn
+            if is_bn and grad_stats and not batch_norm_train and "forward" not in m.__dict__:
+                m.forward = functools.partial(_eval_batch_norm, m, m.forward)
+                patched.append(m)
+        yield module
+    finally:
+        for m in patched:
+            del m.forward
+        for m, training in modes:
+            m.training = training
+
+
+def ensemble_logits(
+    module: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor, *, batch_norm_train: bool = False
+) -> torch.Tensor:
+    """Logits of N parameter sets. ``x`` is shared ``[n, d]`` or per member ``[N, n, d]``; returns ``[N, n, C]``.
+
+    Members run in eval mode (see the module docstring); tensors that ``stacked`` lacks come from ``module``.
+    With ``batch_norm_train=True`` BatchNorm layers use batch statistics and update the running statistics
+    in place, so ``stacked`` must then hold every BatchNorm buffer per member (`train_ensemble` does).
+    """
     params = full_params(module, stacked)
 
     def one(p, inputs):
         return functional_call(module, p, (inputs,))
 
     in_dims = (0, 0) if x.dim() == 3 else (0, None)
-    return vmap(one, in_dims=in_dims)(params, x)
+    grad_stats = torch.is_grad_enabled() and any(v.requires_grad for k, v in stacked.items() if k in dict(module.named_buffers()))
+    with members_mode(module, batch_norm_train, grad_stats):
+        # Batch statistics are per member; "different" only matters if a layer draws random numbers.
+        return vmap(one, in_dims=in_dims, randomness="different" if batch_norm_train else "error")(params, x)
 
 
 @torch.no_grad()
@@ -86,8 +155,13 @@ def train_ensemble(
         optimizer: ``"adamw"`` or ``"sgd"`` (with ``momentum``); both act elementwise, hence per member.
         record_at: step counts after which to record accuracy on ``eval_x/eval_y``.
 
+    Members train as described in the module docstring: BatchNorm on batch statistics, each member's
+    running statistics updated in its own copy (from ``init`` when it holds them, else from ``module``),
+    and only the module's parameters (not its buffers) optimised.
+
     Returns:
-        The trained stacked parameters and ``{step: accuracy [N]}`` for ``record_at``.
+        The trained stacked tensors of ``init`` (buffers with their updated running statistics, and any
+        BatchNorm buffer ``init`` lacked) and ``{step: accuracy [N]}`` for ``record_at``.
     """
     n = x.shape[0]
     if stacked_init:
@@ -95,9 +169,18 @@ def train_ensemble(
         if bad:
             raise ValueError(f"stacked_init needs {n} initial states per tensor (one per member); {bad[0]!r} does not have them")
         # clone(): the optimiser updates params in place and must not write into the caller's inits.
-        params = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
+        stacked = {k: v.detach().clone() for k, v in init.items()}
     else:
-        params = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())).requires_grad_(True) for k, v in init.items()}
+        stacked = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())) for k, v in init.items()}
+    module_buffers = dict(module.named_buffers())
+    params = {k: v.requires_grad_(True) for k, v in stacked.items() if k not in module_buffers}
+    # Every BatchNorm buffer per member (cloned): training-mode BatchNorm writes its running statistics.
+    buffers = {k: v for k, v in stacked.items() if k in module_buffers}
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            for key, value in sub.named_buffers(prefix=name, recurse=False):
+                buffers.setdefault(key, value.detach().unsqueeze(0).repeat(n, *([1] * value.dim())))
+    state = {**params, **buffers}
     if optimizer == "adamw":
         optimiser = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     elif optimizer == "sgd":
@@ -106,17 +189,17 @@ def train_ensemble(
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'adamw' or 'sgd'")
     curves: dict[int, torch.Tensor] = {}
     if 0 in record_at and eval_x is not None:
-        curves[0] = ensemble_accuracy(module, params, eval_x, eval_y)
+        curves[0] = ensemble_accuracy(module, state, eval_x, eval_y)
     for step in range(1, steps + 1):
-        logits = ensemble_logits(module, params, x)  # [N, n, C]
+        logits = ensemble_logits(module, state, x, batch_norm_train=True)  # [N, n, C]
         # Sum over members of each member's mean loss: member i's gradient is its own.
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(n, -1)
         optimiser.zero_grad(set_to_none=True)
         loss.mean(1).sum().backward()
         optimiser.step()
         if step in record_at and eval_x is not None:
-            curves[step] = ensemble_accuracy(module, params, eval_x, eval_y)
-    return {k: v.detach() for k, v in params.items()}, curves
+            curves[step] = ensemble_accuracy(module, state, eval_x, eval_y)
+    return {k: v.detach() for k, v in state.items()}, curves
 
 
 def recipe_optimizer(recipe: Mapping) -> dict:

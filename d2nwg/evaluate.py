@@ -330,10 +330,19 @@ def _vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, module: nn.Modul
     recon_sds = [{**orig, **rec} for orig, rec in zip(originals, layout.detokenize(torch.cat(recon)))]
     device = next(module.parameters()).device
     test = [tuple(t.to(device) for t in zoo.task_data(m.task, "test")) for m in members]
-    orig_acc = float(paired_accuracy(module, originals, test).mean())
-    recon_acc = float(paired_accuracy(module, recon_sds, test).mean())
+    orig = paired_accuracy(module, originals, test)
+    recon = paired_accuracy(module, recon_sds, test)
+    orig_acc, recon_acc = float(orig.mean()), float(recon.mean())
+    # Members of unseen-class tasks hold head rows for classes the VAE never saw: report them apart.
+    kinds = [zoo.task_kind(m.task) for m in members]
+    by_kind = {}
+    for kind in sorted(set(kinds)):
+        idx = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
+        o = float(orig[idx].mean())
+        by_kind[kind] = float(recon[idx].mean()) / o if o > 0 else None
     return {
         "vae_recon_ratio": recon_acc / orig_acc if orig_acc > 0 else None,
+        "vae_recon_ratio_by_kind": by_kind,
         "vae_recon_acc": recon_acc,
         "vae_original_acc": orig_acc,
         "vae_members": len(members),

@@ -15,23 +15,49 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from d2nwg.errors import one_line
+from d2nwg.metrics import METRICS
 
-REPORT_ACCURACIES = {
-    "generated_best_acc": "Generated (best of N on support)",
-    "generated_mean_acc": "Generated (mean of N)",
-    "retrieval_acc": "Retrieval baseline",
-    "zoo_mean_acc": "Zoo-mean baseline",
-    "oracle_acc": "Oracle (trained on the task)",
-}
+
+def looks_like_local_path(text: str) -> bool:
+    """Whether ``text`` can only mean a local path, never a Hub repo id (``user/name`` or ``name``).
+
+    True for paths starting with ``.``, ``/`` or ``~``, holding a backslash, more than one ``/`` or a trailing
+    ``/``, and for anything that exists on disk.
+    """
+    return (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith("/")
+        or Path(text).exists()
+    )
 
 
 def download_pipeline(repo_id: str, revision: str | None = None) -> Path:
-    """``snapshot_download`` a pipeline repo; no network or an unknown repo gives one-line ``ValueError``."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    """``snapshot_download`` a pipeline repo; no network or an unknown repo gives one-line ``ValueError``.
 
+    Raises:
+        ValueError: ``repo_id`` is a local-looking path that is not a folder ("pipeline folder not found"),
+            not a valid repo id, not on the Hub, or not reachable.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    # A mistyped local path ("runs/typo/pipeline") would otherwise reach huggingface_hub, whose
+    # "Repo id must be in the form 'repo_name' or 'namespace/repo_name'" hides what went wrong.
+    if looks_like_local_path(repo_id):
+        if Path(repo_id).exists():
+            raise ValueError(f"pipeline {repo_id} is a file; pass the pipeline folder (the one holding model_index.json)")
+        raise ValueError(f"pipeline folder not found: {repo_id}")
     try:
         return Path(snapshot_download(repo_id, revision=revision))
+    except HFValidationError:
+        raise ValueError(f"pipeline folder not found, and not a Hub repo id (user/name) either: {repo_id}") from None
     except RepositoryNotFoundError:
         raise ValueError(f"Hub repo '{repo_id}' not found (or not accessible with your token)") from None
     except LocalEntryNotFoundError:
@@ -57,11 +83,11 @@ def model_card(pipeline_dir: Path, repo_id: str, report: Mapping | None = None) 
             dataset_type=f"d2nwg-zoo-{recipe}",
             dataset_name=f"{recipe} zoo, held-out tasks",
             metric_type="accuracy",
-            metric_name=label,
-            metric_value=float(summary[key]),
+            metric_name=metric.label,
+            metric_value=float(summary[metric.summary_key]),
         )
-        for key, label in REPORT_ACCURACIES.items()
-        if summary.get(key) is not None
+        for metric in METRICS
+        if metric.role != "ablation" and summary.get(metric.summary_key) is not None
     ]
     data = ModelCardData(
         library_name="d2nwg",

@@ -2,26 +2,49 @@
 
 Inputs:
 
-* a folder of checkpoints (``*.safetensors``, or ``*.pt``/``*.pth`` read with
-  ``torch.load(weights_only=True)``), all of one architecture;
+* a folder of checkpoints, all of one architecture, at any depth below it:
+
+  - checkpoint files: ``*.safetensors``, or ``*.pt``/``*.pth``/``*.bin`` and Lightning ``*.ckpt`` read with
+    ``torch.load(weights_only=True)`` (weights at the top level or under ``state_dict``; optimizer states and
+    the like are ignored);
+  - *model folders* of population-of-models zoos: ``<model>/checkpoint_<epoch>/checkpoints`` (a
+    ``torch.save`` state_dict without a suffix) beside ``<model>/result.json`` (JSON lines of per-epoch
+    metrics). The mapping names the model folder (its path below the checkpoint folder, or its bare name
+    when that is unique); ``epochs`` (``--epochs``) picks ``last`` (default), ``all`` or the last N epochs,
+    each one a member, and each member's metrics gain the numbers of its epoch's ``result.json`` line as
+    ``reported_<key>``;
+
 * a folder of datasets (image folders of class subfolders, ``.npz`` with ``x``/``y``
   or ``.csv`` with a label column), read with `d2nwg.datasets.load_dataset`;
-* a mapping file saying which dataset each checkpoint was trained on, as CSV with
-  columns ``checkpoint,dataset[,split]`` or JSON
-  ``{checkpoint: dataset}`` / ``{checkpoint: {"dataset": ..., "split": ...}}``.
+* a mapping file saying which dataset each checkpoint (or model folder) was trained on, as CSV with
+  columns ``checkpoint,dataset[,split][,run]`` or JSON ``{checkpoint: dataset}`` /
+  ``{checkpoint: {"dataset": ..., "split": ..., "run": ...}}`` (``group`` may stand for ``run``).
 
-Each dataset's samples are split per class into train/support/test; its classes
-enter the zoo's class pool as ``"<dataset>/<class>"``, and each checkpoint becomes
-one task (the dataset's classes in label order) with one member. Label order is
-the sorted class names, numerically when every name is an integer (so ``.npz``
-labels ``0..10`` keep their ids).
+**Tasks are datasets.** Each dataset's samples are split per class into train/support/test; its classes
+enter the zoo's class pool as ``"<dataset>/<class>"``, and the dataset becomes one task (its classes in
+label order, named by the dataset) whose members are every checkpoint mapped to it: several epochs of one
+run, several runs. Label order is the sorted class names, numerically when every name is an integer (so
+``.npz`` labels ``0..10`` keep their ids). The held-out choice is made per task, so a dataset is never on both
+sides; a ``run``/``group`` value shared by checkpoints of different datasets keeps those datasets on one
+side too. The manifest records each task's dataset, which `d2nwg.zoo.ModelZoo.split_leaks` checks.
 
 Every checkpoint is checked before anything is written: it must load, hold every
 layout tensor with the right shape and finite values, hold no unexpected tensor
 among those the include/exclude globs select, and the model's output width must
-equal its dataset's class count. Bad checkpoints are collected and reported
-together (`BadCheckpointsError`) unless ``skip_bad`` leaves them out. The zoo is
-written into a temp folder and renamed into place, so a failure leaves no output.
+equal its dataset's class count. A key prefix shared by every key (``module.``,
+``model.``, ``_orig_mod.``) is stripped with a notice when that makes the keys
+match; a prefix that stripping does not fix is reported as such. Bad checkpoints are
+collected and reported together (`BadCheckpointsError`) unless ``skip_bad`` leaves
+them out. The zoo is written into a temp folder and renamed into place, so a failure
+leaves no output.
+
+Buffers: float running statistics (BatchNorm ``running_mean``/``running_var``) are
+floating tensors, so the layout holds them by default and the hyper-model generates
+them (``running_var`` in log space, always positive: `d2nwg.weights`). Integer buffers
+(``num_batches_tracked``) are never in the layout. Member accuracies are those of the
+checkpoint as saved: eval mode, with its own running statistics, even when
+``--exclude`` leaves them out of the layout (a warning then says that the zoo and
+generated models use the architecture's initial statistics).
 """
 
 from __future__ import annotations
@@ -30,9 +53,12 @@ import csv
 import fnmatch
 import json
 import math
+import os
+import re
+import tempfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -47,18 +73,25 @@ from d2nwg.specs import InputSpec
 from d2nwg.weights import WeightLayout
 from d2nwg.zoo import SPLITS, ModelZoo
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".ckpt", ".bin")
+EPOCH_FOLDER = re.compile(r"checkpoint_(\d+)")
+"""A model folder's per-epoch subfolders, ``checkpoint_<epoch>``, each holding a ``checkpoints`` file."""
+EPOCH_FILE = "checkpoints"
+GROUP_COLUMNS = ("run", "group")
+"""Mapping columns (either name) that keep checkpoints together on one side of the train/held-out split."""
 DATASET_SUFFIXES = (".npz", ".csv")
 TASK_SPLITS = ("train", "heldout")
 
 
 @dataclass
 class MappingEntry:
-    """One row of the mapping file: a checkpoint file, its dataset and optionally its task split."""
+    """One row of the mapping file: a checkpoint file (or model folder), its dataset, and optionally its task
+    split and its run/group (checkpoints sharing a group land on the same side of the split)."""
 
     checkpoint: str
     dataset: str
     split: str | None = None
+    group: str | None = None
 
 
 @dataclass
@@ -165,10 +198,14 @@ def _read_json_mapping(path: Path, text: str) -> list[MappingEntry]:
             split = value.get("split")
             if split is not None and not isinstance(split, str):
                 raise ValueError(f"mapping file {path}: split of '{checkpoint}' must be a string")
-            entries.append(MappingEntry(checkpoint, value["dataset"], split or None))
+            groups = [value[k] for k in GROUP_COLUMNS if value.get(k) is not None]
+            if len(groups) > 1 or any(not isinstance(g, (str, int)) or isinstance(g, bool) for g in groups):
+                raise ValueError(f"mapping file {path}: '{checkpoint}' needs at most one of run/group, a string")
+            entries.append(MappingEntry(checkpoint, value["dataset"], split or None, str(groups[0]) if groups else None))
         else:
             raise ValueError(
-                f"mapping file {path}: '{checkpoint}' must map to a dataset name or {{\"dataset\": ..., \"split\": ...}}"
+                f"mapping file {path}: '{checkpoint}' must map to a dataset name or "
+                f"{{\"dataset\": ..., \"split\": ..., \"run\": ...}}"
             )
     return entries
 
@@ -177,11 +214,19 @@ def _read_csv_mapping(path: Path, text: str) -> list[MappingEntry]:
     rows = [[c.strip() for c in row] for row in csv.reader(line for line in text.splitlines() if line.strip())]
     header = rows[0] if rows else []
     if "checkpoint" not in header or "dataset" not in header:
-        raise ValueError(f"mapping file {path} needs a CSV header with columns checkpoint,dataset[,split]; found {header}")
+        raise ValueError(
+            f"mapping file {path} needs a CSV header with columns checkpoint,dataset[,split][,run]; found {header}"
+        )
+    group_columns = [c for c in GROUP_COLUMNS if c in header]
+    if len(group_columns) > 1:
+        raise ValueError(f"mapping file {path} has both a 'run' and a 'group' column; keep one")
     entries = []
     for row in rows[1:]:
         values = dict(zip(header, row))
-        entries.append(MappingEntry(values.get("checkpoint", ""), values.get("dataset", ""), values.get("split") or None))
+        group = values.get(group_columns[0]) if group_columns else None
+        entries.append(
+            MappingEntry(values.get("checkpoint", ""), values.get("dataset", ""), values.get("split") or None, group or None)
+        )
     return entries
 
 
@@ -249,11 +294,91 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def shared_key_prefix(keys: Sequence[str]) -> str:
+    """The leading dotted components every key shares, with the trailing dot (``"module."``), or ``""``.
+
+    A prefix never swallows a whole key: ``["a.b", "a.c"]`` share ``"a."``, ``["a.b"]`` alone shares ``"a."`` too.
+    """
+    parts = [k.split(".") for k in keys]
+    if not parts:
+        return ""
+    common: list[str] = []
+    for i in range(min(len(p) for p in parts) - 1):
+        if len({p[i] for p in parts}) != 1:
+            break
+        common.append(parts[0][i])
+    return "".join(f"{c}." for c in common)
+
+
+def strip_key_prefix(state: Mapping[str, torch.Tensor], expected: Sequence[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """Drop a key prefix that every key shares (``module.`` of ``nn.DataParallel``, ``model.`` of a
+    LightningModule, ``_orig_mod.`` of ``torch.compile``, or several stacked) when that makes the keys match.
+
+    Args:
+        state: the checkpoint's tensors.
+        expected: the names the architecture needs.
+
+    Returns:
+        The state with the prefix removed and the prefix (``""``: nothing stripped, e.g. when the keys already
+        match or no shared prefix makes them match).
+    """
+    if all(name in state for name in expected):
+        return dict(state), ""
+    shared = shared_key_prefix(list(state))
+    components = shared.split(".")[:-1]
+    for n in range(1, len(components) + 1):  # the shortest prefix that works: "module." before "module._orig_mod."
+        prefix = "".join(f"{c}." for c in components[:n])
+        stripped = {k[len(prefix) :]: v for k, v in state.items()}
+        if all(name in stripped for name in expected):
+            return stripped, prefix
+    return dict(state), ""
+
+
+def prefix_mismatch(state: Mapping[str, torch.Tensor], expected: Sequence[str]) -> str | None:
+    """Why the checkpoint's keys miss the architecture's names, when a key prefix is the cause; else None."""
+    missing = [name for name in expected if name not in state]
+    if not missing:
+        return None
+    want = missing[0]
+    shared = shared_key_prefix(list(state))
+    example = next(iter(state), "")
+    # A shared prefix that the architecture's own names also start with (a checkpoint of one submodule,
+    # "fc0.weight"/"fc0.bias") is not a prefix problem: layout.validate names the missing tensor.
+    if shared and not any(name.startswith(shared) for name in expected):
+        return (
+            f"checkpoint keys start with '{shared}' (e.g. '{example}'); the architecture expects '{want}' "
+            f"({len(missing)} of its {len(expected)} tensors missing), and stripping '{shared}' does not give its "
+            "names: is this checkpoint of another architecture, or of a module that wraps it?"
+        )
+    found = next((k for k in state if k.endswith(f".{want}")), None)
+    if found:
+        prefix = found[: -len(want)]
+        others = [k for k in state if not k.startswith(prefix)]
+        return (
+            f"the architecture expects '{want}'; the checkpoint has '{found}', but not every key starts with "
+            f"'{prefix}' (e.g. '{others[0]}'), so the prefix is not stripped: re-save the model's own state_dict"
+        )
+    return None
+
+
 def load_checkpoint(
-    path: Path, layout: WeightLayout, include: Sequence[str], exclude: Sequence[str]
+    path: Path,
+    layout: WeightLayout,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    prefixes: dict[str, set[str]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The layout's tensors of a checkpoint (in the layout's dtypes); ``ValueError`` says what is wrong."""
-    state = load_weights(path)
+    """The layout's tensors of a checkpoint (in the layout's dtypes); ``ValueError`` says what is wrong.
+
+    A key prefix shared by every key is stripped when that makes the keys match (`strip_key_prefix`);
+    ``prefixes`` (if given) collects ``{prefix: checkpoint paths}`` for one notice per prefix.
+    """
+    state, prefix = strip_key_prefix(load_weights(path), layout.names)
+    if prefix and prefixes is not None:
+        prefixes.setdefault(prefix, set()).add(str(path))
+    mismatch = prefix_mismatch(state, layout.names)
+    if mismatch:
+        raise ValueError(mismatch)
     layout.validate(state)
     unexpected = sorted(
         k
@@ -271,13 +396,21 @@ def load_checkpoint(
     return selected
 
 
+def _member_stem(name: str) -> str:
+    """``<model>-e<epoch>`` for ``.../<model>/checkpoint_<epoch>/checkpoints``, else the file name's stem."""
+    parts = Path(name).parts
+    if len(parts) >= 3 and parts[-1] == EPOCH_FILE and EPOCH_FOLDER.fullmatch(parts[-2]):
+        return f"{parts[-3]}-e{int(EPOCH_FOLDER.fullmatch(parts[-2]).group(1))}"
+    return Path(name).stem
+
+
 def _member_ids(names: Sequence[str]) -> dict[str, str]:
     """Checkpoint file name -> a file-system-safe member id (its stem; the whole name on a clash)."""
 
     def clean(text: str) -> str:
         return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).strip(".") or "member"
 
-    stems = [clean(Path(n).stem) for n in names]
+    stems = [clean(_member_stem(n)) for n in names]
     ids = {n: s if stems.count(s) == 1 else clean(n) for n, s in zip(names, stems)}
     if len(set(ids.values())) != len(ids):
         raise ValueError(f"checkpoint names give clashing member ids: {sorted(ids)}")
@@ -288,10 +421,9 @@ def _member_ids(names: Sequence[str]) -> dict[str, str]:
 # ingest() runs these in order: parse_settings -> discover -> read_datasets -> build_target ->
 # validate_checkpoints -> group_into_tasks -> split_tasks -> write_zoo. Each stage takes what the
 # earlier ones produced and raises ValueError before anything is written.
-# Shaped for what comes next: a task holds a list of members and split_tasks chooses per task, so
-# grouping several checkpoints of one run or dataset into one task changes group_into_tasks only;
-# nested checkpoint folders belong to discover; every checkpoint read goes through Target.read
-# (the place for key-prefix stripping); a weight transform such as alignment fits before write_zoo.
+# discover expands model folders into one entry per epoch; every checkpoint read goes through
+# Target.read (key-prefix stripping); a task is a dataset and split_tasks chooses per task (joined by
+# run/group), so no dataset is on both sides; a weight transform such as alignment fits before write_zoo.
 
 
 @dataclass(frozen=True)
@@ -309,6 +441,22 @@ class IngestSettings:
     skip_bad: bool
     image_size: tuple[int, int]
     label_column: str
+    epochs: str | int = "last"
+    """Which epochs of a model folder become members: ``"last"``, ``"all"`` or the last N (an int)."""
+
+
+def parse_epochs(value: str | int) -> str | int:
+    """``--epochs``: ``"last"``, ``"all"``, or a positive integer N (each model's last N epochs).
+
+    Raises:
+        ValueError: anything else.
+    """
+    text = str(value).strip().lower()
+    if text in ("last", "all"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise ValueError(f"--epochs must be 'last', 'all' or a positive number of last epochs per model, got {value!r}")
 
 
 def parse_settings(
@@ -324,6 +472,7 @@ def parse_settings(
     skip_bad: bool = False,
     image_size: str | Sequence[int] = (8, 8),
     label_column: str = "label",
+    epochs: str | int = "last",
 ) -> IngestSettings:
     """Check and normalise `ingest`'s options (CLI strings or Python values).
 
@@ -331,7 +480,8 @@ def parse_settings(
         The settings; ``include`` defaults to every tensor (``"*"``).
 
     Raises:
-        ValueError: malformed split fractions, image size or architecture config, or a held-out fraction outside [0, 1).
+        ValueError: malformed split fractions, image size, architecture config or epochs choice, or a held-out
+            fraction outside [0, 1).
     """
     fractions = parse_split_fractions(split_fractions)
     size = parse_image_size(image_size)
@@ -350,6 +500,7 @@ def parse_settings(
         skip_bad=skip_bad,
         image_size=size,
         label_column=label_column,
+        epochs=parse_epochs(epochs),
     )
 
 
@@ -367,7 +518,8 @@ def check_new_folder(out: str | Path) -> Path:
 
 @dataclass
 class Sources:
-    """What an ingest reads: the mapping's entries, with the checkpoint and dataset each one names."""
+    """What an ingest reads: one entry per checkpoint file (a mapped model folder expanded into the epochs
+    ``--epochs`` selects), with the checkpoint and dataset each one names."""
 
     checkpoint_root: Path
     dataset_root: Path
@@ -375,6 +527,8 @@ class Sources:
     entries: list[MappingEntry]
     dataset_paths: dict[str, Path]
     """The mapping's dataset names -> the file or folder each resolves to."""
+    reported: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Entry checkpoint -> the metrics its model folder's ``result.json`` gives for its epoch (``reported_<key>``)."""
 
     def checkpoint_path(self, entry: MappingEntry) -> Path:
         return self.checkpoint_root / entry.checkpoint
@@ -384,47 +538,176 @@ class Sources:
         return _dataset_key(self.dataset_paths[entry.dataset])
 
 
+# Bookkeeping numbers of Ray Tune's result.json lines: not metrics of the model.
+_RESULT_BOOKKEEPING = {"epoch", "training_iteration", "timestamp", "pid", "iterations_since_restore", "done"}
+
+
+def scan_checkpoints(root: Path) -> tuple[list[str], dict[str, list[tuple[int, str]]]]:
+    """Every checkpoint under ``root``, recursively (hidden folders skipped).
+
+    Returns:
+        The checkpoint files (known suffixes, outside model folders) and the model folders, as paths relative
+        to ``root`` in POSIX form; a model folder holds ``checkpoint_<epoch>/checkpoints`` files and maps to its
+        ``(epoch, file)`` pairs in epoch order.
+    """
+    files: list[str] = []
+    models: dict[str, list[tuple[int, str]]] = {}
+    for folder, subfolders, names in os.walk(root):
+        here = Path(folder)
+        rel = here.relative_to(root).as_posix()
+        epochs = []
+        for sub in subfolders:
+            match = EPOCH_FOLDER.fullmatch(sub)
+            if match and (here / sub / EPOCH_FILE).is_file():
+                epochs.append((int(match.group(1)), (Path(rel) / sub / EPOCH_FILE).as_posix()))
+        if epochs:
+            models[rel] = sorted(epochs)
+        # Not into epoch folders (their files are the model's) nor hidden folders (.ipynb_checkpoints, .git).
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and not (epochs and EPOCH_FOLDER.fullmatch(d)))
+        files += [(Path(rel) / n).as_posix() for n in sorted(names) if Path(n).suffix.lower() in CHECKPOINT_SUFFIXES]
+    return sorted(files), models
+
+
+def select_epochs(epochs: Sequence[tuple[int, str]], choice: str | int) -> list[tuple[int, str]]:
+    """The ``(epoch, file)`` pairs ``choice`` keeps: ``"last"``, ``"all"`` or the last N."""
+    if choice == "all":
+        return list(epochs)
+    return list(epochs[-(1 if choice == "last" else int(choice)) :])
+
+
+def read_results(model_dir: Path, warn: Callable[[str], None]) -> dict[int, dict[str, float]]:
+    """Per-epoch metrics from a model folder's ``result.json`` (JSON lines, one per epoch), if there is one.
+
+    A line's epoch is its ``epoch`` value, else its ``training_iteration`` (Ray Tune's count, which names the
+    ``checkpoint_<N>`` saved after it). Its finite numbers other than bookkeeping (timestamps, pids, times)
+    become ``reported_<key>`` metrics. Unreadable lines are skipped with one ``warn`` line per file.
+    """
+    path = model_dir / "result.json"
+    if not path.is_file():
+        return {}
+    results: dict[int, dict[str, float]] = {}
+    bad = 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        epoch = row.get("epoch", row.get("training_iteration")) if isinstance(row, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not float(epoch).is_integer():
+            bad += 1
+            continue
+        results[int(epoch)] = {
+            f"reported_{k}": float(v)
+            for k, v in row.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            and k not in _RESULT_BOOKKEEPING and not k.startswith("time")
+        }  # fmt: skip
+    if bad:
+        warn(f"{path}: {bad} line(s) without JSON or an epoch/training_iteration number; ignored")
+    return results
+
+
 def discover(
-    checkpoints: str | Path, datasets: str | Path, mapping: str | Path, warn: Callable[[str], None]
+    checkpoints: str | Path,
+    datasets: str | Path,
+    mapping: str | Path,
+    warn: Callable[[str], None],
+    epochs: str | int = "last",
 ) -> Sources:
     """Stage 1: find the inputs. Reads the mapping and checks that every file it names exists.
 
+    A mapping entry names a checkpoint file (a path relative to ``checkpoints``), or a *model folder*: a folder
+    of ``checkpoint_<epoch>/checkpoints`` files (``torch.save`` state_dicts without a suffix) beside a
+    ``result.json``, named by its path relative to ``checkpoints`` or, when unique, by its folder name alone
+    (found by a recursive scan). A model folder becomes one entry per selected epoch, with the mapping row's
+    dataset, split and run/group, and metrics from ``result.json``.
+
     Args:
-        checkpoints: folder of ``*.safetensors``/``*.pt``/``*.pth`` files.
+        checkpoints: folder of ``*.safetensors``/``*.pt``/``*.pth``/``*.ckpt``/``*.bin`` files or model folders,
+            nested at any depth.
         datasets: folder of datasets (``name``, ``name.npz``, ``name.csv`` or a class-folder directory).
         mapping: the mapping file (see `read_mapping`).
-        warn: receives one line per checkpoint file that the mapping does not name.
+        warn: receives one line per checkpoint file or model folder that the mapping does not name.
+        epochs: which epochs of a model folder to take: ``"last"``, ``"all"`` or the last N.
 
     Returns:
-        The mapping's entries with resolved dataset paths.
+        One entry per checkpoint file with resolved dataset paths.
 
     Raises:
-        ValueError: a missing folder, a malformed mapping, or mapped files that are missing or of the wrong type
-            (all of them in one message).
+        ValueError: a missing folder, a malformed mapping, or mapped files that are missing, ambiguous or of the
+            wrong type (all of them in one message).
     """
     ckpt_root, data_root = Path(checkpoints), Path(datasets)
     for flag, root in (("--checkpoints", ckpt_root), ("--datasets", data_root)):
         if not root.is_dir():
             raise ValueError(f"{flag} folder not found: {root}")
-    entries = read_mapping(mapping)
-    missing_ckpts = [e.checkpoint for e in entries if not (ckpt_root / e.checkpoint).is_file()]
-    wrong_type = [e.checkpoint for e in entries if Path(e.checkpoint).suffix.lower() not in CHECKPOINT_SUFFIXES]
-    dataset_paths = {e.dataset: _resolve_dataset(data_root, e.dataset) for e in entries}
+    choice = parse_epochs(epochs)
+    rows = read_mapping(mapping)
+    files, models = scan_checkpoints(ckpt_root)
+    by_name: dict[str, list[str]] = {}
+    for rel in models:
+        by_name.setdefault(Path(rel).name, []).append(rel)
+    entries: list[MappingEntry] = []
+    reported: dict[str, dict[str, float]] = {}
+    missing, wrong_type, not_models, ambiguous = [], [], [], []
+    mapped_models: set[str] = set()
+    for row in rows:
+        path = ckpt_root / row.checkpoint
+        rel = Path(row.checkpoint).as_posix()
+        if path.is_file() or not (path.is_dir() or by_name.get(rel)):
+            if not path.is_file():
+                missing.append(row.checkpoint)
+            suffix_ok = Path(rel).suffix.lower() in CHECKPOINT_SUFFIXES
+            epoch_file = Path(rel).name == EPOCH_FILE and EPOCH_FOLDER.fullmatch(Path(rel).parent.name)
+            if not (suffix_ok or epoch_file):
+                wrong_type.append(row.checkpoint)
+            entries.append(MappingEntry(rel, row.dataset, row.split, row.group))
+            continue
+        if path.is_dir():
+            model = path.relative_to(ckpt_root).as_posix() if path != ckpt_root else "."
+            if model not in models:
+                not_models.append(row.checkpoint)
+                continue
+        elif len(by_name[rel]) > 1:
+            ambiguous.append(f"{row.checkpoint} ({', '.join(by_name[rel])})")
+            continue
+        else:
+            model = by_name[rel][0]
+        mapped_models.add(model)
+        results = read_results(ckpt_root / model, warn)
+        for epoch, file in select_epochs(models[model], choice):
+            entries.append(MappingEntry(file, row.dataset, row.split, row.group))
+            if epoch in results:
+                reported[file] = results[epoch]
+    dataset_paths = {e.dataset: _resolve_dataset(data_root, e.dataset) for e in rows}
     missing_data = sorted(name for name, p in dataset_paths.items() if p is None)
     problems = []
-    if missing_ckpts:
-        problems.append(f"checkpoint(s) not found in {ckpt_root}: {', '.join(missing_ckpts)}")
+    if missing:
+        problems.append(f"checkpoint(s) not found in {ckpt_root}: {', '.join(missing)}")
     if wrong_type:
         problems.append(f"checkpoint(s) {', '.join(wrong_type)} are not {'/'.join(CHECKPOINT_SUFFIXES)} files")
+    if not_models:
+        problems.append(f"folder(s) {', '.join(not_models)} hold no checkpoint_<epoch>/{EPOCH_FILE} files")
+    if ambiguous:
+        problems.append(f"model folder name(s) found more than once, give the path: {'; '.join(ambiguous)}")
     if missing_data:
         problems.append(f"dataset(s) not found in {data_root}: {', '.join(missing_data)}")
+    seen: set[str] = set()
+    twice = sorted({e.checkpoint for e in entries if e.checkpoint in seen or seen.add(e.checkpoint)})
+    if twice:
+        problems.append(f"checkpoint(s) mapped twice (directly and through their model folder?): {', '.join(twice)}")
     if problems:
         raise ValueError(f"mapping file {mapping}: " + "; ".join(problems))
-    mapped = {e.checkpoint for e in entries}
-    for path in sorted(ckpt_root.iterdir()):
-        if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.name not in mapped:
-            warn(f"checkpoint {path.name} is not in the mapping; ignored")
-    return Sources(ckpt_root, data_root, Path(mapping), entries, dataset_paths)  # type: ignore[arg-type]
+    for rel in files:
+        if rel not in seen:
+            warn(f"checkpoint {rel} is not in the mapping; ignored")
+    for rel in sorted(models):
+        if rel not in mapped_models and not any(file in seen for _, file in models[rel]):
+            warn(f"model folder {rel} is not in the mapping; ignored")
+    return Sources(ckpt_root, data_root, Path(mapping), entries, dataset_paths, reported)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -485,10 +768,38 @@ class Target:
     layout: WeightLayout
     include: tuple[str, ...]
     exclude: tuple[str, ...]
+    prefixes: dict[str, set[str]] = field(default_factory=dict)
+    """Key prefixes stripped so far -> the checkpoint paths they were stripped from."""
 
     def read(self, path: Path) -> dict[str, torch.Tensor]:
-        """The layout's tensors of one checkpoint file (see `load_checkpoint`)."""
-        return load_checkpoint(path, self.layout, self.include, self.exclude)
+        """The layout's tensors of one checkpoint file (see `load_checkpoint`; a shared key prefix is stripped)."""
+        return load_checkpoint(path, self.layout, self.include, self.exclude, self.prefixes)
+
+    def load_as_saved(self, path: Path, state: Mapping[str, torch.Tensor]) -> nn.Module:
+        """`model` holding the checkpoint as saved, to measure its accuracy: the layout's tensors (``state``)
+        and every other tensor of the model that the file holds, e.g. running statistics that ``--exclude``
+        left out of the layout (tensors the file lacks keep the freshly built model's values).
+
+        Raises:
+            ValueError: a layout tensor is missing or misshapen (see `WeightLayout.inject`).
+        """
+        if not hasattr(self, "_fresh"):
+            self._fresh = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.layout.inject(self.model, state)
+        rest = [k for k in self._fresh if k not in self.layout.names]
+        if rest:
+            saved, _ = strip_key_prefix(load_weights(path), self.layout.names)
+            own = self.model.state_dict()
+            with torch.no_grad():
+                for k in rest:
+                    value = saved.get(k)
+                    ok = isinstance(value, torch.Tensor) and value.shape == own[k].shape
+                    own[k].copy_(value if ok else self._fresh[k])
+        return self.model
+
+    def left_out_statistics(self) -> list[str]:
+        """Float buffers of the model (BatchNorm running statistics) that the layout does not hold."""
+        return [k for k, v in self.model.named_buffers() if v.is_floating_point() and k not in self.layout.names]
 
 
 def build_target(settings: IngestSettings) -> Target:
@@ -557,10 +868,11 @@ def validate_checkpoints(
     Args:
         sources, datasets, target: what the earlier stages produced.
         skip_bad: leave bad checkpoints out (one ``warn`` line each) instead of raising.
-        warn: receives the skipped checkpoints.
+        warn: receives the skipped checkpoints, and one notice per key prefix stripped (`strip_key_prefix`).
 
     Returns:
-        The valid checkpoints in mapping order, and the bad ones.
+        The valid checkpoints in mapping order (metrics: accuracy per data split, plus ``reported_<key>`` from a
+        model folder's ``result.json``), and the bad ones.
 
     Raises:
         ValueError: the architecture does not run on the datasets, checkpoint names give clashing member ids,
@@ -568,6 +880,13 @@ def validate_checkpoints(
         BadCheckpointsError: bad checkpoints without ``skip_bad``.
     """
     widths = output_widths(target, datasets)
+    left_out = target.left_out_statistics()
+    if left_out:
+        warn(
+            f"running statistics {left_out[:4]} are not in the layout (--include/--exclude): member accuracies are "
+            "of the checkpoints as saved, but the zoo, its evaluation and generated models use the architecture's "
+            "initial values for them; keep them in the layout to generate them"
+        )
     ids = _member_ids([e.checkpoint for e in sources.entries])
     good: list[ValidCheckpoint] = []
     bad: list[BadCheckpoint] = []
@@ -580,16 +899,23 @@ def validate_checkpoints(
                 raise ValueError(
                     f"class count mismatch: the model outputs {widths[key]} logits but dataset '{key}' has {classes} classes"
                 )
-            target.layout.inject(target.model, state)
+            model = target.load_as_saved(path, state)  # scored as saved: eval mode, its own running statistics
             metrics = {}
             for split in SPLITS:
                 x, y = datasets[key].xy(split)
                 with torch.no_grad():
-                    metrics[f"{split}_acc"] = float(logits_accuracy(target.model(x), y))
+                    metrics[f"{split}_acc"] = float(logits_accuracy(model(x), y))
         except ValueError as err:
             bad.append(BadCheckpoint(entry.checkpoint, one_line(err, empty="unusable")))
             continue
+        metrics.update(sources.reported.get(entry.checkpoint, {}))  # result.json's numbers, as reported_<key>
         good.append(ValidCheckpoint(entry, path, ids[entry.checkpoint], key, metrics))
+    for prefix, paths in sorted(target.prefixes.items()):
+        example = Path(sorted(paths)[0]).relative_to(sources.checkpoint_root).as_posix()
+        warn(
+            f"stripped the key prefix '{prefix}' that every key of {len(paths)} checkpoint(s) shares "
+            f"(e.g. {example}; nn.DataParallel, Lightning and torch.compile add such prefixes)"
+        )
     if bad and not skip_bad:
         raise BadCheckpointsError(bad)
     for b in bad:
@@ -610,37 +936,97 @@ class IngestTask:
     """``"train"``/``"heldout"`` from the mapping, or None: `split_tasks` chooses."""
     order_key: str
     """Sorts the tasks whose split `split_tasks` chooses, so the choice ignores the mapping's order."""
+    groups: tuple[str, ...] = ()
+    """The mapping's run/group values of the members: tasks sharing one land on the same side of the split."""
 
 
 def group_into_tasks(checkpoints: Sequence[ValidCheckpoint]) -> list[IngestTask]:
-    """Stage 4: one task per checkpoint, named by its member id, in the checkpoints' order.
+    """Stage 4: one task per dataset, named by the dataset, whose members are every checkpoint mapped to it
+    (several epochs of a run, several runs), in the order datasets first appear.
+
+    A task is the unit of the held-out choice, so all of a dataset's checkpoints land on one side: an "unseen"
+    task never uses a dataset that training used.
 
     Returns:
-        The tasks; a task's split is its checkpoint's mapped split.
+        The tasks; a task's split is the split its checkpoints are mapped to (if any).
+
+    Raises:
+        ValueError: checkpoints of one dataset are mapped to different splits.
     """
-    return [IngestTask(c.member_id, c.dataset, [c], c.entry.split, c.entry.checkpoint) for c in checkpoints]
+    by_dataset: dict[str, list[ValidCheckpoint]] = {}
+    for c in checkpoints:
+        by_dataset.setdefault(c.dataset, []).append(c)
+    tasks = []
+    for dataset, members in by_dataset.items():
+        splits = {c.entry.split: c.entry.checkpoint for c in members if c.entry.split}
+        if len(splits) > 1:
+            named = " and ".join(f"{split} ({name})" for split, name in sorted(splits.items()))
+            raise ValueError(
+                f"checkpoints of dataset '{dataset}' are mapped to {named}; a dataset is one task on one side of "
+                "the split, so give all of its checkpoints the same split (or none)"
+            )
+        groups = tuple(sorted({c.entry.group for c in members if c.entry.group}))
+        tasks.append(IngestTask(dataset, dataset, members, next(iter(splits), None), dataset, groups))
+    return tasks
+
+
+def split_units(tasks: Sequence[IngestTask]) -> list[list[IngestTask]]:
+    """The tasks joined by shared run/group values (connected components), each unit in task order."""
+    parent = list(range(len(tasks)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[str, int] = {}
+    for i, task in enumerate(tasks):
+        for group in task.groups:
+            j = first_with.setdefault(group, i)
+            parent[root(i)] = root(j)
+    units: dict[int, list[IngestTask]] = {}
+    for i, task in enumerate(tasks):
+        units.setdefault(root(i), []).append(task)
+    return list(units.values())
 
 
 def split_tasks(tasks: Sequence[IngestTask], heldout_fraction: float, seed: int) -> dict[str, str]:
-    """Stage 5: ``"train"`` or ``"heldout"`` per task id.
+    """Stage 5: ``"train"`` or ``"heldout"`` per task id, chosen per dataset, never per checkpoint.
 
-    Tasks keep a split given in the mapping; of the others a seeded ``heldout_fraction`` is held out,
-    always leaving at least one training task.
+    Tasks (datasets) that share a run/group value form one unit that lands on one side. Units keep a split given
+    in the mapping; of the others a seeded ``heldout_fraction`` is held out, always leaving at least one
+    training task.
 
     Raises:
-        ValueError: every task is held out.
+        ValueError: a unit's tasks are mapped to different splits, or every task is held out.
     """
-    task_split = {t.id: t.split for t in tasks if t.split}
-    free = sorted((t for t in tasks if not t.split), key=lambda t: t.order_key)
+    task_split: dict[str, str] = {}
+    free: list[tuple[str, list[IngestTask]]] = []
+    for unit in split_units(tasks):
+        mapped = {t.split: t.id for t in unit if t.split}
+        if len(mapped) > 1:
+            shared = sorted(set.intersection(*(set(t.groups) for t in unit)) or {g for t in unit for g in t.groups})
+            named = " and ".join(f"'{task}' ({split})" for split, task in sorted(mapped.items()))
+            raise ValueError(
+                f"run/group {', '.join(repr(g) for g in shared[:3])} joins datasets {named}; checkpoints of one "
+                "run/group must land on one side of the split"
+            )
+        if mapped:
+            task_split.update({t.id: next(iter(mapped)) for t in unit})
+        else:
+            free.append((min(t.order_key for t in unit), unit))
+    free.sort(key=lambda item: item[0])
     n_heldout = round(heldout_fraction * len(free))
     if "train" not in task_split.values():
         n_heldout = min(n_heldout, len(free) - 1)
     perm = torch.randperm(len(free), generator=torch.Generator().manual_seed(seed)).tolist()
     for rank, i in enumerate(perm):
-        task_split[free[i].id] = "heldout" if rank < max(n_heldout, 0) else "train"
+        for task in free[i][1]:
+            task_split[task.id] = "heldout" if rank < max(n_heldout, 0) else "train"
     if "train" not in task_split.values():
         raise ValueError("every usable checkpoint is held out; a zoo needs at least one 'train' member")
-    return task_split  # type: ignore[return-value]
+    return task_split
 
 
 def check_head_size(tasks: Sequence[IngestTask], datasets: Mapping[str, ZooDataset]) -> None:
@@ -679,6 +1065,7 @@ def write_zoo(
         t.id: {
             "classes": [f"{t.dataset}/{c}" for c in datasets[t.dataset].data.class_names],
             "split": task_splits[t.id],
+            "dataset": t.dataset,  # lets `zoo info`/`evaluate` check that no held-out task shares a train dataset
         }
         for t in tasks
     }
@@ -716,6 +1103,7 @@ def ingest_recipe(
         "heldout_fraction": settings.heldout_fraction,
         "split_fractions": list(settings.split_fractions),
         "seed": settings.seed,
+        "epochs": settings.epochs,
         "skip_bad": settings.skip_bad,
         "skipped": [b.name for b in skipped],
         "sources": {m.member_id: m.entry.checkpoint for t in tasks for m in t.members},
@@ -741,24 +1129,31 @@ def ingest(
     image_size: str | Sequence[int] = (8, 8),
     label_column: str = "label",
     warn: Callable[[str], None] | None = None,
+    align: bool = False,
+    epochs: str | int = "last",
 ) -> ModelZoo:
     """Build a zoo at ``out`` from the checkpoints in ``checkpoints`` (see the module docstring).
 
     Args:
-        checkpoints: folder of ``*.safetensors``/``*.pt``/``*.pth`` state_dicts.
+        checkpoints: folder of ``*.safetensors``/``*.pt``/``*.pth``/``*.ckpt``/``*.bin`` state_dicts, or of model
+            folders (``<model>/checkpoint_<epoch>/checkpoints`` + ``result.json``), at any depth.
         datasets: folder holding the datasets the mapping names.
-        mapping: CSV ``checkpoint,dataset[,split]`` or JSON mapping file.
+        mapping: CSV ``checkpoint,dataset[,split][,run]`` or JSON mapping file (see the module docstring).
         arch: a registered architecture name or ``"module:callable"``; ``arch_config`` its arguments.
         out: the new zoo folder (must not exist or be empty).
         include, exclude: globs selecting the tensors that make up the layout.
         chunk_size: numbers per weight token.
-        heldout_fraction: share of checkpoints without a split in the mapping that become held-out tasks.
+        heldout_fraction: share of datasets (tasks; runs/groups joined) without a mapped split that are held out.
         split_fractions: per-class train/support/test fractions of every dataset.
         seed: seeds the data splits, the held-out choice and the architecture's initialisation.
         skip_bad: leave bad checkpoints out (reported through ``warn``) instead of raising.
         image_size: ``H,W`` image folders are resized to.
         label_column: label column of ``.csv`` datasets.
-        warn: receives one line per warning (skipped or unmapped checkpoints).
+        warn: receives one line per warning (skipped or unmapped checkpoints, stripped key prefixes).
+        epochs: which epochs of each model folder become members: ``"last"``, ``"all"`` or the last N.
+        align: permute every member's hidden units into the basin of one reference member
+            (weight matching, `d2nwg.align.align_zoo_dir`; ``alignment.json`` records it), for
+            checkpoints trained from different random initialisations.
 
     Raises:
         BadCheckpointsError: bad checkpoints without ``skip_bad`` (nothing is written).
@@ -771,10 +1166,10 @@ def ingest(
     settings = parse_settings(
         arch, arch_config=arch_config, include=include, exclude=exclude, chunk_size=chunk_size,
         heldout_fraction=heldout_fraction, split_fractions=split_fractions, seed=seed, skip_bad=skip_bad,
-        image_size=image_size, label_column=label_column,
+        image_size=image_size, label_column=label_column, epochs=epochs,
     )  # fmt: skip
     out = check_new_folder(out)
-    sources = discover(checkpoints, datasets, mapping, warn)
+    sources = discover(checkpoints, datasets, mapping, warn, settings.epochs)
     data, input_spec = read_datasets(sources, settings)
     target = build_target(settings)
     good, bad = validate_checkpoints(sources, data, target, settings.skip_bad, warn)
@@ -782,4 +1177,12 @@ def ingest(
     task_splits = split_tasks(tasks, settings.heldout_fraction, settings.seed)
     check_head_size(tasks, data)
     recipe = ingest_recipe(settings, sources, tasks, bad)
-    return write_zoo(out, tasks, task_splits, data, target, input_spec, recipe)
+    if not align:
+        return write_zoo(out, tasks, task_splits, data, target, input_spec, recipe)
+    # Align as a last transform: written unaligned into a temp sibling, then permuted into ``out``.
+    from d2nwg.align import align_zoo_dir
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.unaligned-") as tmp:
+        write_zoo(Path(tmp) / "zoo", tasks, task_splits, data, target, input_spec, recipe)
+        return align_zoo_dir(Path(tmp) / "zoo", out, seed=settings.seed)

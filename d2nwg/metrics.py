@@ -39,13 +39,15 @@ METRICS: tuple[Metric, ...] = (
     Metric("generated_mean", "generated, mean of N", "generated"),
     Metric("prototype", "prototype head (init body, support class means)", "zero-training"),
     Metric("ncm", "nearest class mean on raw features", "zero-training"),
+    Metric("lda_init", "init body + LDA head on support (no zoo)", "zero-training"),
     Metric("knn_ensemble", "k-nearest weight ensemble (mean of k members)", "memorisation"),
     Metric("retrieval", "retrieval (nearest zoo member)", "memorisation"),
     Metric("retrieval_noise", "retrieval + noise (best of N on support)", "memorisation"),
     Metric("zoo_mean", "zoo mean", "memorisation"),
     Metric("init", "initialisation", "memorisation"),
+    Metric("lda_zoo_mean", "zoo-mean body + LDA head on support", "ablation"),
     Metric("generated_head_only", "generated head only (rest at init)", "ablation"),
 )
 METRIC_BY_KEY = {m.key: m for m in METRICS}
-ZERO_TRAINING_BARS = ("prototype", "ncm", "knn_ensemble")
+ZERO_TRAINING_BARS = ("prototype", "ncm", "lda_init", "knn_ensemble")
 """The baselines that ``generated_minus_best_zero_training`` compares against: no gradient step on the task."""

@@ -214,7 +214,12 @@ class D2NWGPipeline(DiffusionPipeline):
         y = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(dataset)])
         features = head_inputs(module, head_module_name(head_names), weights, x)
         weight, bias = HEAD_SOLVERS[self.config.head_solver](features, y, len(dataset))
-        return with_head(weights, head_names, weight, bias)
+        # Keep the decoded head's scale: the solved rows decide *which* class wins, while the logit
+        # scale (how confident the model is, how far the weights sit from the zoo's) stays the
+        # generator's. Multiplying weight and bias by one positive factor never changes a prediction.
+        decoded = next(weights[n] for n in head_names if n.endswith("weight"))
+        scale = decoded.norm() / weight.norm().clamp_min(1e-12)
+        return with_head(weights, head_names, weight * scale, bias * scale)
 
     def _solver_module(self) -> nn.Module:
         # Built once: the body is swapped in functionally, so one CPU module serves every sample.

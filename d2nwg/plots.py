@@ -17,17 +17,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from d2nwg.io import atomic_path
+from d2nwg.metrics import METRICS
 
-# Methods of a report's per-task rows, in plotting order, with their display names.
-METHODS = {
-    "oracle": "oracle",
-    "init": "init",
-    "zoo_mean": "zoo mean",
-    "retrieval": "retrieval",
-    "retrieval_noise": "retrieval+noise",
-    "generated_mean": "generated mean",
-    "generated_best": "generated best",
-}
 TRAINING_COLUMNS = ("vae/loss", "diffusion/loss")
 
 
@@ -61,10 +52,12 @@ def plot_accuracy_by_method(per_task: Sequence[Mapping], out_png: Path, finetune
         finetune_steps: fine-tuning step counts to show as extra columns (``ft@k``).
     """
     columns: list[tuple[str, list[float]]] = []
-    for key, label in METHODS.items():
-        values = [float(r[key]) for r in per_task if r.get(key) is not None]
+    for metric in METRICS:
+        if metric.role == "ablation":
+            continue
+        values = [float(r[metric.key]) for r in per_task if r.get(metric.key) is not None]
         if values:
-            columns.append((label, values))
+            columns.append((metric.key.replace("_", " "), values))
     for k in finetune_steps:
         found = (_lookup(r.get("finetune") or {}, k) for r in per_task)
         values = [float(v) for v in found if v is not None]

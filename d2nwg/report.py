@@ -115,6 +115,8 @@ def report_markdown(report: Mapping) -> str:
         "",
         f"- novelty ratio (median nearest-zoo distance of generated / of zoo members): {_fmt(s.get('novelty_ratio'))}",
         f"- VAE reconstruction ratio (acc of decode(encode(w)) / acc of w, {s.get('vae_members')} members): {_fmt(s.get('vae_recon_ratio'))}",
+        "- VAE reconstruction ratio by kind of member: "
+        + (", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("vae_recon_ratio_by_kind") or {}).items()) or "n/a"),
         f"- sampling time per task: {_fmt(s.get('sample_seconds_per_task'), 2)} s",
         f"- non-finite generated weight sets: {s.get('generated_nonfinite', 0)}",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),

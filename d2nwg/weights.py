@@ -34,6 +34,12 @@ from torch import nn
 
 from d2nwg.io import atomic_write_text
 
+POSITIVE_TENSORS = ("*running_var",)
+"""Globs of tensors that must stay positive: tokenised in log space (``transform="log"``)."""
+POSITIVE_FLOOR = 1e-30
+"""What a zero in a log-space tensor is stored as (below any ``eps`` a normalisation layer adds)."""
+TRANSFORMS = ("identity", "log")
+
 _DTYPES = {
     "float64": torch.float64,
     "float32": torch.float32,
@@ -52,17 +58,32 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass
 class TensorSpec:
-    """One selected tensor: its name, shape, dtype and normalisation statistics."""
+    """One selected tensor: its name, shape, dtype, normalisation statistics and value transform.
+
+    ``transform="log"``: tokens hold ``log`` of the values (statistics are of the logs), so decoded
+    values are always positive (BatchNorm ``running_var``). ``"identity"``: the values themselves.
+    """
 
     name: str
     shape: tuple[int, ...]
     dtype: str = "float32"
     mean: float = 0.0
     std: float = 1.0
+    transform: str = "identity"
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def spec_forward(spec: TensorSpec, values: torch.Tensor) -> torch.Tensor:
+    """Values -> what tokens hold before normalisation (``log`` for log-space tensors, zeros floored)."""
+    return values.clamp_min(POSITIVE_FLOOR).log() if spec.transform == "log" else values
+
+
+def spec_inverse(spec: TensorSpec, values: torch.Tensor) -> torch.Tensor:
+    """Inverse of `spec_forward` (differentiable): ``exp`` for log-space tensors."""
+    return values.exp() if spec.transform == "log" else values
 
 
 @dataclass
@@ -97,10 +118,12 @@ class WeightLayout:
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate tensor names in layout: {names}")
         self.tensors = [
-            TensorSpec(t.name, tuple(int(s) for s in t.shape), t.dtype, float(t.mean), float(t.std))
+            TensorSpec(t.name, tuple(int(s) for s in t.shape), t.dtype, float(t.mean), float(t.std), t.transform)
             for t in self.tensors
         ]
         for t in self.tensors:
+            if t.transform not in TRANSFORMS:
+                raise ValueError(f"tensor '{t.name}' has unknown transform {t.transform!r}; expected one of {list(TRANSFORMS)}")
             if t.dtype not in _DTYPES:
                 raise ValueError(f"tensor '{t.name}' has unsupported dtype {t.dtype!r}; expected one of {sorted(_DTYPES)}")
             if any(s < 0 for s in t.shape):
@@ -117,7 +140,11 @@ class WeightLayout:
         exclude: Sequence[str] = (),
         chunk_size: int = 32,
     ) -> WeightLayout:
-        """Select floating tensors whose names match any ``include`` glob and no ``exclude`` glob."""
+        """Select floating tensors whose names match any ``include`` glob and no ``exclude`` glob.
+
+        Integer tensors (``num_batches_tracked``) are never selected; those matching `POSITIVE_TENSORS`
+        get ``transform="log"``.
+        """
         specs = []
         for name, value in state_dict.items():
             if not any(fnmatch.fnmatchcase(name, p) for p in include):
@@ -126,7 +153,8 @@ class WeightLayout:
                 continue
             if not torch.is_floating_point(value):
                 continue
-            specs.append(TensorSpec(name, tuple(value.shape), dtype_name(value.dtype)))
+            transform = "log" if any(fnmatch.fnmatchcase(name, p) for p in POSITIVE_TENSORS) else "identity"
+            specs.append(TensorSpec(name, tuple(value.shape), dtype_name(value.dtype), transform=transform))
         if not specs:
             raise ValueError(
                 f"no floating tensor matches include={list(include)} exclude={list(exclude)}; "
@@ -206,6 +234,8 @@ class WeightLayout:
                 )
             if not torch.isfinite(value).all():
                 raise ValueError(f"{prefix}tensor '{spec.name}' contains NaN or Inf values")
+            if spec.transform == "log" and (value < 0).any():
+                raise ValueError(f"{prefix}tensor '{spec.name}' has negative values; a variance cannot be negative")
         if strict:
             unexpected = sorted(set(state_dict) - set(self.names))
             if unexpected:
@@ -225,7 +255,7 @@ class WeightLayout:
         for sd in state_dicts:
             self.validate(sd)
             for i, spec in enumerate(self.tensors):
-                v = sd[spec.name].detach().to(torch.float64)
+                v = spec_forward(spec, sd[spec.name].detach().to(torch.float64))
                 total[i] += v.sum().item()
                 total_sq[i] += (v * v).sum().item()
             count += 1
@@ -261,7 +291,7 @@ class WeightLayout:
             raise ValueError("tokenize needs at least one state_dict")
         parts = []
         for spec, n_tok in zip(self.tensors, self.tokens_per_tensor()):
-            flat = torch.stack([sd[spec.name].detach().reshape(-1) for sd in state_dicts]).to(torch.float64)
+            flat = spec_forward(spec, torch.stack([sd[spec.name].detach().reshape(-1) for sd in state_dicts]).to(torch.float64))
             if normalize:
                 flat = (flat - spec.mean) / spec.std
             pad = n_tok * self.chunk_size - spec.numel
@@ -271,6 +301,9 @@ class WeightLayout:
 
     def unflatten(self, tokens: torch.Tensor, *, normalize: bool = True) -> dict[str, torch.Tensor]:
         """Tokens ``[B, T, chunk_size]`` -> ``{name: [B, *shape]}`` in the tokens' dtype, keeping gradients.
+
+        Log-space tensors come back through ``exp`` (positive). With ``normalize=False`` tokens are
+        taken as the transformed values themselves (the logs, for log-space tensors).
 
         The batched, differentiable inverse of `tokenize` (used by function-space losses);
         `detokenize` is its exact, per-member counterpart.
@@ -285,7 +318,7 @@ class WeightLayout:
             flat = tokens[:, start : start + n_tok].reshape(tokens.shape[0], n_tok * self.chunk_size)[:, : spec.numel]
             if normalize:
                 flat = flat * spec.std + spec.mean
-            out[spec.name] = flat.reshape(tokens.shape[0], *spec.shape)
+            out[spec.name] = spec_inverse(spec, flat).reshape(tokens.shape[0], *spec.shape)
             start += n_tok
         return out
 
@@ -321,10 +354,14 @@ class WeightLayout:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
-        return {
-            "chunk_size": self.chunk_size,
-            "tensors": [{**asdict(t), "shape": list(t.shape)} for t in self.tensors],
-        }
+        """JSON-ready; ``transform`` is written only where it is not ``"identity"`` (older readers stay happy)."""
+        tensors = []
+        for t in self.tensors:
+            item = {**asdict(t), "shape": list(t.shape)}
+            if t.transform == "identity":
+                del item["transform"]
+            tensors.append(item)
+        return {"chunk_size": self.chunk_size, "tensors": tensors}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> WeightLayout:

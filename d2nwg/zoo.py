@@ -120,7 +120,7 @@ class ModelZoo:
             "input": input_spec.to_dict(),
             "recipe": recipe,
             "classes": list(classes),
-            "tasks": {k: {"classes": list(v["classes"]), "split": v.get("split", "train")} for k, v in tasks.items()},
+            "tasks": {k: _task_record(v) for k, v in tasks.items()},
             "members": [],
         }
         # The manifest goes last: its presence marks a zoo whose static files are complete.
@@ -177,6 +177,50 @@ class ModelZoo:
     def train_classes(self) -> set[str]:
         """Every class that at least one training task contains."""
         return {c for t in self.tasks.values() if t["split"] == "train" for c in t["classes"]}
+
+    def task_dataset(self, task: str) -> str | None:
+        """The dataset a task's data comes from, where the zoo says: the ``dataset`` that ingest records, or, for
+        zoos ingested before that record, the shared ``<dataset>/`` namespace of the task's classes. Recipe zoos
+        draw every task from one class pool and record none (None)."""
+        record = self.tasks[task]
+        if record.get("dataset") is not None:
+            return str(record["dataset"])
+        if (self.manifest.get("recipe") or {}).get("name") != "ingest":
+            return None
+        namespaces = {c.split("/", 1)[0] for c in record["classes"] if "/" in c}
+        return namespaces.pop() if len(namespaces) == 1 else None
+
+    def split_leaks(self) -> dict[str, list[str]]:
+        """Held-out tasks whose dataset a training task also uses: ``{held-out task: [train tasks]}``.
+
+        Scores on such tasks measure a dataset the hyper-model was trained on, not an unseen one.
+        Empty for recipe zoos (no dataset records) and for zoos that `d2nwg.ingest` builds now.
+        """
+        train: dict[str, list[str]] = {}
+        for task, record in self.tasks.items():
+            dataset = self.task_dataset(task) if record["split"] == "train" else None
+            if dataset is not None:
+                train.setdefault(dataset, []).append(task)
+        leaks = {}
+        for task, record in self.tasks.items():
+            dataset = self.task_dataset(task) if record["split"] != "train" else None
+            if dataset in train:
+                leaks[task] = train[dataset]
+        return leaks
+
+    def split_leak_message(self) -> str | None:
+        """One line with the counts when `split_leaks` finds any, else None."""
+        leaks = self.split_leaks()
+        if not leaks:
+            return None
+        heldout = sum(1 for t in self.tasks.values() if t["split"] != "train")
+        task, shared = next(iter(leaks.items()))
+        return (
+            f"{len(leaks)} of {heldout} held-out task(s) use a dataset that a train task also uses "
+            f"(e.g. '{task}' shares dataset '{self.task_dataset(task)}' with train task '{shared[0]}'), "
+            f"{len({self.task_dataset(t) for t in leaks})} dataset(s) in all: their scores are not for unseen "
+            "datasets; re-ingest the checkpoints (d2nwg now makes one task per dataset)"
+        )
 
     def task_kind(self, task: str) -> str:
         """``"train"``, or the kind of a held-out task (DESIGN.md §4):
@@ -308,6 +352,14 @@ class ModelZoo:
 def member_groups(ids: Sequence[str], size: int) -> list[list[str]]:
     """Fixed-size consecutive groups: the unit of batched training and of resuming."""
     return [list(ids[i : i + size]) for i in range(0, len(ids), size)]
+
+
+def _task_record(task: Mapping) -> dict:
+    """A task as the manifest stores it; ``dataset`` (ingested zoos) says which dataset the task's data is."""
+    record = {"classes": list(task["classes"]), "split": task.get("split", "train")}
+    if task.get("dataset") is not None:
+        record["dataset"] = str(task["dataset"])
+    return record
 
 
 def _input_spec(spec: InputSpec | Mapping | None) -> InputSpec:

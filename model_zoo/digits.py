@@ -30,6 +30,7 @@ from d2nwg.weights import WeightLayout
 from d2nwg.zoo import ModelZoo
 from model_zoo import Recipe
 from model_zoo.members import train_members
+from model_zoo.splits import draw_split_tasks, parse_class_list
 
 
 @dataclass
@@ -96,17 +97,6 @@ def digits_pool(recipe: DigitsRecipe) -> dict[str, dict[str, torch.Tensor]]:
     return pool
 
 
-def parse_digit_list(text: str) -> list[int]:
-    """``"7,8,9"`` -> ``[7, 8, 9]``; raises ``ValueError`` for anything but distinct digits 0-9."""
-    try:
-        digits = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"unseen_classes must be comma-separated digits such as '7,8,9', got {text!r}") from None
-    if any(not 0 <= d <= 9 for d in digits) or len(set(digits)) != len(digits):
-        raise ValueError(f"unseen_classes must be distinct digits 0-9, got {text!r}")
-    return digits
-
-
 def digits_tasks(recipe: DigitsRecipe) -> dict[str, dict]:
     """Distinct ordered class tuples: training tasks, then the two kinds of held-out task.
 
@@ -116,15 +106,16 @@ def digits_tasks(recipe: DigitsRecipe) -> dict[str, dict]:
     k = recipe.classes_per_task
     if not 1 <= k <= 10:
         raise ValueError(f"classes_per_task must be between 1 and 10, got {k}")
-    unseen = parse_digit_list(recipe.unseen_classes)
-    seen_digits = [d for d in range(10) if d not in unseen]
+    digits = [str(d) for d in range(10)]
+    unseen = parse_class_list(recipe.unseen_classes, digits)
+    seen_count = 10 - len(unseen)
     seen_total = recipe.num_train_tasks + recipe.num_heldout_tasks
-    available = math.perm(len(seen_digits), k) if k <= len(seen_digits) else 0
+    available = math.perm(seen_count, k) if k <= seen_count else 0
     if seen_total > available:
-        # Otherwise the loop below never finds enough distinct class orders.
+        # Otherwise the drawing loop never finds enough distinct class orders.
         raise ValueError(
             f"{seen_total} train + unseen-order tasks requested but only {available} ordered choices of "
-            f"{k} of the {len(seen_digits)} seen digits exist"
+            f"{k} of the {seen_count} seen digits exist"
         )
     novel_available = math.perm(10, k) - available
     if recipe.num_unseen_class_tasks > novel_available:
@@ -133,23 +124,12 @@ def digits_tasks(recipe: DigitsRecipe) -> dict[str, dict]:
             f"choices of {k} digits contain one of {unseen}"
         )
     g = torch.Generator().manual_seed(recipe.seed + 1)
-    used: set[tuple[int, ...]] = set()
-
-    def draw(pool: list[int], count: int, split: str, need_unseen: bool) -> None:
-        drawn = 0
-        while drawn < count:
-            order = tuple(pool[i] for i in torch.randperm(len(pool), generator=g)[:k].tolist())
-            if order in used or (need_unseen and not any(d in unseen for d in order)):
-                continue
-            used.add(order)
-            tasks[f"task{len(tasks):05d}"] = {"classes": [str(d) for d in order], "split": split}
-            drawn += 1
-
-    tasks: dict[str, dict] = {}
-    draw(seen_digits, recipe.num_train_tasks, "train", False)
-    draw(seen_digits, recipe.num_heldout_tasks, "heldout", False)
-    draw(list(range(10)), recipe.num_unseen_class_tasks, "heldout", True)
-    return tasks
+    return draw_split_tasks(
+        digits, unseen,
+        num_train=recipe.num_train_tasks, num_unseen_order=recipe.num_heldout_tasks,
+        num_unseen_classes=recipe.num_unseen_class_tasks,
+        draw=lambda pool: tuple(pool[i] for i in torch.randperm(len(pool), generator=g)[:k].tolist()),
+    )
 
 
 def build(out: str | Path, **settings) -> ModelZoo:

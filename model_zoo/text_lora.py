@@ -44,6 +44,7 @@ from d2nwg.weights import WeightLayout
 from d2nwg.zoo import ModelZoo
 from model_zoo import Recipe
 from model_zoo.members import stacked_task_data, train_members
+from model_zoo.splits import draw_split_tasks, parse_class_list
 
 
 @dataclass
@@ -65,7 +66,13 @@ class TextAdapterRecipe:
     num_train_tasks: int = 224
     """Training tasks (one member each)."""
     num_heldout_tasks: int = 32
-    """Unseen tasks kept for evaluation (their members are the oracles)."""
+    """Held-out tasks of *unseen order*: seen classes in a combination and order no training task uses
+    (their members are the oracles)."""
+    num_unseen_class_tasks: int = 16
+    """Held-out tasks of *unseen classes*: each contains at least one of ``unseen_classes``."""
+    unseen_classes: str = "food>tool,tool>food"
+    """Comma-separated classes (topic pairs) that no training task contains ("" for none): a held-out
+    topic pair in both orders, so that only tasks of the unseen-class kind ever show one."""
     classes_per_task: int = 4
     """Classes per task (K): the head size of every member."""
     mirrored_pairs: int = 1
@@ -141,29 +148,40 @@ def sentence_pool(recipe: TextAdapterRecipe) -> dict[str, dict[str, list[str]]]:
 
 
 def text_tasks(recipe: TextAdapterRecipe) -> dict[str, dict]:
-    """Distinct ordered class tuples: the first ones train, the rest are held out."""
+    """Distinct ordered class tuples: training tasks, then unseen-order and unseen-class held-out tasks."""
     names = class_names()
     k = recipe.classes_per_task
     if not 2 <= k <= len(names):
         raise ValueError(f"classes_per_task must be between 2 and {len(names)}, got {k}")
     if not 0 <= recipe.mirrored_pairs <= k // 2:
         raise ValueError(f"mirrored_pairs must be between 0 and classes_per_task // 2 = {k // 2}, got {recipe.mirrored_pairs}")
-    total = recipe.num_train_tasks + recipe.num_heldout_tasks
+    unseen = parse_class_list(recipe.unseen_classes, names)
+    seen_names = [n for n in names if n not in unseen]
     if math.perm(len(names), k) <= 10**6:  # otherwise there are plenty
-        available = sum(_mirrored(o) >= recipe.mirrored_pairs for o in itertools.permutations(names, k))
-        if total > available:
-            raise ValueError(f"{total} tasks requested but only {available} ordered choices with {recipe.mirrored_pairs} mirrored pairs exist")
+        def count(pool: list[str]) -> int:
+            return sum(_mirrored(o) >= recipe.mirrored_pairs for o in itertools.permutations(pool, k))
+
+        seen_available = count(seen_names)
+        seen_total = recipe.num_train_tasks + recipe.num_heldout_tasks
+        if seen_total > seen_available:
+            raise ValueError(
+                f"{seen_total} train + unseen-order tasks requested but only {seen_available} ordered choices of "
+                f"seen classes with {recipe.mirrored_pairs} mirrored pairs exist"
+            )
+        novel_available = count(names) - seen_available
+        if recipe.num_unseen_class_tasks > novel_available:
+            raise ValueError(
+                f"{recipe.num_unseen_class_tasks} unseen-class tasks requested but only {novel_available} "
+                f"ordered choices contain one of {unseen}"
+            )
     rng = random.Random(recipe.seed + 1)
-    seen: set[tuple[str, ...]] = set()
-    tasks = {}
-    while len(tasks) < total:
-        order = tuple(rng.sample(names, k))
-        if order in seen or _mirrored(order) < recipe.mirrored_pairs:
-            continue
-        seen.add(order)
-        i = len(tasks)
-        tasks[f"task{i:05d}"] = {"classes": list(order), "split": "train" if i < recipe.num_train_tasks else "heldout"}
-    return tasks
+    return draw_split_tasks(
+        names, unseen,
+        num_train=recipe.num_train_tasks, num_unseen_order=recipe.num_heldout_tasks,
+        num_unseen_classes=recipe.num_unseen_class_tasks,
+        draw=lambda pool: tuple(rng.sample(list(pool), k)),
+        accept=lambda order: _mirrored(order) >= recipe.mirrored_pairs,
+    )
 
 
 def _mirrored(order: tuple[str, ...]) -> int:

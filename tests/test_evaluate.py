@@ -130,6 +130,8 @@ def test_report_files(report):
     assert on_disk["summary"]["oracle_acc"] == pytest.approx(result["summary"]["oracle_acc"])
     markdown = (out / "report.md").read_text()
     assert "| method |" in markdown and "/ oracle" in markdown
+    assert "## Unseen classes: 1 tasks" in markdown and "## Unseen order" in markdown
+    assert on_disk["summary_by_kind"]["unseen_classes"]["num_tasks"] == 1
     for png in ("accuracy_by_method.png", "finetune_curve.png"):
         assert png in markdown
         data = (out / png).read_bytes()
@@ -210,3 +212,90 @@ def test_default_finetune_steps_stop_at_the_members_own_training(zoo, tiny_pipel
     assert list(result["finetune_curve"]) == default_finetune_steps(zoo.manifest["recipe"])
     # same init, data, optimiser and step count as the members: the last point reproduces the oracle
     assert result["finetune_curve"][steps] == pytest.approx(result["summary"]["oracle_acc"], abs=0.01)
+
+
+# ----------------------------------------------------------------------------- new baselines, by kind
+def _accuracy(sd, x, y) -> float:
+    """Plain forward of the digits MLP, written out (independent of the vmapped evaluation code)."""
+    h = torch.relu(x @ sd["fc0.weight"].T + sd["fc0.bias"])
+    return float(((h @ sd["fc1.weight"].T + sd["fc1.bias"]).argmax(1) == y).float().mean())
+
+
+def test_ncm_baseline_matches_an_independent_nearest_class_mean(zoo, report):
+    result, _ = report
+    for row in result["per_task"]:
+        support = zoo.class_samples(row["task"], "support")
+        means = [s.double().mean(0) for s in support]
+        x, y = zoo.task_data(row["task"], "test")
+        pred = [min(range(len(means)), key=lambda k: float(((xi.double() - means[k]) ** 2).sum())) for xi in x]
+        assert row["ncm"] == pytest.approx(float((torch.tensor(pred) == y).float().mean()))
+
+
+def test_prototype_baseline_is_the_init_body_with_class_mean_rows(zoo, report):
+    result, _ = report
+    init = zoo.init_state()
+    for row in result["per_task"]:
+        support = zoo.class_samples(row["task"], "support")
+        feats = [torch.relu(s @ init["fc0.weight"].T + init["fc0.bias"]) for s in support]
+        x, y = zoo.task_data(row["task"], "test")
+        h = torch.relu(x @ init["fc0.weight"].T + init["fc0.bias"])
+        dist = torch.stack([((h - f.mean(0)) ** 2).sum(1) for f in feats], 1)  # nearest class mean in feature space
+        assert row["prototype"] == pytest.approx(float((dist.argmin(1) == y).float().mean()), abs=1e-6)
+
+
+def test_lda_baselines_put_an_lda_head_on_the_init_and_zoo_mean_bodies(zoo, report):
+    from d2nwg.heads import lda_head
+
+    result, _ = report
+    train = [zoo.load_member(m) for m in zoo.members("train")]
+    bodies = {"lda_init": zoo.init_state(), "lda_zoo_mean": {k: sum(sd[k] for sd in train) / len(train) for k in train[0]}}
+    for row in result["per_task"]:
+        xs, ys = zoo.task_data(row["task"], "support")
+        x, y = zoo.task_data(row["task"], "test")
+        for key, body in bodies.items():
+            w, b = lda_head(torch.relu(xs @ body["fc0.weight"].T + body["fc0.bias"]), ys, len(row["classes"]))
+            expected = _accuracy({**body, "fc1.weight": w, "fc1.bias": b}, x, y)
+            assert row[key] == pytest.approx(expected, abs=1e-6), key
+
+
+def test_knn_ensemble_averages_the_five_nearest_train_members(zoo, report):
+    result, _ = report
+    train = zoo.members("train")
+    emb = {m.id: torch.cat([c.mean(0) for c in zoo.class_samples(m.task, "support")]) for m in train}
+    for row in result["per_task"]:
+        q = torch.cat([c.mean(0) for c in zoo.class_samples(row["task"], "support")])
+        nearest = sorted(train, key=lambda m: float((emb[m.id] - q).norm()))[:5]
+        sds = [zoo.load_member(m) for m in nearest]
+        mean = {k: sum(sd[k].double() for sd in sds) / len(sds) for k in sds[0]}
+        x, y = zoo.task_data(row["task"], "test")
+        assert row["knn_ensemble"] == pytest.approx(_accuracy({k: v.float() for k, v in mean.items()}, x, y), abs=1e-6)
+        assert nearest[0].id == row["retrieval_member"]
+
+
+def test_summary_by_kind_splits_the_held_out_tasks(zoo, report):
+    result, _ = report
+    by_kind = result["summary_by_kind"]
+    assert set(by_kind) == {"unseen_order", "unseen_classes"}
+    for kind, summary in by_kind.items():
+        rows = [r for r in result["per_task"] if r["kind"] == kind]
+        assert rows and all(r["kind"] == zoo.task_kind(r["task"]) for r in rows)
+        assert summary["num_tasks"] == len(rows)
+        for key in ("generated_best", "prototype", "ncm", "knn_ensemble", "oracle"):
+            assert summary[f"{key}_acc"] == pytest.approx(sum(r[key] for r in rows) / len(rows))
+        bars = max(summary[k] for k in ("prototype_acc", "ncm_acc", "lda_init_acc", "knn_ensemble_acc"))
+        assert summary["generated_minus_best_zero_training"] == pytest.approx(summary["generated_best_acc"] - bars)
+    # Per class: unseen-class tasks report their unseen classes apart.
+    unseen_rows = [r for r in result["per_task"] if r["kind"] == "unseen_classes"]
+    assert all(not all(r["class_seen"]) for r in unseen_rows)
+    assert by_kind["unseen_classes"]["generated_best_acc_unseen_classes"] is not None
+    assert by_kind["unseen_order"]["generated_best_acc_unseen_classes"] is None
+
+
+def test_baselines_can_be_selected_and_unknown_names_are_listed(zoo, tiny_pipeline):
+    pipe = tiny_pipeline(zoo)
+    result = evaluate(pipe, zoo, num_samples=1, num_inference_steps=1, max_tasks=1, baselines=["oracle", "ncm"], progress=False)
+    row = result["per_task"][0]
+    assert "ncm" in row and "oracle" in row and "retrieval" not in row and "finetune" not in row
+    assert result["summary"]["retrieval_acc"] is None
+    with pytest.raises(ValueError, match="known: .*knn_ensemble"):
+        evaluate(pipe, zoo, baselines=["nope"], progress=False)

@@ -156,10 +156,15 @@ def test_skip_bad_builds_a_zoo_of_the_good_members(ingested):
     assert "model zoo" in stdout and "members" in stdout
     zoo = ModelZoo.open(out)
     assert sorted(m.id for m in zoo) == sorted(Path(n).stem for n in GOOD)
-    assert {m.id: m.split for m in zoo}["net_a1"] == "train"
-    assert {m.id: m.split for m in zoo}["net_b1"] == "heldout"
-    assert zoo.tasks["net_img"]["classes"] == ["shapes/centre", "shapes/left", "shapes/top"]
-    assert zoo.tasks["net_a2"]["classes"] == ["blobs_a/0", "blobs_a/1", "blobs_a/2"]
+    # One task per dataset: both blobs_a checkpoints are members of task blobs_a, on its mapped side.
+    assert {m.id: (m.task, m.split) for m in zoo} == {
+        "net_a1": ("blobs_a", "train"), "net_a2": ("blobs_a", "train"),
+        "net_b1": ("blobs_b", "heldout"), "net_img": ("shapes", "train"),
+    }  # fmt: skip
+    assert zoo.tasks["shapes"]["classes"] == ["shapes/centre", "shapes/left", "shapes/top"]
+    assert zoo.tasks["blobs_a"]["classes"] == ["blobs_a/0", "blobs_a/1", "blobs_a/2"]
+    assert {t: r["dataset"] for t, r in zoo.tasks.items()} == {"blobs_a": "blobs_a", "blobs_b": "blobs_b", "shapes": "shapes"}
+    assert zoo.split_leaks() == {}
     assert not any(c.startswith("blobs_c4/") for c in zoo.manifest["classes"])
     assert zoo.manifest["input"] == {"kind": "image", "image_size": [8, 8]}
     assert zoo.architecture == {"name": "mlp", "config": ARCH_CONFIG}
@@ -349,12 +354,12 @@ def test_discover_resolves_datasets_and_warns_about_unmapped_files(tmp_path):
 def test_discover_reports_every_missing_file_at_once(tmp_path):
     from d2nwg.ingest import discover
 
-    root = tiny_workspace(tmp_path, "checkpoint,dataset\nnone.safetensors,d1\na.bin,nodata\n", {"d1": 2}, {})
+    root = tiny_workspace(tmp_path, "checkpoint,dataset\nnone.safetensors,d1\na.txt,nodata\n", {"d1": 2}, {})
     with pytest.raises(ValueError) as err:
         discover(root / "checkpoints", root / "datasets", root / "mapping.csv", warn=lambda m: None)
     message = str(err.value)
-    assert "checkpoint(s) not found" in message and "none.safetensors, a.bin" in message
-    assert "are not .safetensors/.pt/.pth files" in message and "dataset(s) not found" in message
+    assert "checkpoint(s) not found" in message and "none.safetensors, a.txt" in message
+    assert "a.txt are not .safetensors/.pt/.pth/.ckpt/.bin files" in message and "dataset(s) not found" in message
     with pytest.raises(ValueError, match="--datasets folder not found"):
         discover(root / "checkpoints", root / "nowhere", root / "mapping.csv", warn=lambda m: None)
 
@@ -443,38 +448,55 @@ def test_validate_checkpoints_measures_the_checkpoint(tmp_path):
             assert member.metrics[f"{split}_acc"] == pytest.approx((model(x).argmax(-1) == y).float().mean().item())
 
 
-def valid_checkpoints(names_and_splits: list[tuple[str, str | None]]):
+def valid_checkpoints(rows: list[tuple]):
+    """ValidCheckpoints from ``(name, dataset, split[, group])`` rows."""
     from d2nwg.ingest import MappingEntry, ValidCheckpoint
 
-    return [
-        ValidCheckpoint(MappingEntry(f"{name}.pt", "d", split), Path(f"{name}.pt"), name, "d", {"test_acc": 1.0})
-        for name, split in names_and_splits
-    ]
+    out = []
+    for name, dataset, split, *group in rows:
+        entry = MappingEntry(f"{name}.pt", dataset, split, group[0] if group else None)
+        out.append(ValidCheckpoint(entry, Path(f"{name}.pt"), name, dataset, {"test_acc": 1.0}))
+    return out
 
 
-def test_group_into_tasks_makes_one_task_per_checkpoint():
+def test_group_into_tasks_makes_one_task_per_dataset():
     from d2nwg.ingest import group_into_tasks
 
-    checkpoints = valid_checkpoints([("a", "train"), ("b", None)])
+    checkpoints = valid_checkpoints([("a1", "a", "train"), ("b1", "b", None), ("a2", "a", None, "r1")])
     tasks = group_into_tasks(checkpoints)
-    assert [(t.id, t.dataset, t.split, t.order_key) for t in tasks] == [("a", "d", "train", "a.pt"), ("b", "d", None, "b.pt")]
-    assert [t.members for t in tasks] == [[checkpoints[0]], [checkpoints[1]]]
+    assert [(t.id, t.dataset, t.split, t.groups) for t in tasks] == [("a", "a", "train", ("r1",)), ("b", "b", None, ())]
+    assert [t.members for t in tasks] == [[checkpoints[0], checkpoints[2]], [checkpoints[1]]]
+    with pytest.raises(ValueError, match=r"dataset 'a' are mapped to heldout \(a2.pt\) and train \(a1.pt\)"):
+        group_into_tasks(valid_checkpoints([("a1", "a", "train"), ("a2", "a", "heldout")]))
 
 
 def test_split_tasks_keeps_mapped_splits_and_ignores_mapping_order():
     from d2nwg.ingest import group_into_tasks, split_tasks
 
-    named = [("fixed", "heldout"), *((f"t{i}", None) for i in range(10))]
+    named = [("fixed", "fixed", "heldout"), *((f"t{i}", f"t{i}", None) for i in range(10))]
     splits = split_tasks(group_into_tasks(valid_checkpoints(named)), heldout_fraction=0.3, seed=1)
     assert splits["fixed"] == "heldout"
     assert sum(s == "heldout" for s in splits.values()) == 1 + 3
     reordered = split_tasks(group_into_tasks(valid_checkpoints(named[::-1])), heldout_fraction=0.3, seed=1)
     assert reordered == splits
     # Without a mapped training task, at least one task stays in training.
-    only_free = split_tasks(group_into_tasks(valid_checkpoints([("a", None), ("b", None)])), 0.9, seed=0)
+    only_free = split_tasks(group_into_tasks(valid_checkpoints([("a", "a", None), ("b", "b", None)])), 0.9, seed=0)
     assert sorted(only_free.values()) == ["heldout", "train"]
     with pytest.raises(ValueError, match="every usable checkpoint is held out"):
-        split_tasks(group_into_tasks(valid_checkpoints([("a", "heldout")])), 0.1, seed=0)
+        split_tasks(group_into_tasks(valid_checkpoints([("a", "a", "heldout")])), 0.1, seed=0)
+
+
+def test_split_tasks_keeps_a_run_across_datasets_on_one_side():
+    from d2nwg.ingest import group_into_tasks, split_tasks
+
+    # Run r joins datasets d0..d3 (one unit); d4..d9 are free on their own: 7 units, 0.5 of them held out.
+    rows = [(f"c{i}", f"d{i}", None, "r" if i < 4 else None) for i in range(10)]
+    for seed in range(6):
+        splits = split_tasks(group_into_tasks(valid_checkpoints(rows)), heldout_fraction=0.5, seed=seed)
+        assert len({splits[f"d{i}"] for i in range(4)}) == 1
+    mapped = rows + [("x", "d0", "train"), ("y", "d3", "heldout")]
+    with pytest.raises(ValueError, match=r"run/group 'r' joins datasets 'd3' \(heldout\) and 'd0' \(train\)"):
+        split_tasks(group_into_tasks(valid_checkpoints(mapped)), 0.5, seed=0)
 
 
 def test_check_head_size():
@@ -485,7 +507,8 @@ def test_check_head_size():
         name: ZooDataset(name, LabelledDataset([torch.zeros(1, 4)] * k, [str(i) for i in range(k)], []), [])
         for name, k in (("d", 2), ("d3", 3))
     }
-    tasks = group_into_tasks(valid_checkpoints([("a", None), ("b", None)]))
+    tasks = group_into_tasks(valid_checkpoints([("a", "d", None), ("b", "d3", None)]))
+    tasks[1].dataset = "d"
     check_head_size(tasks, datasets)
     tasks[1].dataset = "d3"
     with pytest.raises(ValueError, match=r"different class counts \[2, 3\]"):
@@ -497,20 +520,190 @@ def test_write_zoo_writes_the_tasks_members_and_pool(tmp_path):
 
     root = tiny_workspace(
         tmp_path / "in",
-        "checkpoint,dataset,split\na.safetensors,d1,train\nb.safetensors,d1,heldout\n",
-        {"d1": 2, "unused": 2},
-        {"a.safetensors": tiny_mlp(0), "b.safetensors": tiny_mlp(1)},
+        "checkpoint,dataset,split\na.safetensors,d1,train\nb.safetensors,d1,\nc.safetensors,d2,heldout\n",
+        {"d1": 2, "d2": 2, "unused": 2},
+        {"a.safetensors": tiny_mlp(0), "b.safetensors": tiny_mlp(1), "c.safetensors": tiny_mlp(2)},
     )
     settings, sources, datasets, target = tiny_stages(root)
     good, bad = validate_checkpoints(sources, datasets, target)
     tasks = group_into_tasks(good)
     splits = split_tasks(tasks, settings.heldout_fraction, settings.seed)
     recipe = ingest_recipe(settings, sources, tasks, bad)
-    assert recipe["sources"] == {"a": "a.safetensors", "b": "b.safetensors"} and recipe["skipped"] == []
+    assert recipe["sources"] == {"a": "a.safetensors", "b": "b.safetensors", "c": "c.safetensors"}
+    assert recipe["skipped"] == []
     zoo = write_zoo(tmp_path / "zoo", tasks, splits, datasets, target, InputSpec(kind="vector"), recipe)
-    assert {m.id: (m.task, m.split) for m in zoo} == {"a": ("a", "train"), "b": ("b", "heldout")}
-    assert zoo.tasks["a"]["classes"] == ["d1/0", "d1/1"] and zoo.manifest["recipe"] == recipe
+    assert {m.id: (m.task, m.split) for m in zoo} == {"a": ("d1", "train"), "b": ("d1", "train"), "c": ("d2", "heldout")}
+    assert zoo.tasks["d1"] == {"classes": ["d1/0", "d1/1"], "split": "train", "dataset": "d1"}
+    assert zoo.manifest["recipe"] == recipe and sorted(zoo.manifest["classes"]) == ["d1/0", "d1/1", "d2/0", "d2/1"]
     assert torch.equal(zoo.load_member(next(m for m in zoo if m.id == "b"))["fc0.weight"], tiny_mlp(1)["fc0.weight"])
-    x, y = zoo.task_data("a", "test")
+    x, y = zoo.task_data("d1", "test")
     assert torch.equal(x, datasets["d1"].xy("test")[0]) and torch.equal(y, datasets["d1"].xy("test")[1])
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
+
+
+# ----------------------------------------------------------------------------- tasks are datasets (issue 12, item 2)
+def tiny_argv(root: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "zoo", "ingest", "--checkpoints", str(root / "checkpoints"), "--datasets", str(root / "datasets"),
+        "--mapping", str(root / "mapping.csv"), "--arch", "mlp", "--arch-config", json.dumps(TINY_ARCH),
+        "--chunk-size", "4", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_epochs_of_runs_stay_on_one_side(tmp_path, capsys):
+    """3 epochs of each of 10 runs, each run on its own dataset, no split column, 30% held out."""
+    runs = [f"run{i}" for i in range(10)]
+    files = {f"{run}_epoch{e}.safetensors": tiny_mlp(10 * i + e) for i, run in enumerate(runs) for e in range(3)}
+    rows = "".join(f"{name},data_{name.split('_')[0]}\n" for name in files)
+    root = tiny_workspace(tmp_path, "checkpoint,dataset\n" + rows, {f"data_{run}": 2 for run in runs}, files)
+    assert main(tiny_argv(root, tmp_path / "zoo", "--heldout-fraction", "0.3")) == 0, capsys.readouterr().err
+    zoo = ModelZoo.open(tmp_path / "zoo")
+    sides = {run: {m.split for m in zoo if m.id.startswith(f"{run}_")} for run in runs}
+    assert all(len(s) == 1 for s in sides.values()), sides  # no run on both sides
+    assert sum(s == {"heldout"} for s in sides.values()) == 3 and len(zoo.tasks) == 10
+    train_data = {zoo.task_dataset(t) for t, r in zoo.tasks.items() if r["split"] == "train"}
+    heldout_data = {zoo.task_dataset(t) for t, r in zoo.tasks.items() if r["split"] == "heldout"}
+    assert len(heldout_data) == 3 and not train_data & heldout_data and zoo.split_leaks() == {}
+    assert all(len([m for m in zoo if m.task == t]) == 3 for t in zoo.tasks)  # 3 epochs = 3 members of one task
+    capsys.readouterr()
+    assert main(["zoo", "info", str(tmp_path / "zoo")]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_info_warns_and_evaluate_refuses_a_zoo_whose_split_leaks(tmp_path, capsys):
+    """A zoo ingested the old way (one task per checkpoint) holds held-out tasks of training datasets."""
+    from d2nwg.ingest import IngestTask, ingest_recipe, validate_checkpoints, write_zoo
+
+    root = tiny_workspace(
+        tmp_path / "in", "checkpoint,dataset\na1.safetensors,d1\na2.safetensors,d1\nb1.safetensors,d2\n",
+        {"d1": 2, "d2": 2}, {"a1.safetensors": tiny_mlp(0), "a2.safetensors": tiny_mlp(1), "b1.safetensors": tiny_mlp(2)},
+    )  # fmt: skip
+    settings, sources, datasets, target = tiny_stages(root)
+    good, bad = validate_checkpoints(sources, datasets, target)
+    tasks = [IngestTask(c.member_id, c.dataset, [c], None, c.member_id) for c in good]
+    splits = {"a1": "train", "a2": "heldout", "b1": "heldout"}
+    zoo = write_zoo(tmp_path / "zoo", tasks, splits, datasets, target, InputSpec(kind="vector"), ingest_recipe(settings, sources, tasks, bad))
+    for record in zoo.manifest["tasks"].values():  # as written before tasks recorded their dataset
+        record.pop("dataset")
+    (zoo.root / "manifest.json").write_text(json.dumps(zoo.manifest))
+    assert ModelZoo.open(zoo.root).split_leaks() == {"a2": ["a1"]}
+    assert main(["zoo", "info", str(zoo.root)]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "1 of 2 held-out task(s)" in warning[0] and "'d1'" in warning[0]
+    argv = ["evaluate", "--pipeline", str(tmp_path / "no_pipeline"), "--zoo", str(zoo.root), "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: 1 of 2 held-out task(s)") and "--allow-split-leak" in err and len(err.splitlines()) == 1
+    assert main([*argv, "--allow-split-leak"]) == 2  # past the check: now the missing pipeline is the error
+    assert "pipeline folder not found" in capsys.readouterr().err
+
+
+def test_run_column_and_json_group_are_read(tmp_path):
+    from d2nwg.ingest import read_mapping
+
+    (tmp_path / "m.csv").write_text("checkpoint,dataset,run\na.pt,d1,r1\nb.pt,d2,\n")
+    assert [(e.checkpoint, e.group) for e in read_mapping(tmp_path / "m.csv")] == [("a.pt", "r1"), ("b.pt", None)]
+    (tmp_path / "m.json").write_text(json.dumps({"a.pt": {"dataset": "d1", "group": "g"}, "b.pt": "d2"}))
+    assert [(e.dataset, e.group) for e in read_mapping(tmp_path / "m.json")] == [("d1", "g"), ("d2", None)]
+    (tmp_path / "both.csv").write_text("checkpoint,dataset,run,group\na.pt,d1,r,g\n")
+    with pytest.raises(ValueError, match="both a 'run' and a 'group' column"):
+        read_mapping(tmp_path / "both.csv")
+
+
+# ----------------------------------------------------------------------------- layouts (item 3)
+def model_folder(root: Path, name: str, epochs: range, seed: int) -> None:
+    """``root/name/checkpoint_<epoch:06d>/checkpoints`` (torch.save, no suffix) and ``result.json`` lines."""
+    for e in epochs:
+        (root / name / f"checkpoint_{e:06d}").mkdir(parents=True)
+        torch.save(tiny_mlp(seed + e), root / name / f"checkpoint_{e:06d}" / "checkpoints")
+    lines = [json.dumps({"epoch": e, "test_acc": 0.5 + e / 100, "timestamp": 1700000000 + e, "hostname": "h"}) for e in epochs]
+    (root / name / "result.json").write_text("\n".join([*lines, "{truncated"]) + "\n")
+
+
+def test_model_folders_group_epochs_per_model(tmp_path, capsys):
+    from d2nwg.ingest import discover
+
+    root = tiny_workspace(tmp_path, "checkpoint,dataset\nmodel_a,d1\nzoo/model_b,d2\n", {"d1": 2, "d2": 2}, {})
+    model_folder(root / "checkpoints" / "zoo", "model_a", range(0, 4), seed=0)
+    model_folder(root / "checkpoints" / "zoo", "model_b", range(0, 4), seed=10)
+    model_folder(root / "checkpoints" / "zoo", "model_c", range(0, 2), seed=20)
+
+    def files(epochs):
+        warnings: list[str] = []
+        sources = discover(root / "checkpoints", root / "datasets", root / "mapping.csv", warnings.append, epochs)
+        return [e.checkpoint for e in sources.entries], sources, warnings
+
+    last, _, warnings = files("last")
+    assert last == ["zoo/model_a/checkpoint_000003/checkpoints", "zoo/model_b/checkpoint_000003/checkpoints"]
+    assert "model folder zoo/model_c is not in the mapping; ignored" in warnings
+    assert sum("line(s) without JSON" in w for w in warnings) == 2  # the truncated last line of each mapped result.json
+    assert [Path(f).parent.name for f in files(2)[0]] == ["checkpoint_000002", "checkpoint_000003"] * 2
+    every, sources, _ = files("all")
+    assert len(every) == 8 and sources.reported[every[1]] == {"reported_test_acc": 0.51}
+    with pytest.raises(ValueError, match="--epochs must be"):
+        files("0")
+
+    assert main(tiny_argv(root, tmp_path / "zoo", "--epochs", "all", "--heldout-fraction", "0.5")) == 0, capsys.readouterr().err
+    zoo = ModelZoo.open(tmp_path / "zoo")
+    assert sorted(m.id for m in zoo) == [f"model_{x}-e{e}" for x in "ab" for e in range(4)]
+    assert {m.task for m in zoo if m.id.startswith("model_a")} == {"d1"} and len({m.split for m in zoo}) == 2
+    member = next(m for m in zoo if m.id == "model_b-e2")
+    assert member.metrics["reported_test_acc"] == pytest.approx(0.52) and "reported_timestamp" not in member.metrics
+    assert torch.equal(zoo.load_member(member)["fc0.weight"], tiny_mlp(12)["fc0.weight"])
+
+
+def test_prefixed_and_lightning_checkpoints_are_read(tmp_path, capsys):
+    sd = tiny_mlp(0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    lightning = {
+        "epoch": 3, "global_step": 30, "pytorch-lightning_version": "2.4.0",
+        "state_dict": {f"model.{k}": v for k, v in tiny_mlp(1).items()},
+        "optimizer_states": [optimizer.state_dict()], "lr_schedulers": [], "loops": {"fit_loop": {"epoch_progress": {}}},
+        "callbacks": {}, "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.1},
+    }  # fmt: skip
+    root = tiny_workspace(
+        tmp_path, "checkpoint,dataset\ndp.pt,d1\nlight.ckpt,d1\ncompiled.safetensors,d1\n", {"d1": 2},
+        {"compiled.safetensors": {f"module._orig_mod.{k}": v for k, v in tiny_mlp(2).items()}},
+    )  # fmt: skip
+    torch.save({f"module.{k}": v for k, v in sd.items()}, root / "checkpoints" / "dp.pt")
+    torch.save(lightning, root / "checkpoints" / "light.ckpt")
+    assert main(tiny_argv(root, tmp_path / "zoo")) == 0
+    err = capsys.readouterr().err
+    notices = [line for line in err.splitlines() if "stripped the key prefix" in line]
+    assert len(notices) == 3 and any("'module._orig_mod.'" in n and "compiled.safetensors" in n for n in notices), err
+    zoo = ModelZoo.open(tmp_path / "zoo")
+    for member, seed in (("dp", 0), ("light", 1), ("compiled", 2)):
+        assert torch.equal(zoo.load_member(member)["fc1.weight"], tiny_mlp(seed)["fc1.weight"])
+
+
+def test_prefix_mismatch_is_named(tmp_path, capsys):
+    wrapped = {f"module.{'net' if k.startswith('fc0') else 'head'}.{k}": v for k, v in tiny_mlp(0).items()}
+    mixed = {**{f"model.{k}": v for k, v in tiny_mlp(1).items()}, "loss_fn.weight": torch.ones(2)}
+    root = tiny_workspace(
+        tmp_path, "checkpoint,dataset\nwrapped.safetensors,d1\nmixed.safetensors,d1\n", {"d1": 2},
+        {"wrapped.safetensors": wrapped, "mixed.safetensors": mixed},
+    )  # fmt: skip
+    assert main(tiny_argv(root, tmp_path / "zoo")) == 2
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().err.splitlines()}
+    assert "checkpoint keys start with 'module.'" in lines["bad checkpoint wrapped.safetensors"]
+    assert "the architecture expects 'fc0.weight'" in lines["bad checkpoint wrapped.safetensors"]
+    assert "has 'model.fc0.weight', but not every key starts with 'model.'" in lines["bad checkpoint mixed.safetensors"]
+
+
+# ----------------------------------------------------------------------------- unreadable checkpoints (item 5)
+def test_unsafe_pickles_are_one_clear_line_each(tmp_path, capsys):
+    import argparse
+
+    root = tiny_workspace(tmp_path, "checkpoint,dataset\nns.pt,d1\nnp.pt,d1\nfloat.pt,d1\n", {"d1": 2}, {})
+    torch.save({**tiny_mlp(0), "args": argparse.Namespace(lr=0.1)}, root / "checkpoints" / "ns.pt")
+    torch.save({**tiny_mlp(0), "best": np.float64(0.9)}, root / "checkpoints" / "np.pt")
+    torch.save({**tiny_mlp(0), "lr": 0.1}, root / "checkpoints" / "float.pt")
+    assert main(tiny_argv(root, tmp_path / "zoo")) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "Traceback" not in err
+    lines = {line.split(":")[0]: line for line in err.splitlines() if line.startswith("bad checkpoint")}
+    assert len(lines) == 3
+    assert "'argparse.Namespace'" in lines["bad checkpoint ns.pt"]
+    assert "multiarray.scalar'" in lines["bad checkpoint np.pt"]
+    assert "key 'lr' holds a float" in lines["bad checkpoint float.pt"]
+    assert all("safetensors" in line and str(root / "checkpoints") in line for line in lines.values())

@@ -91,7 +91,9 @@ def test_name_stored_before_the_registry_still_builds():
 
 
 def test_sentences_and_tasks():
-    recipe = TextAdapterRecipe(num_train_tasks=20, num_heldout_tasks=5, samples_train=3, samples_support=2, samples_test=2)
+    recipe = TextAdapterRecipe(
+        num_train_tasks=20, num_heldout_tasks=5, num_unseen_class_tasks=4, samples_train=3, samples_support=2, samples_test=2
+    )
     pool = sentence_pool(recipe)
     assert list(pool) == class_names() and len(pool) == 12
     assert pool == sentence_pool(recipe)  # reproducible
@@ -101,12 +103,18 @@ def test_sentences_and_tasks():
     assert max(len(tok(s)["input_ids"]) for s in everything) <= recipe.max_length  # nothing truncated
     tasks = text_tasks(recipe)
     orders = [tuple(t["classes"]) for t in tasks.values()]
-    assert len(set(orders)) == 25 and sum(t["split"] == "heldout" for t in tasks.values()) == 5
+    assert len(set(orders)) == 29 and sum(t["split"] == "heldout" for t in tasks.values()) == 9
+    # the held-out topic pair never reaches a training task, and exactly the 4 unseen-class tasks hold it
+    hidden = set(recipe.unseen_classes.split(","))
+    assert not any(hidden & set(t["classes"]) for t in tasks.values() if t["split"] == "train")
+    assert sum(bool(hidden & set(t["classes"])) for t in tasks.values()) == 4
     mirrored = lambda o: sum(">".join(reversed(c.split(">"))) in o for c in o) // 2  # noqa: E731
     assert all(mirrored(o) >= 1 for o in orders)
     assert all(mirrored(o) == 2 for o in text_tasks(dataclasses.replace(recipe, mirrored_pairs=2)).values() for o in [tuple(o["classes"])])
     with pytest.raises(ValueError, match="ordered choices"):
         text_tasks(dataclasses.replace(recipe, classes_per_task=2, num_train_tasks=200))
+    with pytest.raises(ValueError, match="unseen_classes"):
+        text_tasks(dataclasses.replace(recipe, unseen_classes="food>food"))
 
 
 def test_text_recipes_registered_with_their_settings():
@@ -127,7 +135,7 @@ def test_recipe_resolves_auto_layers_by_weight_snr():
         architecture(TextAdapterRecipe(layers="9"))
 
 
-TINY = dict(num_train_tasks=3, num_heldout_tasks=2, samples_train=4, samples_support=2, samples_test=4, steps=3, group_size=2)
+TINY = dict(num_train_tasks=3, num_heldout_tasks=1, num_unseen_class_tasks=1, samples_train=4, samples_support=2, samples_test=4, steps=3, group_size=2)
 
 
 @pytest.mark.slow

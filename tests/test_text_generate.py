@@ -32,7 +32,7 @@ from d2nwg.text_classifier import DEFAULT_BASE, resolve_base, text_features, to_
 from model_zoo import get_recipe  # noqa: E402
 from model_zoo.text_lora import TextAdapterRecipe, sentence_pool  # noqa: E402
 
-TINY = dict(num_train_tasks=3, num_heldout_tasks=2, samples_train=4, samples_support=6, samples_test=2, steps=3, group_size=3)
+TINY = dict(num_train_tasks=3, num_heldout_tasks=1, num_unseen_class_tasks=1, samples_train=4, samples_support=6, samples_test=2, steps=3, group_size=3)
 """5 members; 8 sentences per class for the user's CSV (support + test), 2 of them held back by --select."""
 STEPS = ["--steps", "3"]
 BASES = {
