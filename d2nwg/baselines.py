@@ -24,7 +24,7 @@ from torch import nn
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import mean_state_dict, paired_accuracy, shared_accuracy, train_ensemble
-from d2nwg.heads import class_mean_head, head_inputs, head_module_name, lda_head, with_head
+from d2nwg.heads import class_mean_head, head_inputs, head_module_name, lda_cv_head, with_head
 from d2nwg.registry import Registry
 from d2nwg.zoo import Member, ModelZoo
 
@@ -258,14 +258,14 @@ def prototype(ctx: EvalContext) -> dict[str, list]:
     return {"prototype": _values(ctx.accuracy(_solved_heads(ctx, ctx.start, class_mean_head)))}
 
 
-@baseline("lda_init", "init body with a shrinkage-LDA head on the support features (no zoo, no gradient step)")
+@baseline("lda_init", "init body with the pipeline's shrinkage-LDA head on the support features (no zoo, no gradient step)")
 def lda_init(ctx: EvalContext) -> dict[str, list]:
-    return {"lda_init": _values(ctx.accuracy(_solved_heads(ctx, ctx.start, lda_head)))}
+    return {"lda_init": _values(ctx.accuracy(_solved_heads(ctx, ctx.start, lda_cv_head)))}
 
 
 @baseline("lda_zoo_mean", "zoo-mean body with a shrinkage-LDA head: the generator's head rule without the generator")
 def lda_zoo_mean(ctx: EvalContext) -> dict[str, list]:
-    return {"lda_zoo_mean": _values(ctx.accuracy(_solved_heads(ctx, ctx.zoo_mean, lda_head)))}
+    return {"lda_zoo_mean": _values(ctx.accuracy(_solved_heads(ctx, ctx.zoo_mean, lda_cv_head)))}
 
 
 @baseline("ncm", "nearest class mean of the support samples on raw input features (vector inputs only)")

@@ -15,6 +15,8 @@ from d2nwg.console import print_summary, print_summary_by_kind, print_zoo
 from d2nwg.errors import UserError, one_line
 
 EXIT_USER_ERROR = 2
+HEAD_SOLVER_CHOICES = ("generated", "lda", "class_mean")
+"""``d2nwg.heads.HEAD_SOLVERS`` plus "generated" (a test keeps them in step; the parser must stay light)."""
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 """Shows "(default: ...)" after each option's help."""
 
@@ -102,6 +104,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if leak:
         print(f"warning: {leak}", file=sys.stderr)
     pipe = D2NWGPipeline.from_pretrained(args.pipeline)
+    if args.head_solver:
+        pipe.set_head_solver(args.head_solver)
     report = evaluate(
         pipe,
         zoo,
@@ -125,6 +129,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from d2nwg.pipeline import D2NWGPipeline
 
     pipe = D2NWGPipeline.from_pretrained(args.pipeline)
+    if args.head_solver:
+        pipe.set_head_solver(args.head_solver)
     if args.base:
         use_base(pipe, args.base)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
@@ -272,15 +278,14 @@ def add_evaluate_parser(sub) -> None:
     ev.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
     ev.add_argument("--max-tasks", type=int, default=None, help="evaluate only the first N held-out tasks")
+    ev.add_argument("--head-solver", choices=HEAD_SOLVER_CHOICES, default=None, help="override how the pipeline writes heads")
     ev.add_argument(
         "--allow-split-leak", action="store_true",
         help="evaluate even when held-out tasks share a dataset with train tasks (zoos ingested before tasks were datasets)",
     )
-    from d2nwg.baselines import BASELINES
-
     ev.add_argument(
-        "--baselines", nargs="+", choices=BASELINES.names(), default=None, metavar="NAME",
-        help=f"baselines to run (default: all of {', '.join(BASELINES.names())})",
+        "--baselines", nargs="+", default=None, metavar="NAME",
+        help="baselines to run, names from d2nwg.baselines.BASELINES (an unknown name lists them) (default: all)",
     )
     ev.set_defaults(func=cmd_evaluate)
 
@@ -304,6 +309,7 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.add_argument("--steps", type=int, default=50, help="denoising steps")
     gen.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
+    gen.add_argument("--head-solver", choices=HEAD_SOLVER_CHOICES, default=None, help="override how the pipeline writes heads")
     gen.set_defaults(func=cmd_generate)
 
 
@@ -340,9 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:  # Ctrl-C; `d2nwg.errors.Interrupted` also for SIGTERM (exit 143)
+        print(f"interrupted: {one_line(err)}" if str(err) else "interrupted", file=sys.stderr)
+        return 128 + getattr(err, "signum", 2)
     return 0
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable, Iterator
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -40,6 +43,96 @@ class ZooTokenDataset(Dataset):
         return i, self.tokens[i], draw_class_sets(self.class_samples[i], self.samples_per_class)
 
 
+class ResumableLoader(DataLoader):
+    """A shuffled ``DataLoader`` whose place in the epoch survives a checkpoint (Lightning's ``_Stateful``).
+
+    It draws exactly what ``DataLoader(dataset, batch_size, shuffle=True, drop_last=...)`` draws, from the
+    global torch RNG and at the same moments, so training numerics do not change: the epoch's permutation
+    (one global draw, when the first batch is asked for, as ``RandomSampler`` does) and each member's
+    conditioning samples (drawn by the dataset as its batch is collated). `state_dict` saves the epoch's
+    batches of indices, how many of them training has consumed and any batch already collated but not yet
+    trained on; after `load_state_dict` the next iterator continues that epoch. With the global RNG state
+    that `d2nwg.training.D2NWGModule` saves, a resumed run draws what an uninterrupted one would have.
+
+    Args:
+        dataset: the member dataset (``__getitem__`` may draw from the global RNG).
+        batch_size, drop_last: as for ``DataLoader``.
+        consumed: returns how many batches of the current epoch training has consumed (``None``: unknown,
+            taken as every batch collated so far).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, drop_last: bool, consumed: Callable[[], int | None] = lambda: None):
+        super().__init__(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
+        self.consumed = consumed
+        self._order: list[list[int]] = []  # the current epoch's batches of member indices
+        self._collated = 0  # batches of the epoch collated so far
+        self._recent: deque = deque(maxlen=2)  # (position, batch) of the last batches collated
+        self._resume: dict | None = None
+
+    @property
+    def _index_sampler(self):
+        # The base iterator asks this for batches of indices; the whole epoch is materialised at the first
+        # request, which is when ``RandomSampler`` makes its one global RNG draw anyway.
+        batches = super()._index_sampler
+        loader = self
+
+        class WholeEpoch:
+            def __iter__(self):
+                def gen():
+                    loader._order = [list(b) for b in batches]
+                    yield from loader._order
+
+                return gen()
+
+            def __len__(self):
+                return len(batches)
+
+        return WholeEpoch()
+
+    def __iter__(self) -> Iterator:
+        if self._resume is not None:
+            state, self._resume = self._resume, None
+            return self._continue(state)
+        return self._epoch()
+
+    def _epoch(self) -> Iterator:
+        self._order, self._collated, self._recent = [], 0, deque(maxlen=2)
+        for batch in super().__iter__():  # the base loader's draws, unchanged
+            self._yielded(batch)
+            yield batch
+
+    def _yielded(self, batch) -> None:
+        self._recent.append((self._collated, batch))
+        self._collated += 1
+
+    def _continue(self, state: dict) -> Iterator:
+        self._order, self._recent = [list(b) for b in state["order"]], deque(maxlen=2)
+        self._collated = int(state["consumed"])
+        for batch in state["pending"]:  # collated before the checkpoint, not yet trained on
+            self._yielded(batch)
+            yield batch
+        for indices in self._order[self._collated :]:
+            batch = self.collate_fn([self.dataset[i] for i in indices])
+            self._yielded(batch)
+            yield batch
+
+    def state_dict(self) -> dict:
+        """``{"order", "consumed", "pending", "size", "batch_size"}`` of the current epoch."""
+        consumed = self.consumed()
+        consumed = self._collated if consumed is None else min(int(consumed), self._collated)
+        pending = [batch for pos, batch in self._recent if pos >= consumed]
+        if len(pending) != self._collated - consumed:  # more in flight than kept: redraw them instead
+            pending, consumed = [], self._collated
+        return {"order": self._order, "consumed": consumed, "pending": pending, "size": len(self.dataset), "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the saved epoch at the next iterator, if the zoo and batch size are the same (else start anew)."""
+        same = state.get("size") == len(self.dataset) and state.get("batch_size") == self.batch_size
+        unfinished = state.get("pending") or int(state.get("consumed", 0)) < len(state.get("order", []))
+        if same and unfinished:  # a finished epoch resumes as the next one starts: with a fresh permutation
+            self._resume = state
+
+
 class ZooDataModule(L.LightningDataModule):
     """Serves a zoo's training members to the hyper-model.
 
@@ -69,4 +162,12 @@ class ZooDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = ZooTokenDataset(self.tokens, self.class_samples, self.hparams.samples_per_class)
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=True, drop_last=len(dataset) > self.hparams.batch_size)
+        drop_last = len(dataset) > self.hparams.batch_size
+        return ResumableLoader(dataset, self.hparams.batch_size, drop_last, consumed=self._consumed_batches)
+
+    def _consumed_batches(self) -> int | None:
+        """Batches of the current epoch that training has run (what a resumed epoch skips)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed

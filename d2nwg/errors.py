@@ -21,3 +21,16 @@ def one_line(err: BaseException, empty: str | None = None) -> str:
     if not text:
         return empty if empty is not None else type(err).__name__
     return text.splitlines()[0]
+
+
+class Interrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM; the CLI prints its message on one line and exits ``128 + signum``.
+
+    Args:
+        message: what was kept, e.g. where the checkpoint that resumes the run is.
+        signum: the signal number (2 for SIGINT: exit code 130; 15 for SIGTERM: 143).
+    """
+
+    def __init__(self, message: str = "", signum: int = 2):
+        super().__init__(message)
+        self.signum = signum

@@ -24,6 +24,7 @@ from torch import nn
 from d2nwg.architectures import build_model, folder_exporter
 from d2nwg.datasets import LabelledDataset, to_xy
 from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts
+from d2nwg.guard import chance_threshold, check_feature_range, embedding_distance, far_from_zoo_message
 from d2nwg.io import atomic_dir, load_safetensors, save_safetensors
 from d2nwg.pipeline import D2NWGPipeline
 from d2nwg.weights import WeightLayout
@@ -39,6 +40,12 @@ class GenerationResult:
     num_held_back: int = 0
     exported: str | None = None
     """The weight file that the standard (e.g. PEFT) folder in ``out`` holds, if the architecture exports one."""
+    best_at_chance: bool | None = None
+    """Whether the best weight set's held-back accuracy is not clearly above chance (`d2nwg.guard.at_chance`)."""
+    chance_threshold: float | None = None
+    """The held-back accuracy below which `best_at_chance` holds (``1/K`` plus two binomial standard deviations)."""
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    """What the dataset checks found (e.g. the dataset is far from every training task)."""
 
 
 def split_held_back(dataset: LabelledDataset, fraction: float, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[str]]]:
@@ -68,12 +75,24 @@ def generate_to_folder(
     num_inference_steps: int = 50,
     guidance_scale: float = 1.0,
     source: str = "",
+    warn=None,
 ) -> GenerationResult:
     """Generate ``num_samples`` weight sets for ``dataset`` and write them atomically to ``out``.
 
     With ``select="support"`` a ``held_back_fraction`` of each class is kept out of the
     conditioning, and the weight set most accurate on it is written as ``best.safetensors``.
+
+    The dataset is first compared with the pipeline's zoo (`d2nwg.guard`; pipelines that recorded
+    no statistics skip this): values outside the zoo's range are rejected, and a dataset farther
+    from every training task than training tasks are from each other gets a warning (``warn``,
+    and ``GenerationResult.warnings``). A best weight set whose held-back accuracy is not clearly
+    above chance is flagged (``best_at_chance``, and ``"at_chance"`` in ``config.json``).
+
+    Raises:
+        ValueError: a non-empty ``out``, an unknown ``select``, a class count the pipeline does not
+            generate, or values outside the zoo's range.
     """
+    warn = warn or (lambda message: None)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} already exists and is not empty")
@@ -83,17 +102,26 @@ def generate_to_folder(
         raise ValueError(
             f"the dataset has {dataset.num_classes} classes but the pipeline generates {pipe.num_classes}-class models"
         )
+    stats = pipe.target_spec.data_stats
+    check_feature_range(stats, dataset.per_class, pipe.target_spec.input.condition_features)
     if select:
         cond, held, held_sources = split_held_back(dataset, held_back_fraction, seed)
     else:
         cond, held, held_sources = dataset.per_class, None, None
+    found = []
+    distances = embedding_distance(pipe, stats, cond)
+    if distances is not None and (message := far_from_zoo_message(*distances)):
+        found.append(message)
+        warn(message)
     generator = torch.Generator().manual_seed(seed)
     output = pipe(cond, num_samples=num_samples, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator)
-    scores = best_index = None
+    scores = best_index = best_at_chance = threshold = None
     if held is not None:
         x, y = to_xy(held)
         scores = ensemble_accuracy(pipe.build_model(), stack_state_dicts(output.weights), x, y).tolist()
         best_index = max(range(len(scores)), key=scores.__getitem__)
+        threshold = chance_threshold(dataset.num_classes, len(y))
+        best_at_chance = scores[best_index] < threshold
     target = pipe.target_spec
     names = [f"weights_{i:03d}.safetensors" for i in range(num_samples)]
     export = folder_exporter(target.architecture)
@@ -110,7 +138,11 @@ def generate_to_folder(
         "guidance_scale": guidance_scale,
         "selection": None
         if held is None
-        else {"method": "held-back samples", "held_back": held_sources, "scores": scores, "best": best_index},
+        else {
+            "method": "held-back samples", "held_back": held_sources, "scores": scores, "best": best_index,
+            "at_chance": best_at_chance, "chance_threshold": threshold,
+        },
+        "warnings": found,
         "exported": exported,
     }
     with atomic_dir(out) as tmp:
@@ -119,7 +151,9 @@ def generate_to_folder(
         for name, weights in zip(names, output.weights):
             save_safetensors(tmp / name, weights, {"seed": seed, "format": "d2nwg-generated"})
         if best_index is not None:
-            save_safetensors(tmp / "best.safetensors", output.weights[best_index], {"score": scores[best_index]})
+            save_safetensors(
+                tmp / "best.safetensors", output.weights[best_index], {"score": scores[best_index], "at_chance": best_at_chance}
+            )
         (tmp / "labels.json").write_text(json.dumps({str(i): n for i, n in enumerate(dataset.class_names)}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return GenerationResult(
@@ -130,6 +164,9 @@ def generate_to_folder(
         scores=scores,
         num_held_back=sum(len(h) for h in held) if held is not None else 0,
         exported=exported,
+        best_at_chance=best_at_chance,
+        chance_threshold=threshold,
+        warnings=found,
     )
 
 

@@ -98,6 +98,16 @@ def model_card(pipeline_dir: Path, repo_id: str, report: Mapping | None = None) 
     )
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, dict))
     results = f"## Results on held-out tasks\n\n| metric | value |\n|---|---|\n{rows}\n" if rows else ""
+    by_kind = (report or {}).get("summary_by_kind") or {}
+    if by_kind:
+        kinds = list(by_kind)
+        header = " | ".join(f"{k} ({by_kind[k]['num_tasks']} tasks)" for k in kinds)
+        lines = [f"| metric | {header} |", "|---|" + "---|" * len(kinds)]
+        for metric in METRICS:
+            values = [by_kind[k].get(metric.summary_key) for k in kinds]
+            if any(v is not None for v in values):
+                lines.append(f"| {metric.label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in values) + " |")
+        results += "\n### By kind of held-out task\n\n" + "\n".join(lines) + "\n"
     plot = "![accuracy by method](accuracy_by_method.png)\n" if (pipeline_dir / "accuracy_by_method.png").exists() else ""
     arch = json.dumps(target.get("architecture", {}))
     content = f"""---

@@ -1,20 +1,37 @@
-"""The LightningCLI entry of training (``train.py`` and ``d2nwg train`` both use it)."""
+"""The LightningCLI entry of training (``train.py`` and ``d2nwg train`` both use it).
+
+Checkpoints you can resume from: `ResumeCheckpoint` keeps ``RUN/checkpoints/last.ckpt``
+current every ``checkpoint.every_n_train_steps`` steps (default 100; ``--set
+checkpoint.every_n_train_steps=N`` or ``checkpoint:`` in a config), at the end of the VAE
+stage, at the end of ``fit`` and when SIGINT (Ctrl-C) or SIGTERM asks training to stop:
+`train` turns those signals into a request that the callback honours at the end of the
+current step (saving, then stopping), so a checkpoint never holds half a step. A second
+Ctrl-C aborts at once (the last saved checkpoint stays valid: every write is a temp file
+renamed into place). `train` then raises `d2nwg.errors.Interrupted` (the CLI prints one
+line and exits 130, or 143 for SIGTERM).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
+import signal
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from d2nwg.datamodule import ZooDataModule
-from d2nwg.errors import UserError
+from d2nwg.errors import Interrupted, UserError
+from d2nwg.guard import zoo_statistics
 from d2nwg.io import atomic_dir
 from d2nwg.pipeline import D2NWGPipeline
 from d2nwg.specs import TargetSpec
@@ -38,6 +55,12 @@ def pipeline_from_module(module: D2NWGModule, datamodule: ZooDataModule) -> D2NW
         head_solver=module.hparams.head_solver,
     )
     pipe.set_progress_bar_config(disable=True)
+    # What `d2nwg generate` compares a user's dataset with: the training tasks' feature range and embeddings.
+    tasks = list(dict.fromkeys(m.task for m in zoo.members(datamodule.hparams.split)))
+    stats = zoo_statistics(
+        pipe, [zoo.class_samples(t, "train") for t in tasks], raw_features=zoo.input_spec.kind in ("vector", "image")
+    )
+    pipe.register_to_config(target=dataclasses.replace(target, data_stats=stats).to_dict())
     return pipe
 
 
@@ -72,13 +95,96 @@ class ExportPipeline(L.Callback):
                 log_artifact(logger.experiment, out, name="d2nwg-pipeline", kind="model")
 
 
+class StopRequest:
+    """Set by the SIGINT/SIGTERM handlers that `train` installs; `ResumeCheckpoint` honours it between steps."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, keep the last saved checkpoint
+        self.signum = signum
+
+
+STOP = StopRequest()
+"""The process's one stop request (signal handlers are per process)."""
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Route SIGINT and SIGTERM to `STOP` while the block runs (main thread only); restore the old handlers after."""
+    STOP.signum = None
+    if threading.current_thread() is not threading.main_thread():
+        yield STOP
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in previous:
+            signal.signal(s, STOP)
+        yield STOP
+    finally:
+        for s, handler in previous.items():  # also undoes Lightning's SIG_IGN after a hard interrupt
+            signal.signal(s, handler)
+
+
+class ResumeCheckpoint(Checkpoint):
+    """Keeps ``last.ckpt`` resumable: saved every ``every_n_train_steps`` steps, at the end of the VAE stage,
+    at the end of fit, and at the end of the step during which SIGINT/SIGTERM asked to stop (then training
+    stops). Writes go to a temp file renamed into place, so a kill mid-write leaves the previous one.
+
+    Args:
+        every_n_train_steps: steps between periodic saves (0: none; the stage and fit ends still save).
+        dirpath: folder of ``last.ckpt``; default ``<trainer.default_root_dir>/checkpoints``.
+    """
+
+    FILENAME = "last.ckpt"
+
+    def __init__(self, every_n_train_steps: int = 100, dirpath: str | None = None):
+        if every_n_train_steps < 0:
+            raise ValueError(f"checkpoint.every_n_train_steps must be >= 0, got {every_n_train_steps}")
+        self.every_n_train_steps = every_n_train_steps
+        self.dirpath = dirpath
+        self.saved_step: int | None = None
+        self.saved_reason: str | None = None
+
+    def path(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints") / self.FILENAME
+
+    def save(self, trainer: L.Trainer, reason: str) -> None:
+        """Write ``last.ckpt`` for the current step (once per step)."""
+        if self.saved_step == trainer.global_step:
+            return
+        path = self.path(trainer)
+        tmp = path.with_name(f".{path.name}.tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)  # the full state: optimisers, loops, callbacks
+        if trainer.is_global_zero:
+            os.replace(tmp, path)
+        self.saved_step, self.saved_reason = trainer.global_step, reason
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: D2NWGModule, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step
+        if STOP.signum is not None:
+            self.save(trainer, "interrupted")
+            trainer.should_stop = True
+        elif step == pl_module.hparams.vae_steps:
+            self.save(trainer, "end of the VAE stage")
+        elif self.every_n_train_steps and step % self.every_n_train_steps == 0:
+            self.save(trainer, "periodic")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: D2NWGModule) -> None:
+        self.save(trainer, "end of fit")
+
+
 class D2NWGCLI(LightningCLI):
-    """LightningCLI whose ``trainer.max_steps`` follows the two stages of the model."""
+    """LightningCLI whose ``trainer.max_steps`` follows the two stages of the model, with a `ResumeCheckpoint`
+    configured under ``checkpoint``."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments(
             ("model.vae_steps", "model.diffusion_steps"), "trainer.max_steps", compute_fn=lambda a, b: a + b
         )
+        parser.add_lightning_class_args(ResumeCheckpoint, "checkpoint")
 
 
 def make_cli(
@@ -90,12 +196,7 @@ def make_cli(
     account) and logs the exported pipeline as a ``wandb.Artifact``.
     """
     trainer_defaults = {
-        "callbacks": [
-            ModelCheckpoint(
-                dirpath=f"{out}/checkpoints" if out else None, save_last=True, every_n_train_steps=500, save_top_k=0
-            ),
-            ExportPipeline(),
-        ],
+        "callbacks": [ExportPipeline()],  # `ResumeCheckpoint` comes from the ``checkpoint`` section
         "enable_model_summary": False,
         "log_every_n_steps": 10,
         "num_sanity_val_steps": 0,
@@ -114,6 +215,8 @@ def make_cli(
     # Known-harmless notices: checkpoints of a manually optimised module hold the post-step state,
     # which is what resuming needs.
     warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+    # Lightning warns that a SIGINT/SIGTERM-requested stop happened before min_steps; not an error here.
+    warnings.filterwarnings("ignore", message=".*Trainer was signaled to stop.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     # Small zoos have fewer batches per epoch than the logging interval; logging counts steps across epochs.
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
@@ -199,5 +302,28 @@ def train(
     ckpt = out / "checkpoints" / "last.ckpt"
     if resume and not ckpt.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt}")
-    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=str(ckpt) if resume else None)
+    trainer = cli.trainer
+    total = cli.model.hparams.vae_steps + cli.model.hparams.diffusion_steps
+    with stop_on_signals() as stop:
+        try:
+            trainer.fit(cli.model, cli.datamodule, ckpt_path=str(ckpt) if resume else None, weights_only=True)
+        except (KeyboardInterrupt, SystemExit) as err:
+            # Lightning turns a KeyboardInterrupt into sys.exit(1) and SIGTERM into SIGTERMException.
+            if isinstance(err, SystemExit) and stop.signum is None and trainer.state.status.value != "interrupted":
+                raise
+            raise Interrupted(_interrupted_message(trainer, ckpt), stop.signum or signal.SIGINT) from None
+    if stop.signum is not None and trainer.global_step < total:
+        raise Interrupted(_interrupted_message(trainer, ckpt), stop.signum)
     return out / "pipeline"
+
+
+def _interrupted_message(trainer: L.Trainer, ckpt: Path) -> str:
+    """One line: where the run stopped and what resumes it."""
+    saved = next((c for c in trainer.callbacks if isinstance(c, ResumeCheckpoint)), None)
+    if ckpt.is_file():
+        import torch
+
+        step = torch.load(ckpt, map_location="cpu", weights_only=True).get("global_step")
+        where = f"step {step}" if saved is None or saved.saved_step is None else f"step {saved.saved_step}"
+        return f"training stopped at step {trainer.global_step}; {ckpt} holds {where}: continue with --resume"
+    return f"training stopped at step {trainer.global_step} before any checkpoint was saved"

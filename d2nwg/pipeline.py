@@ -7,8 +7,9 @@ built model. It saves and loads like any diffusers pipeline.
 
 The diffusion model generates whole weight sets. With ``head_solver="lda"`` (the
 default of newly trained pipelines) the classifier head of every generated set is
-then rewritten from the dataset itself: a shrinkage-LDA head (`d2nwg.heads.lda_head`)
-on the support samples' features in that generated body's feature space. Row i of
+then rewritten from the dataset itself: a shrinkage-LDA head (`d2nwg.heads.lda_cv_head`,
+shrinkage chosen by cross-validation on the same samples) on their features in that
+generated body's feature space. Row i of
 the head is thus computed from class i's samples, not recalled for a class the zoo
 memorised, which is what lets a pipeline serve datasets with classes no zoo member
 saw (measured on digits: 0.76 -> 0.96 on unseen-class tasks, unchanged on new orders
@@ -27,7 +28,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from d2nwg.architectures import build_model
-from d2nwg.heads import HEAD_SOLVERS, head_inputs, head_module_name, with_head
+from d2nwg.heads import HEAD_SOLVERS, check_head_solver, head_inputs, head_module_name, with_head
 from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
 from d2nwg.specs import TargetSpec
 from d2nwg.weights import WeightLayout
@@ -94,8 +95,7 @@ class D2NWGPipeline(DiffusionPipeline):
         head_solver: str = "generated",
     ):
         super().__init__()
-        if head_solver != "generated" and head_solver not in HEAD_SOLVERS:
-            raise ValueError(f"unknown head_solver {head_solver!r}; expected 'generated' or one of {sorted(HEAD_SOLVERS)}")
+        check_head_solver(head_solver)
         if isinstance(target, TargetSpec):
             target = target.to_dict()  # diffusers stores init kwargs as JSON
         self.register_modules(vae=vae, dataset_encoder=dataset_encoder, denoiser=denoiser, scheduler=scheduler)
@@ -204,6 +204,15 @@ class D2NWGPipeline(DiffusionPipeline):
         if not return_dict:
             return weights, tokens
         return D2NWGOutput(weights=weights, tokens=tokens)
+
+    def set_head_solver(self, head_solver: str) -> None:
+        """Switch how heads are written (``"generated"``, ``"lda"`` or ``"class_mean"``); saved with the pipeline.
+
+        Raises:
+            ValueError: an unknown name.
+        """
+        check_head_solver(head_solver)
+        self.register_to_config(head_solver=head_solver)
 
     def solve_head(self, weights: dict[str, torch.Tensor], dataset: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """``weights`` with the head computed by ``head_solver`` from ``dataset`` (per-class ``[n_c, D]``

@@ -121,6 +121,8 @@ class TargetSpec:
         num_classes: classes of the generated models (K).
         input: how user datasets become samples (the zoo's `InputSpec`).
         zoo_recipe: name of the recipe that built the zoo (``"custom"`` for ingested zoos).
+        data_stats: the zoo's feature range and training-task embeddings that `d2nwg generate` compares a
+            user's dataset with (`d2nwg.guard.zoo_statistics`); ``None`` in pipelines exported before it existed.
 
     Raises:
         ValueError: an architecture without a name, or a num_classes below 1.
@@ -136,6 +138,7 @@ class TargetSpec:
     num_classes: int
     input: InputSpec = field(default_factory=InputSpec)
     zoo_recipe: str = "custom"
+    data_stats: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.architecture, Mapping) or "name" not in self.architecture:
@@ -147,14 +150,17 @@ class TargetSpec:
             object.__setattr__(self, "input", InputSpec.from_dict(self.input))
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain JSON dict: what `d2nwg.pipeline.D2NWGPipeline` takes as ``target``."""
-        return {
+        """A plain JSON dict: what `d2nwg.pipeline.D2NWGPipeline` takes as ``target`` (``data_stats`` only if set)."""
+        out = {
             "architecture": dict(self.architecture),
             "layout": dict(self.layout),
             "num_classes": self.num_classes,
             "input": self.input.to_dict(),
             "zoo_recipe": self.zoo_recipe,
         }
+        if self.data_stats is not None:
+            out["data_stats"] = dict(self.data_stats)
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> TargetSpec:

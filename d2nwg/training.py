@@ -4,6 +4,13 @@ One `D2NWGModule` runs both stages in a single ``Trainer.fit``: steps
 ``[0, vae_steps)`` train the VAE, the following ``diffusion_steps`` train the
 dataset encoder and denoiser on the frozen VAE's latents. One fit means one
 ``last.ckpt`` that resumes anywhere, and one LightningCLI config per zoo.
+
+A checkpoint holds the networks, both optimisers and schedulers, the EMA, the
+global RNG state and the data loader's place in its epoch, so a run resumed
+from it continues at the same step and stage and reproduces the uninterrupted
+run (`d2nwg.lightning_cli.ResumeCheckpoint` says when checkpoints are written).
+A run resumed in the diffusion stage re-encodes the zoo with the restored,
+frozen VAE (encoding draws nothing) and keeps the saved ``latent_scale``.
 The module holds only losses, optimisers and the EMA; the networks live in
 `d2nwg.models` and sampling in `d2nwg.pipeline`.
 """
@@ -19,7 +26,7 @@ from diffusers.training_utils import EMAModel
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import ensemble_logits
-from d2nwg.heads import HEAD_SOLVERS
+from d2nwg.heads import check_head_solver
 from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
 
 
@@ -120,8 +127,7 @@ class D2NWGModule(L.LightningModule):
         head_solver: str = "lda",
     ):
         super().__init__()
-        if head_solver != "generated" and head_solver not in HEAD_SOLVERS:
-            raise ValueError(f"unknown head_solver {head_solver!r}; expected 'generated' or one of {sorted(HEAD_SOLVERS)}")
+        check_head_solver(head_solver)  # fail before any training step, not at export
         self.save_hyperparameters()
         self.vae_settings = as_settings(VAESettings, vae)
         self.encoder_settings = as_settings(EncoderSettings, encoder)
@@ -227,7 +233,10 @@ class D2NWGModule(L.LightningModule):
             if getattr(self, "target", None) is None:
                 # The members' architecture, built on first use (a run resumed past the VAE stage never
                 # needs it) and run functionally with reconstructed weights. Not a submodule: not trained, not saved.
-                object.__setattr__(self, "target", build_model(self.architecture).to(self.device))
+                # A fresh run builds it at step 0 from the global RNG; a resumed run must not draw again (its
+                # RNG state is the saved one), so later builds leave the RNG as they found it.
+                with torch.random.fork_rng(devices=[], enabled=self.global_step > 0):
+                    object.__setattr__(self, "target", build_model(self.architecture).to(self.device))
             per_class = self.vae_settings.function_samples or samples.shape[2]
             inputs = samples[:, :, :per_class].flatten(1, 2)  # (B, K*S, D); samples are drawn in random order
             with torch.no_grad():
@@ -273,9 +282,21 @@ class D2NWGModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoint / export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ema"] = self.ema.state_dict()
+        # The global RNG drives the conditioning samples, noise, timesteps and condition dropout: with it
+        # (and the data loader's place in its epoch, `d2nwg.datamodule.ResumableLoader`) a resumed run
+        # continues exactly as an uninterrupted one.
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._pending_ema = checkpoint.get("ema")
+        # Restored here, after `setup` built the networks (which draws) and before the first batch.
+        rng = checkpoint.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_train_start(self) -> None:
         self.ema.to(self.device)

@@ -244,7 +244,7 @@ def test_prototype_baseline_is_the_init_body_with_class_mean_rows(zoo, report):
 
 
 def test_lda_baselines_put_an_lda_head_on_the_init_and_zoo_mean_bodies(zoo, report):
-    from d2nwg.heads import lda_head
+    from d2nwg.heads import lda_cv_head
 
     result, _ = report
     train = [zoo.load_member(m) for m in zoo.members("train")]
@@ -253,7 +253,7 @@ def test_lda_baselines_put_an_lda_head_on_the_init_and_zoo_mean_bodies(zoo, repo
         xs, ys = zoo.task_data(row["task"], "support")
         x, y = zoo.task_data(row["task"], "test")
         for key, body in bodies.items():
-            w, b = lda_head(torch.relu(xs @ body["fc0.weight"].T + body["fc0.bias"]), ys, len(row["classes"]))
+            w, b = lda_cv_head(torch.relu(xs @ body["fc0.weight"].T + body["fc0.bias"]), ys, len(row["classes"]))
             expected = _accuracy({**body, "fc1.weight": w, "fc1.bias": b}, x, y)
             assert row[key] == pytest.approx(expected, abs=1e-6), key
 

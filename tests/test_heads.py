@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from d2nwg.architectures import build_model
-from d2nwg.heads import class_mean_head, head_inputs, lda_head, with_head
+from d2nwg.heads import SHRINKAGE_GRID, class_mean_head, head_inputs, lda_cv_head, lda_head, with_head
 
 
 def _gaussian_classes(k: int = 4, n: int = 40, d: int = 6, seed: int = 0):
@@ -39,7 +39,7 @@ def test_class_mean_head_is_nearest_class_mean():
     assert torch.equal((x @ w.T + b).argmax(1), torch.cdist(x, mu).argmin(1))
 
 
-@pytest.mark.parametrize("solver", [lda_head, class_mean_head])
+@pytest.mark.parametrize("solver", [lda_head, lda_cv_head, class_mean_head])
 def test_heads_are_class_equivariant(solver):
     """Relabelling the classes permutes the rows: row i depends on class i's samples, not on slot i."""
     x, y = _gaussian_classes(seed=2)
@@ -84,7 +84,7 @@ def test_pipeline_lda_heads_are_computed_from_the_dataset(tiny_digits_zoo, make_
     for generated, solved in zip(plain.weights, out.weights):
         for name in ("fc0.weight", "fc0.bias"):  # the body is the generated one
             assert torch.equal(generated[name], solved[name])
-        w, b = lda_head(head_inputs(model, "fc1", generated, x), y, len(support))
+        w, b = lda_cv_head(head_inputs(model, "fc1", generated, x), y, len(support))
         # the LDA rows, rescaled by one positive factor to the decoded head's norm
         scale = generated["fc1.weight"].norm() / w.norm()
         torch.testing.assert_close(solved["fc1.weight"], w * scale)
@@ -104,3 +104,33 @@ def test_with_head_checks_shapes():
     sd = {"fc1.weight": torch.zeros(3, 4), "fc1.bias": torch.zeros(3)}
     with pytest.raises(ValueError, match="fc1.weight"):
         with_head(sd, ["fc1.weight", "fc1.bias"], torch.zeros(2, 4), torch.zeros(2))
+
+
+def test_lda_cv_picks_the_shrinkage_with_the_best_two_fold_accuracy():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(60, 20, generator=g)  # few samples per dimension: shrinkage matters
+    y = torch.arange(3).repeat(20)
+    x[:, :3] += 1.5 * torch.nn.functional.one_hot(y, 3)
+    rank = torch.zeros_like(y)
+    for k in range(3):
+        idx = (y == k).nonzero().squeeze(1)
+        rank[idx] = torch.arange(len(idx))
+    fold = rank % 2 == 0
+    scores = {}
+    for s in SHRINKAGE_GRID:
+        correct = 0
+        for a in (fold, ~fold):
+            w, b = lda_head(x[a], y[a], 3, s)
+            correct += int(((x[~a] @ w.T + b).argmax(1) == y[~a]).sum())
+        scores[s] = correct
+    best = max(sorted(SHRINKAGE_GRID, reverse=True), key=lambda s: scores[s])
+    w, b = lda_cv_head(x, y, 3)
+    w_ref, b_ref = lda_head(x, y, 3, best)
+    assert torch.equal(w, w_ref) and torch.equal(b, b_ref)
+
+
+def test_cli_head_solver_choices_match_the_library():
+    from d2nwg.cli import HEAD_SOLVER_CHOICES
+    from d2nwg.heads import HEAD_SOLVERS
+
+    assert set(HEAD_SOLVER_CHOICES) == {"generated", *HEAD_SOLVERS}

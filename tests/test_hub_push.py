@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from d2nwg.cli import main
+from d2nwg.metrics import METRICS
 from d2nwg.pipeline import D2NWGPipeline
 
 try:
@@ -133,9 +134,10 @@ def test_card_with_report_has_eval_results(hub, tiny_pipeline_dir, tiny_pipeline
     card = front_matter(readme)
     (entry,) = card["model-index"]
     values = {m["name"]: m["value"] for r in entry["results"] for m in r["metrics"]}
-    assert values["Generated (best of N on support)"] == pytest.approx(0.91)
-    assert values["Zoo-mean baseline"] == pytest.approx(0.5)
-    assert "Retrieval baseline" not in values  # absent from the summary
+    labels = {m.summary_key: m.label for m in METRICS}
+    assert values[labels["generated_best_acc"]] == pytest.approx(0.91)
+    assert values[labels["zoo_mean_acc"]] == pytest.approx(0.5)
+    assert labels["retrieval_acc"] not in values  # absent from the summary
     assert all(r["metrics"][0]["type"] == "accuracy" for r in entry["results"])
     assert "0.9100" in readme  # the results table
 
