@@ -146,10 +146,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         source=args.pipeline,
+        warn=lambda message: print(f"warning: {message}", file=sys.stderr),
     )
     print(f"wrote {len(result.files)} weight sets to {result.out}")
     if result.best is not None:
-        print(f"best: {result.best}  accuracy on {result.num_held_back} held-back samples: {result.best_score:.4f}")
+        line = f"best: {result.best}  accuracy on {result.num_held_back} held-back samples: {result.best_score:.4f}"
+        if result.best_at_chance:  # never present chance-level weights as a good pick
+            line += f"  AT CHANCE (below {result.chance_threshold:.2f}): no better than guessing; the dataset may be unlike the zoo's"
+        print(line)
     if result.exported is not None:
         print(f"PEFT adapter + head.safetensors ({result.exported}) in {result.out}: PeftModel.from_pretrained(base, folder)")
 
@@ -264,7 +268,11 @@ def add_train_parser(sub) -> None:
     train.add_argument("--zoo", default=None, help="zoo directory (overrides data.zoo of the config)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
     train.add_argument("--logger", choices=["csv", "wandb"], default="csv", help="training logger")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. model.diffusion_steps=100")
+    train.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="config override, e.g. model.diffusion_steps=100 or checkpoint.every_n_train_steps=50 "
+        "(last.ckpt is also saved at the end of each stage, of fit, and on Ctrl-C/SIGTERM)",
+    )
     train.set_defaults(func=cmd_train)
 
 

@@ -1,4 +1,4 @@
-"""The evaluation protocol (DESIGN.md §4): generated weights vs cheap baselines on held-out tasks.
+"""The evaluation protocol (README, "Evaluation protocol"): generated weights vs cheap baselines on held-out tasks.
 
 For every held-out task of a zoo (its member is the oracle), the pipeline is
 conditioned on the task's *support* samples and generates N weight sets. We report
@@ -138,29 +138,14 @@ def evaluate(
     selected = [BASELINES.get(name) for name in (BASELINES.names() if baselines is None else baselines)]
     _check_compatible(pipeline, zoo)
 
-    # 1. Tasks: one per held-out task (its first member is the oracle).
-    oracles: dict[str, Member] = {}
-    for m in zoo.members("heldout"):
-        oracles.setdefault(m.task, m)
-    task_ids = list(oracles)[:max_tasks] if max_tasks is not None else list(oracles)
-    if not task_ids:
-        raise ValueError(f"the zoo at {zoo.root} has no held-out members to evaluate on")
-    if not zoo.members("train"):
-        raise ValueError(f"the zoo at {zoo.root} has no train members; the baselines need them")
+    # 1. Tasks: one per held-out task (its first member is the oracle), one report row each.
+    oracles = _oracles(zoo, max_tasks)
+    task_ids = list(oracles)
     device = pipeline.device
     ctx = _context(
         zoo, task_ids, oracles, device, num_samples=num_samples, noise_std=noise_std, finetune_steps=finetune_steps, seed=seed
     )
-    seen = zoo.train_classes()
-    rows = [
-        {
-            "task": t,
-            "kind": zoo.task_kind(t),
-            "classes": list(zoo.tasks[t]["classes"]),
-            "class_seen": [c in seen for c in zoo.tasks[t]["classes"]],
-        }
-        for t in task_ids
-    ]
+    rows = _task_rows(zoo, task_ids)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, disable=not progress, transient=True) as bar:
@@ -209,6 +194,34 @@ def evaluate(
     if out is not None:
         write_report(report, Path(out))
     return report
+
+
+def _oracles(zoo: ModelZoo, max_tasks: int | None) -> dict[str, Member]:
+    """Held-out task -> its first member (the oracle), the first ``max_tasks`` tasks; raises if there are none."""
+    oracles: dict[str, Member] = {}
+    for m in zoo.members("heldout"):
+        oracles.setdefault(m.task, m)
+    if max_tasks is not None:
+        oracles = dict(list(oracles.items())[:max_tasks])
+    if not oracles:
+        raise ValueError(f"the zoo at {zoo.root} has no held-out members to evaluate on")
+    if not zoo.members("train"):
+        raise ValueError(f"the zoo at {zoo.root} has no train members; the baselines need them")
+    return oracles
+
+
+def _task_rows(zoo: ModelZoo, task_ids: Sequence[str]) -> list[dict]:
+    """The start of each task's report row: its kind, classes and which of them training tasks contain."""
+    seen = zoo.train_classes()
+    return [
+        {
+            "task": t,
+            "kind": zoo.task_kind(t),
+            "classes": list(zoo.tasks[t]["classes"]),
+            "class_seen": [c in seen for c in zoo.tasks[t]["classes"]],
+        }
+        for t in task_ids
+    ]
 
 
 def _generate(

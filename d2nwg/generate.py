@@ -43,7 +43,7 @@ class GenerationResult:
     best_at_chance: bool | None = None
     """Whether the best weight set's held-back accuracy is not clearly above chance (`d2nwg.guard.at_chance`)."""
     chance_threshold: float | None = None
-    """The held-back accuracy below which `best_at_chance` holds (``1/K`` plus two binomial standard deviations)."""
+    """The held-back accuracy below which `best_at_chance` holds (`d2nwg.guard.chance_threshold` for the best of N)."""
     warnings: list[str] = dataclasses.field(default_factory=list)
     """What the dataset checks found (e.g. the dataset is far from every training task)."""
 
@@ -120,7 +120,7 @@ def generate_to_folder(
         x, y = to_xy(held)
         scores = ensemble_accuracy(pipe.build_model(), stack_state_dicts(output.weights), x, y).tolist()
         best_index = max(range(len(scores)), key=scores.__getitem__)
-        threshold = chance_threshold(dataset.num_classes, len(y))
+        threshold = chance_threshold(dataset.num_classes, len(y), candidates=num_samples)
         best_at_chance = scores[best_index] < threshold
     target = pipe.target_spec
     names = [f"weights_{i:03d}.safetensors" for i in range(num_samples)]

@@ -38,22 +38,32 @@ def head_module_name(head_names: Sequence[str]) -> str:
 def head_inputs(module: nn.Module, head: str, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The features ``[n, F]`` that submodule ``head`` receives when ``module`` runs on ``x [n, ...]`` with ``params``.
 
-    ``params`` may hold only some tensors; the rest come from ``module``. Raises
-    ``ValueError`` when ``head`` is not a submodule that sees a ``[n, F]`` input.
+    ``params`` may hold only some tensors; the rest come from ``module``.
+
+    Raises:
+        ValueError: ``head`` is not a submodule, does not receive a ``[n, F]`` input, or is not the
+            classifier head: its output is not the model's output (a closed-form head written there
+            would not decide the predictions).
     """
     try:
         target = module.get_submodule(head)
     except AttributeError:
         raise ValueError(f"the model has no submodule {head!r} to read head features from") from None
     captured: list[torch.Tensor] = []
-    handle = target.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    handles = [
+        target.register_forward_pre_hook(lambda _m, args: captured.append(args[0])),
+        target.register_forward_hook(lambda _m, _args, out: captured.append(out)),
+    ]
     try:
         with torch.no_grad():
-            functional_call(module, dict(params), (x,), strict=False)
+            logits = functional_call(module, dict(params), (x,), strict=False)
     finally:
-        handle.remove()
-    if not captured or captured[0].dim() != 2:
-        raise ValueError(f"head {head!r} did not receive a [n, F] feature matrix")
+        for handle in handles:
+            handle.remove()
+    if len(captured) != 2 or captured[0].dim() != 2:
+        raise ValueError(f"head {head!r} did not receive one [n, F] feature matrix")
+    if not (isinstance(logits, torch.Tensor) and logits.shape == captured[1].shape and torch.equal(logits, captured[1])):
+        raise ValueError(f"module {head!r} is not the classifier head: its output is not the model's output")
     return captured[0]
 
 

@@ -9,11 +9,11 @@ The diffusion model generates whole weight sets. With ``head_solver="lda"`` (the
 default of newly trained pipelines) the classifier head of every generated set is
 then rewritten from the dataset itself: a shrinkage-LDA head (`d2nwg.heads.lda_cv_head`,
 shrinkage chosen by cross-validation on the same samples) on their features in that
-generated body's feature space. Row i of
-the head is thus computed from class i's samples, not recalled for a class the zoo
-memorised, which is what lets a pipeline serve datasets with classes no zoo member
-saw (measured on digits: 0.76 -> 0.96 on unseen-class tasks, unchanged on new orders
-of seen classes; README "Generalising to new classes").
+generated body's feature space. Row i of the head is thus computed from class i's
+samples, not recalled for a class the zoo memorised, which is what lets a pipeline
+serve datasets with classes no zoo member saw (measured on digits: 0.76 -> 0.96 on
+unseen-class tasks, unchanged on new orders of seen classes; README "Generalising
+to new classes").
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from d2nwg.architectures import build_model
+from d2nwg.datasets import to_xy
 from d2nwg.heads import HEAD_SOLVERS, check_head_solver, head_inputs, head_module_name, with_head
 from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
 from d2nwg.specs import TargetSpec
@@ -219,8 +220,7 @@ class D2NWGPipeline(DiffusionPipeline):
         samples in label order) in the feature space of the body that ``weights`` hold."""
         module = self._solver_module()
         head_names = self.layout.head_names()
-        x = torch.cat([s.float() for s in dataset])
-        y = torch.cat([torch.full((len(s),), i, dtype=torch.long) for i, s in enumerate(dataset)])
+        x, y = to_xy([s.float() for s in dataset])
         features = head_inputs(module, head_module_name(head_names), weights, x)
         weight, bias = HEAD_SOLVERS[self.config.head_solver](features, y, len(dataset))
         # Keep the decoded head's scale: the solved rows decide *which* class wins, while the logit

@@ -26,7 +26,7 @@ from diffusers.training_utils import EMAModel
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import ensemble_logits
-from d2nwg.heads import check_head_solver
+from d2nwg.heads import check_head_solver, head_inputs, head_module_name
 from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
 
 
@@ -164,10 +164,26 @@ class D2NWGModule(L.LightningModule):
         self.build(dm.zoo.layout.num_tokens, dm.zoo.layout.chunk_size, dm.feature_dim, dm.num_classes)
         with torch.no_grad():
             self.vae.mean_tokens.copy_(dm.tokens.mean(0, keepdim=True))
+        self.check_head_solver(dm)
         self.register_buffer("padding_mask", dm.zoo.layout.padding_mask(), persistent=False)
         self.layout = dm.zoo.layout
         self.condition_features = dm.condition_features
         self.architecture = dm.zoo.architecture
+
+    def check_head_solver(self, dm) -> None:
+        """Fail before training, not at export, when the zoo's layout has no classifier head to solve."""
+        if self.hparams.head_solver == "generated":
+            return
+        zoo = dm.zoo
+        member = zoo.members("train")[0]
+        x, _ = zoo.task_data(member.task, "support")
+        try:
+            head_inputs(build_model(zoo.architecture).eval(), head_module_name(zoo.layout.head_names()), zoo.load_member(member), x)
+        except ValueError as err:
+            raise ValueError(
+                f"head_solver {self.hparams.head_solver!r} cannot write this zoo's heads ({err}); "
+                "set model.head_solver=generated"
+            ) from None
 
     def make_train_scheduler(self) -> DDPMScheduler:
         d = self.diffusion_settings

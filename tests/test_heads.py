@@ -70,6 +70,8 @@ def test_head_inputs_are_the_features_the_head_sees():
     torch.testing.assert_close(features, expected)
     with pytest.raises(ValueError, match="no submodule"):
         head_inputs(model, "head", params, x)
+    with pytest.raises(ValueError, match="not the classifier head"):
+        head_inputs(model, "fc0", params, x)  # a layout without the head would name fc0 last
 
 
 def test_pipeline_lda_heads_are_computed_from_the_dataset(tiny_digits_zoo, make_tiny_pipeline):

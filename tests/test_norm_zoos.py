@@ -17,6 +17,7 @@ from norm_models import BNCNN, BNMLP, GNCNN, LNMLP
 from d2nwg.cli import main
 from d2nwg.ensemble import ensemble_logits, stack_state_dicts, train_ensemble
 from d2nwg.io import load_safetensors
+from d2nwg.pipeline import D2NWGPipeline
 from d2nwg.weights import WeightLayout
 from d2nwg.zoo import ModelZoo
 
@@ -179,13 +180,16 @@ def test_ingest_excluding_running_stats_still_scores_checkpoints_as_saved_and_wa
         assert member.metrics["test_acc"] == pytest.approx(saved_accuracy(bn_workspace, zoo, member, BNCNN))
 
 
-def test_ingest_batchnorm1d_mlp_zoo(tmp_path):
-    ws = write_norm_workspace(tmp_path / "ws", BNMLP, num_datasets=3, heldout=1)
-    assert main(ingest_argv(ws, tmp_path / "zoo", "norm_models:BNMLP")) == 0
+@pytest.mark.parametrize("factory", [BNMLP, LNMLP, GNCNN], ids=lambda f: f.__name__)
+def test_ingest_other_normalisation_zoos(tmp_path, factory):
+    ws = write_norm_workspace(tmp_path / "ws", factory, num_datasets=3, heldout=1)
+    assert main(ingest_argv(ws, tmp_path / "zoo", f"norm_models:{factory.__name__}")) == 0
     zoo = ModelZoo.open(tmp_path / "zoo")
-    assert "1.running_var" in zoo.layout.names and "1.num_batches_tracked" not in zoo.layout.names
+    if factory is BNMLP:
+        assert "1.running_var" in zoo.layout.names and "1.num_batches_tracked" not in zoo.layout.names
+    assert not any(t.transform == "log" for t in zoo.layout.tensors if "running_var" not in t.name)
     for member in zoo:
-        assert member.metrics["test_acc"] == pytest.approx(saved_accuracy(ws, zoo, member, BNMLP))
+        assert member.metrics["test_acc"] == pytest.approx(saved_accuracy(ws, zoo, member, factory))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -210,6 +214,9 @@ def test_batchnorm_zoo_end_to_end(bn_zoo, bn_workspace, tmp_path, capsys):
         "--out", str(gen), "--num-samples", "3", "--steps", "3", "--select", "support",
     ]) == 0  # fmt: skip
     assert "Traceback" not in capsys.readouterr().err
+    stats = D2NWGPipeline.from_pretrained(run / "pipeline").target_spec.data_stats
+    assert 0.0 <= stats["features"]["min"] < stats["features"]["max"] <= 1.0  # the pixel-like zoo's range
+    assert len(stats["embeddings"]) == len(bn_zoo.members("train"))
     rows = json.loads((report / "report.json").read_text())["per_task"]
     saved = {m.id: m.metrics["test_acc"] for m in bn_zoo}
     assert rows and all(r["oracle"] == pytest.approx(saved[r["oracle_member"]]) for r in rows)
