@@ -178,7 +178,9 @@ class D2NWGModule(L.LightningModule):
         member = zoo.members("train")[0]
         x, _ = zoo.task_data(member.task, "support")
         try:
-            head_inputs(build_model(zoo.architecture).eval(), head_module_name(zoo.layout.head_names()), zoo.load_member(member), x)
+            with torch.random.fork_rng(devices=[]):  # building a model draws weights: keep training's RNG stream as is
+                model = build_model(zoo.architecture).eval()
+            head_inputs(model, head_module_name(zoo.layout.head_names()), zoo.load_member(member), x)
         except ValueError as err:
             raise ValueError(
                 f"head_solver {self.hparams.head_solver!r} cannot write this zoo's heads ({err}); "
