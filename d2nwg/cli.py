@@ -16,7 +16,8 @@ from d2nwg.errors import UserError, one_line
 
 EXIT_USER_ERROR = 2
 HEAD_SOLVER_CHOICES = ("generated", "lda", "class_mean")
-"""``d2nwg.heads.HEAD_SOLVERS`` plus "generated" (a test keeps them in step; the parser must stay light)."""
+"""``d2nwg.heads.HEAD_SOLVERS`` plus "generated", spelled out so that building the parser imports no torch
+code of its own (a test keeps them in step)."""
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 """Shows "(default: ...)" after each option's help."""
 
@@ -102,7 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if leak and not args.allow_split_leak:
         raise UserError(f"{leak}; --allow-split-leak evaluates anyway")
     if leak:
-        print(f"warning: {leak}", file=sys.stderr)
+        print(f"warning: {leak}", file=sys.stderr)  # evaluate() records it in the report too
     pipe = D2NWGPipeline.from_pretrained(args.pipeline)
     if args.head_solver:
         pipe.set_head_solver(args.head_solver)
@@ -116,6 +117,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         seed=args.seed,
         max_tasks=args.max_tasks,
         baselines=args.baselines,
+        allow_split_leak=args.allow_split_leak,
     )
     print_summary(report["summary"])
     print_summary_by_kind(report["summary_by_kind"])
@@ -253,7 +255,7 @@ def add_zoo_align_parser(zoo_sub) -> None:
 
 
 def add_zoo_parser(sub) -> None:
-    zoo = sub.add_parser("zoo", help="build, ingest or inspect model zoos", formatter_class=FORMATTER)
+    zoo = sub.add_parser("zoo", help="build, ingest, align or inspect model zoos", formatter_class=FORMATTER)
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     add_zoo_build_parser(zoo_sub)
     add_zoo_info_parser(zoo_sub)
@@ -285,7 +287,7 @@ def add_evaluate_parser(sub) -> None:
     ev.add_argument("--steps", type=int, default=50, help="denoising steps")
     ev.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     ev.add_argument("--seed", type=int, default=0, help="sampling seed")
-    ev.add_argument("--max-tasks", type=int, default=None, help="evaluate only the first N held-out tasks")
+    ev.add_argument("--max-tasks", type=int, default=None, help="evaluate only the first N held-out tasks of each kind")
     ev.add_argument("--head-solver", choices=HEAD_SOLVER_CHOICES, default=None, help="override how the pipeline writes heads")
     ev.add_argument(
         "--allow-split-leak", action="store_true",
@@ -293,7 +295,7 @@ def add_evaluate_parser(sub) -> None:
     )
     ev.add_argument(
         "--baselines", nargs="+", default=None, metavar="NAME",
-        help="baselines to run, names from d2nwg.baselines.BASELINES (an unknown name lists them) (default: all)",
+        help="baselines to run, names from d2nwg.baselines.BASELINES (an unknown name lists them; none given: all)",
     )
     ev.set_defaults(func=cmd_evaluate)
 

@@ -92,6 +92,7 @@ def evaluate(
     noise_std: float = 0.1,
     finetune_steps: Sequence[int] | None = None,
     baselines: Sequence[str] | None = None,
+    allow_split_leak: bool = False,
     progress: bool = True,
 ) -> dict:
     """Run the evaluation protocol on every held-out task of ``zoo``.
@@ -103,13 +104,15 @@ def evaluate(
         num_samples: N, weight sets generated per task (and noisy copies for retrieval+noise).
         num_inference_steps: denoising steps; guidance_scale: classifier-free guidance (1.0 = off).
         seed: task i samples with ``torch.Generator().manual_seed(seed + i)``.
-        max_tasks: evaluate only the first held-out tasks.
+        max_tasks: evaluate only the first this many held-out tasks of each kind.
         noise_std: retrieval+noise perturbation, in units of each tensor's zoo std.
         finetune_steps: step counts k of the fine-tuning baseline. Default: those of
             `FINETUNE_STEPS` below the zoo recipe's member ``steps``, then ``steps`` itself
             (fine-tuning that long is the oracle's own training, so longer runs add nothing);
             all of `FINETUNE_STEPS` when the recipe does not say.
         baselines: names from `d2nwg.baselines.BASELINES` to run (default: all of them).
+        allow_split_leak: evaluate even when a held-out task shares a dataset with a train task
+            (`d2nwg.zoo.ModelZoo.split_leaks`); the report then records it as ``summary["split_leak"]``.
         progress: show a rich progress bar.
 
     Returns:
@@ -120,8 +123,8 @@ def evaluate(
         generated best's accuracy on seen and unseen classes.
 
     Raises:
-        ValueError: bad settings, an unknown baseline, a pipeline that does not fit the zoo, or a
-            zoo without held-out or train members.
+        ValueError: bad settings, an unknown baseline, a pipeline that does not fit the zoo, a zoo
+            without held-out or train members, or one whose splits leak (unless ``allow_split_leak``).
 
     Example:
         >>> pipe = D2NWGPipeline.from_pretrained("runs/demo/run/pipeline")   # doctest: +SKIP
@@ -137,6 +140,9 @@ def evaluate(
         raise ValueError(f"finetune_steps must be >= 0, got {finetune_steps}")
     selected = [BASELINES.get(name) for name in (BASELINES.names() if baselines is None else baselines)]
     _check_compatible(pipeline, zoo)
+    leak = zoo.split_leak_message()
+    if leak and not allow_split_leak:
+        raise ValueError(f"{leak}; allow_split_leak=True evaluates anyway")
 
     # 1. Tasks: one per held-out task (its first member is the oracle), one report row each.
     oracles = _oracles(zoo, max_tasks)
@@ -172,6 +178,7 @@ def evaluate(
     summary.update(
         {
             "finetune_from": "zoo init" if ctx.init is not None else "random init",
+            "split_leak": leak,
             **vae,
             **novelty,
             "sample_seconds_per_task": float(statistics.fmean(sample_seconds)),
@@ -197,12 +204,22 @@ def evaluate(
 
 
 def _oracles(zoo: ModelZoo, max_tasks: int | None) -> dict[str, Member]:
-    """Held-out task -> its first member (the oracle), the first ``max_tasks`` tasks; raises if there are none."""
+    """Held-out task -> its first member (the oracle), for the first ``max_tasks`` tasks of each kind.
+
+    Raises:
+        ValueError: ``max_tasks < 1``, or the zoo has no held-out or no train members.
+    """
+    if max_tasks is not None and max_tasks < 1:
+        raise ValueError(f"max_tasks must be >= 1, got {max_tasks}")
     oracles: dict[str, Member] = {}
+    per_kind: dict[str, int] = {}
     for m in zoo.members("heldout"):
-        oracles.setdefault(m.task, m)
-    if max_tasks is not None:
-        oracles = dict(list(oracles.items())[:max_tasks])
+        if m.task in oracles:
+            continue
+        kind = zoo.task_kind(m.task)
+        if max_tasks is None or per_kind.get(kind, 0) < max_tasks:  # the first tasks of *each* kind
+            oracles[m.task] = m
+            per_kind[kind] = per_kind.get(kind, 0) + 1
     if not oracles:
         raise ValueError(f"the zoo at {zoo.root} has no held-out members to evaluate on")
     if not zoo.members("train"):
@@ -246,6 +263,7 @@ def _generate(
                 torch.cuda.synchronize(pipeline.device)
             seconds.append(time.perf_counter() - start)
             gen = output.weights
+            decoded = pipeline.layout.detokenize(output.tokens)  # the decoder's own heads, before any head solver
             generated_sds.extend(gen)
             gen_support = shared_accuracy(ctx.module, gen, *ctx.data["support"][i])
             gen_test = shared_accuracy(ctx.module, gen, *ctx.data["test"][i])
@@ -259,7 +277,7 @@ def _generate(
                     "generated_best_support": float(gen_support[best]),
                     "generated_best_class_acc": [float(a) for a in per_class],
                     "generated_head_only": (
-                        float(shared_accuracy(ctx.module, [head_only(gen[best])], x, y)[0]) if head_only else None
+                        float(shared_accuracy(ctx.module, [head_only(decoded[best])], x, y)[0]) if head_only else None
                     ),
                     "generated": [float(a) for a in gen_test],
                     "sample_seconds": seconds[-1],
@@ -275,7 +293,7 @@ def _generate(
 
 
 def _head_only(layout: WeightLayout, init: Mapping[str, torch.Tensor] | None):
-    """``sd -> sd`` keeping the generated classifier head (the layout's last module) and resetting every
+    """``sd -> sd`` keeping the decoded classifier head (the layout's last module) and resetting every
     other generated tensor to the shared init: the ablation that shows what the body (e.g. an adapter)
     adds. ``None`` when the zoo has no init or the layout is only the head."""
     head = set(layout.head_names())

@@ -105,6 +105,8 @@ def generate_to_folder(
     stats = pipe.target_spec.data_stats
     check_feature_range(stats, dataset.per_class, pipe.target_spec.input.condition_features)
     if select:
+        if not 0.0 < held_back_fraction < 1.0:
+            raise ValueError(f"--held-back must be a fraction in (0, 1), got {held_back_fraction}")
         cond, held, held_sources = split_held_back(dataset, held_back_fraction, seed)
     else:
         cond, held, held_sources = dataset.per_class, None, None
@@ -136,6 +138,7 @@ def generate_to_folder(
         "seed": seed,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
+        "head_solver": pipe.config.head_solver,
         "selection": None
         if held is None
         else {

@@ -71,7 +71,8 @@ def _class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int)
     counts = torch.bincount(labels, minlength=num_classes)
     if (counts == 0).any():
         raise ValueError(f"every class needs at least one sample; counts per class: {counts.tolist()}")
-    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype).index_add_(0, labels, features)
+    sums = torch.zeros(num_classes, features.shape[1], dtype=features.dtype, device=features.device)
+    sums.index_add_(0, labels, features)
     return sums / counts[:, None].to(features.dtype)
 
 
@@ -108,8 +109,8 @@ def lda_head(
     within = centred.T @ centred / len(f)  # (F, F)
     scale = within.diagonal().mean()
     if scale <= 1e-12:  # one sample per class (or identical ones): no spread to scale by; plain NCM
-        scale = torch.ones((), dtype=f.dtype)
-    eye = torch.eye(f.shape[1], dtype=f.dtype)
+        scale = torch.ones((), dtype=f.dtype, device=f.device)
+    eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
     cov = (1 - shrinkage) * within + shrinkage * scale * eye
     w = torch.linalg.solve(cov, mu.T).T  # (K, F)
     b = -0.5 * (w * mu).sum(1)
@@ -125,6 +126,13 @@ def lda_cv_head(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`lda_head` with the shrinkage chosen by 2-fold cross-validation on the given samples.
 
+    Args:
+        features: ``[n, F]``; labels: ``[n]`` in ``[0, K)``; num_classes: K.
+        grid: the shrinkages to choose from, each in (0, 1].
+
+    Raises:
+        ValueError: a class without samples, or a shrinkage outside (0, 1].
+
     Each class's samples alternate between two folds; every shrinkage in ``grid`` is fitted on
     one fold and scored on the other, both ways. The best mean accuracy wins (ties: the larger,
     more regularised shrinkage), and the head is refitted on all samples. The choice only ever
@@ -137,7 +145,7 @@ def lda_cv_head(
     rank = torch.zeros_like(labels)
     for k in range(num_classes):  # position of each sample within its class
         idx = (labels == k).nonzero().squeeze(1)
-        rank[idx] = torch.arange(len(idx))
+        rank[idx] = torch.arange(len(idx), device=labels.device)
     fold = rank % 2 == 0
     best, best_acc = max(grid), -1.0
     for shrinkage in sorted(grid, reverse=True):

@@ -100,6 +100,12 @@ class StopRequest:
 
     def __init__(self):
         self.signum: int | None = None
+        self.active = False  # only a `stop_on_signals` block may stop training
+
+    @property
+    def requested(self) -> bool:
+        """A signal arrived inside the running `stop_on_signals` block."""
+        return self.active and self.signum is not None
 
     def __call__(self, signum: int, frame) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
@@ -119,11 +125,14 @@ def stop_on_signals() -> Iterator[StopRequest]:
         yield STOP
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    STOP.active = True
     try:
         for s in previous:
             signal.signal(s, STOP)
         yield STOP
     finally:
+        # A stop request never outlives its block: a later fit in this process (tests, notebooks) runs in full.
+        STOP.active = False
         for s, handler in previous.items():  # also undoes Lightning's SIG_IGN after a hard interrupt
             signal.signal(s, handler)
 
@@ -164,7 +173,7 @@ class ResumeCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: D2NWGModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if STOP.signum is not None:
+        if STOP.requested:
             self.save(trainer, "interrupted")
             trainer.should_stop = True
         elif step == pl_module.hparams.vae_steps:

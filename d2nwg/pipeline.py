@@ -18,6 +18,7 @@ to new classes").
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,8 +172,11 @@ class D2NWGPipeline(DiffusionPipeline):
             The same seed and inputs give bit-identical weights.
 
         Raises:
-            ValueError: the dataset's class count or feature width does not match the pipeline.
+            ValueError: ``num_samples`` or ``num_inference_steps`` below 1, or a dataset whose class count or
+                feature width does not match the pipeline.
         """
+        if num_samples < 1 or num_inference_steps < 1:
+            raise ValueError(f"num_samples and num_inference_steps must be >= 1, got {num_samples} and {num_inference_steps}")
         # 1. Condition on the dataset, and on nothing for guidance.
         class_tokens, pooled = self.encode_dataset(dataset)
         class_tokens = class_tokens.expand(num_samples, -1, -1)
@@ -231,10 +235,13 @@ class D2NWGPipeline(DiffusionPipeline):
         return with_head(weights, head_names, weight * scale, bias * scale)
 
     def _solver_module(self) -> nn.Module:
-        # Built once: the body is swapped in functionally, so one CPU module serves every sample.
-        if getattr(self, "_head_module", None) is None:
-            self._head_module = self.build_model()
-        return self._head_module
+        # Built once per target (`use_base` may change it): the body is swapped in functionally, so one
+        # module serves every sample.
+        key = json.dumps(self.config.target["architecture"], sort_keys=True)
+        cached = getattr(self, "_head_module", None)
+        if cached is None or cached[0] != key:
+            self._head_module = (key, self.build_model())
+        return self._head_module[1]
 
     # ------------------------------------------------------------------ saving / loading
     def push_to_hub(

@@ -71,6 +71,13 @@ def summarize_by_kind(rows: Sequence[Mapping], finetune_steps: Sequence[int]) ->
 
 
 # ----------------------------------------------------------------------------- Markdown
+KIND_TITLES = {"unseen_order": "Unseen order (seen classes, new combination)", "unseen_classes": "Unseen classes"}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -87,7 +94,7 @@ def _summary_table(summary: Mapping, finetune_from: str) -> list[str]:
         lines.append(f"| {label} | {_fmt(value)} | {_fmt(ratio)} |")
     for k, value in (summary.get("finetune_curve") or {}).items():
         ratio = value / oracle if value is not None and oracle else None
-        lines.append(f"| fine-tune {k} steps from {finetune_from} | {_fmt(value)} | {_fmt(ratio)} |")
+        lines.append(f"| fine-tune {_count(int(k), 'step')} from {finetune_from} | {_fmt(value)} | {_fmt(ratio)} |")
     lines += [
         "",
         f"- generated best minus the best zero-training baseline: {_fmt(summary.get('generated_minus_best_zero_training'))}",
@@ -103,11 +110,11 @@ def report_markdown(report: Mapping) -> str:
     """The Markdown report: a summary table per kind of held-out task, diagnostics, plots, per-task rows."""
     s = report["summary"]
     finetune_from = s.get("finetune_from", "init")
-    lines = ["# D2NWG evaluation", "", f"{s['num_tasks']} held-out tasks; accuracies on each task's test samples.", ""]
-    lines += ["## All held-out tasks", ""] + _summary_table(s, finetune_from)
+    lines = ["# D2NWG evaluation", "", f"{_count(s['num_tasks'], 'held-out task')}; accuracies on each task's test samples.", ""]
+    lines += ["## All held-out tasks", ""] + _summary_table({**s, "finetune_curve": report["finetune_curve"]}, finetune_from)
     for kind, sub in (report.get("summary_by_kind") or {}).items():
-        title = {"unseen_order": "Unseen order (seen classes, new combination)", "unseen_classes": "Unseen classes"}[kind]
-        lines += ["", f"## {title}: {sub['num_tasks']} tasks", ""] + _summary_table(sub, finetune_from)
+        title = KIND_TITLES.get(kind, kind)
+        lines += ["", f"## {title}: {_count(sub['num_tasks'], 'task')}", ""] + _summary_table(sub, finetune_from)
     settings = s.get("settings", {})
     lines += [
         "",

@@ -186,4 +186,4 @@ def _construct(cls, data: dict, what: str):
     try:
         return cls(**data)
     except TypeError as err:
-        raise ValueError(f"invalid {what} {data}: {err}") from None
+        raise ValueError(f"invalid {what} (keys {sorted(data)}): {err}") from None  # the dict itself can be huge

@@ -135,8 +135,18 @@ def digits_tasks(recipe: DigitsRecipe) -> dict[str, dict]:
 def build(out: str | Path, **settings) -> ModelZoo:
     """Build (or resume building) the digits zoo in ``out``."""
     recipe = DigitsRecipe(**settings)
+    # Every setting is checked before the zoo folder exists: a fixed retry must not meet a half-made zoo.
     if recipe.init not in ("shared", "random"):
         raise ValueError(f"init must be 'shared' or 'random', got {recipe.init!r}")
+    for name in ("num_train_tasks", "steps", "group_size", "hidden", "samples_train", "samples_support", "samples_test"):
+        if getattr(recipe, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(recipe, name)}")
+    for name in ("num_heldout_tasks", "num_unseen_class_tasks"):
+        if getattr(recipe, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(recipe, name)}")
+    if recipe.optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {recipe.optimizer!r}")
+    tasks = digits_tasks(recipe)
     arch = {"name": "mlp", "config": {"in_features": 64, "hidden": [recipe.hidden], "num_classes": recipe.classes_per_task}}
     model = build_model(arch)
     init = initial_state(lambda: build_model(arch), recipe.seed)
@@ -146,7 +156,7 @@ def build(out: str | Path, **settings) -> ModelZoo:
         architecture=arch,
         layout=layout,
         classes=digits_pool(recipe),
-        tasks=digits_tasks(recipe),
+        tasks=tasks,
         init_state=init if recipe.init == "shared" else None,  # none: baselines must not assume a shared start
         input_spec=InputSpec(kind="image", image_size=(8, 8), grayscale=True),
         recipe={"name": "digits", **asdict(recipe)},

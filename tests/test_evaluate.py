@@ -130,7 +130,8 @@ def test_report_files(report):
     assert on_disk["summary"]["oracle_acc"] == pytest.approx(result["summary"]["oracle_acc"])
     markdown = (out / "report.md").read_text()
     assert "| method |" in markdown and "/ oracle" in markdown
-    assert "## Unseen classes: 1 tasks" in markdown and "## Unseen order" in markdown
+    assert "## Unseen classes: 1 task\n" in markdown and "## Unseen order" in markdown
+    assert "fine-tune 5 steps from" in markdown.split("## Unseen order")[0]  # the all-tasks table has the curve too
     assert on_disk["summary_by_kind"]["unseen_classes"]["num_tasks"] == 1
     for png in ("accuracy_by_method.png", "finetune_curve.png"):
         assert png in markdown
@@ -141,9 +142,14 @@ def test_report_files(report):
 def test_max_tasks_and_bad_arguments(zoo, tiny_pipeline):
     pipe = tiny_pipeline(zoo)
     result = evaluate(pipe, zoo, num_samples=1, num_inference_steps=1, max_tasks=1, finetune_steps=(1,), progress=False)
-    assert result["summary"]["num_tasks"] == 1
+    assert result["summary"]["num_tasks"] == 2  # one of each kind
     with pytest.raises(ValueError, match="num_samples"):
         evaluate(pipe, zoo, num_samples=0, progress=False)
+    with pytest.raises(ValueError, match="max_tasks"):
+        evaluate(pipe, zoo, max_tasks=0, progress=False)
+    # max_tasks counts per kind: both kinds stay in the report
+    kinds = {r["kind"] for r in result["per_task"]}
+    assert kinds == {"unseen_order", "unseen_classes"}
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -299,3 +305,22 @@ def test_baselines_can_be_selected_and_unknown_names_are_listed(zoo, tiny_pipeli
     assert result["summary"]["retrieval_acc"] is None
     with pytest.raises(ValueError, match="known: .*knn_ensemble"):
         evaluate(pipe, zoo, baselines=["nope"], progress=False)
+
+
+def test_lda_pipeline_reports_solved_heads_and_the_decoded_head_ablation(zoo, tiny_pipeline):
+    pipe = tiny_pipeline(zoo, head_solver="lda")
+    result = evaluate(pipe, zoo, num_samples=2, num_inference_steps=2, max_tasks=1, baselines=["oracle"], progress=False)
+    assert result["summary"]["settings"]["head_solver"] == "lda"
+    model = build_model(zoo.architecture)
+    init = zoo.init_state()
+    for i, row in enumerate(result["per_task"]):
+        out = pipe(dataset=zoo.class_samples(row["task"], "support"), num_samples=2, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(i))
+        test = ensemble_accuracy(model, stack_state_dicts(out.weights), *zoo.task_data(row["task"], "test"))
+        support = ensemble_accuracy(model, stack_state_dicts(out.weights), *zoo.task_data(row["task"], "support"))
+        assert row["generated"] == pytest.approx(test.tolist())
+        # the ablation keeps the *decoded* head (not the solved one) on the init body
+        decoded = pipe.layout.detokenize(out.tokens)[int(support.argmax())]
+        ablated = {k: decoded[k] if k.startswith("fc1.") else init[k] for k in decoded}
+        expected = ensemble_accuracy(model, stack_state_dicts([ablated]), *zoo.task_data(row["task"], "test"))
+        assert row["generated_head_only"] == pytest.approx(float(expected[0]))
