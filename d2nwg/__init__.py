@@ -2,13 +2,36 @@
 
 Train a latent diffusion hyper-model on a model zoo, then generate weights for
 datasets it has never seen.
+
+The public names below are imported on first use (PEP 562), so that ``import d2nwg.cli``
+(every ``d2nwg`` command, ``--help`` included) does not pay for torch and diffusers up front.
 """
 
-from d2nwg.generate import load_model
-from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
-from d2nwg.pipeline import D2NWGOutput, D2NWGPipeline
-from d2nwg.weights import WeightLayout
-from d2nwg.zoo import ModelZoo
+from __future__ import annotations
 
-__all__ = ["D2NWGOutput", "D2NWGPipeline", "DatasetEncoder", "Denoiser", "ModelZoo", "WeightLayout", "WeightVAE", "load_model"]
+import importlib
+
+_EXPORTS = {
+    "D2NWGOutput": "d2nwg.pipeline",
+    "D2NWGPipeline": "d2nwg.pipeline",
+    "DatasetEncoder": "d2nwg.models",
+    "Denoiser": "d2nwg.models",
+    "ModelZoo": "d2nwg.zoo",
+    "WeightLayout": "d2nwg.weights",
+    "WeightVAE": "d2nwg.models",
+    "load_model": "d2nwg.generate",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'd2nwg' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
