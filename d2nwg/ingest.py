@@ -1118,19 +1118,9 @@ def ingest(
     arch: str,
     out: str | Path,
     *,
-    arch_config: str | Mapping | None = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-    chunk_size: int = 32,
-    heldout_fraction: float = 0.1,
-    split_fractions: str | Sequence[float] = (0.6, 0.2, 0.2),
-    seed: int = 0,
-    skip_bad: bool = False,
-    image_size: str | Sequence[int] = (8, 8),
-    label_column: str = "label",
     warn: Callable[[str], None] | None = None,
     align: bool = False,
-    epochs: str | int = "last",
+    **options,
 ) -> ModelZoo:
     """Build a zoo at ``out`` from the checkpoints in ``checkpoints`` (see the module docstring).
 
@@ -1141,6 +1131,7 @@ def ingest(
         mapping: CSV ``checkpoint,dataset[,split][,run]`` or JSON mapping file (see the module docstring).
         arch: a registered architecture name or ``"module:callable"``; ``arch_config`` its arguments.
         out: the new zoo folder (must not exist or be empty).
+        options: the keyword settings of `parse_settings` (one signature for both), described here:
         include, exclude: globs selecting the tensors that make up the layout.
         chunk_size: numbers per weight token.
         heldout_fraction: share of datasets (tasks; runs/groups joined) without a mapped split that are held out.
@@ -1163,11 +1154,7 @@ def ingest(
         >>> zoo = ingest("ckpts", "data", "map.csv", "mlp", "runs/zoo", arch_config={"hidden": [32]})  # doctest: +SKIP
     """
     warn = warn or (lambda message: None)
-    settings = parse_settings(
-        arch, arch_config=arch_config, include=include, exclude=exclude, chunk_size=chunk_size,
-        heldout_fraction=heldout_fraction, split_fractions=split_fractions, seed=seed, skip_bad=skip_bad,
-        image_size=image_size, label_column=label_column, epochs=epochs,
-    )  # fmt: skip
+    settings = parse_settings(arch, **options)
     out = check_new_folder(out)
     sources = discover(checkpoints, datasets, mapping, warn, settings.epochs)
     data, input_spec = read_datasets(sources, settings)
