@@ -277,15 +277,14 @@ class D2NWGPipeline(DiffusionPipeline):
             raise ValueError(f"pipeline folder {path} is missing component(s): {', '.join(missing)}")
         from diffusers.utils import logging as diffusers_logging
 
-        bar_was_on = diffusers_logging.is_progress_bar_enabled()
-        diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar on stderr
+        from d2nwg.console import hidden_progress_bars
+        from d2nwg.errors import one_line
+
         try:
-            pipe = super().from_pretrained(str(path), **kwargs)
+            with hidden_progress_bars(diffusers_logging):  # no "Loading pipeline components" bar on stderr
+                pipe = super().from_pretrained(str(path), **kwargs)
         except (OSError, EnvironmentError, KeyError) as err:
-            raise ValueError(f"cannot load pipeline from {path}: {str(err).splitlines()[0]}") from None
-        finally:
-            if bar_was_on:
-                diffusers_logging.enable_progress_bar()
+            raise ValueError(f"cannot load pipeline from {path}: {one_line(err)}") from None
         # Loaded tensors point into the safetensors buffer at 8-byte offsets; CPU kernels round differently on
         # such unaligned memory, so copy them into fresh (aligned) storage: the loaded pipeline then samples
         # bit-identically to the one that was saved.
