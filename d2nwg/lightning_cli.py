@@ -307,7 +307,8 @@ def train(
     try:
         cli = make_cli(args, run=False, out=str(out), logger=logger)
     except argparse.ArgumentError as err:
-        raise UserError(f"invalid training configuration: {err}") from None
+        # jsonargparse puts the reason ("Expected a <class int>...") on later lines: keep it on the one line.
+        raise UserError(f"invalid training configuration: {' '.join(str(err).split())}") from None
     ckpt = out / "checkpoints" / "last.ckpt"
     if resume and not ckpt.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt}")
