@@ -43,7 +43,7 @@ def write_task_images(
 
 def run_demo(out: Path, config: str | None = None, fast: bool = False) -> dict:
     """Run every stage into ``out`` and print what was produced; returns the paths and timings."""
-    from d2nwg.console import print_heading, print_summary, print_table
+    from d2nwg.console import print_heading, print_summary, print_summary_by_kind, print_table
     from d2nwg.datasets import load_dataset
     from d2nwg.evaluate import evaluate
     from d2nwg.generate import generate_to_folder, load_model
@@ -93,6 +93,7 @@ def run_demo(out: Path, config: str | None = None, fast: bool = False) -> dict:
     timings["generate"] = time.perf_counter() - t
 
     print_summary(report["summary"])
+    print_summary_by_kind(report["summary_by_kind"])
     print_table(
         "demo outputs",
         [
