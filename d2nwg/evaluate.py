@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from d2nwg.architectures import build_model
-from d2nwg.baselines import BASELINES, EvalContext, dataset_embedding, retrieve  # noqa: F401  (public re-exports)
+from d2nwg.baselines import BASELINES, EvalContext
 from d2nwg.ensemble import paired_accuracy, recipe_optimizer, shared_accuracy
 from d2nwg.metrics import METRICS
 from d2nwg.pipeline import D2NWGPipeline

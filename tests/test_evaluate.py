@@ -13,16 +13,9 @@ import torch
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts
-from d2nwg.evaluate import (
-    FINETUNE_STEPS,
-    SUMMARY_ACCURACIES,
-    dataset_embedding,
-    default_finetune_steps,
-    evaluate,
-    paired_accuracy,
-    retrieve,
-)
-from d2nwg.pipeline import D2NWGPipeline
+from d2nwg.baselines import dataset_embedding, retrieve
+from d2nwg.ensemble import paired_accuracy
+from d2nwg.evaluate import FINETUNE_STEPS, SUMMARY_ACCURACIES, default_finetune_steps, evaluate
 from d2nwg.plots import plot_training_curves
 from d2nwg.zoo import ModelZoo
 

