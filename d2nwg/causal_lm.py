@@ -1,0 +1,343 @@
+"""The ``causal-lm-adapter`` architecture: a LoRA/MiSS adapter on a slice of a causal LM, judged on what it generates.
+
+A member is only the adapter tensors of a few layers (no head): the frozen LM plus the
+adapter is a model that answers prompts. The zoo, the hyper-model and the evaluation feed
+a module one feature vector per sample, so, as for `d2nwg.text_classifier`, the frozen
+layers below the adapted slice run once per (prompt, response) pair and their output is
+cached as the sample. One sample is the flat vector
+
+    [ pooled (H) | hidden states entering layer `first` (T * H) | attention mask (T) | labels (T) ]
+
+- ``pooled``: the mean over real tokens of the frozen LM's last (final-norm) hidden states for
+  the whole chat-templated conversation. It is what the dataset encoder conditions on: a
+  task is described by the embeddings of its (prompt, response) examples.
+- ``hidden``, ``mask``: the conversation, **left-padded** to T tokens, as it enters layer
+  ``first``. Left padding puts every response at the end of the row, so the tokens that carry
+  a loss always sit in the last ``response_window`` positions and the LM head (a 49k-way
+  matmul per position for SmolLM2) runs on those positions only, with static shapes that
+  ``vmap`` accepts. Positions are ``cumsum(mask) - 1``, so padding does not shift rotary
+  positions: the cached states equal those of the unpadded conversation.
+- ``labels``: the token ids of the assistant's final turn (including the end-of-turn token,
+  so a trained adapter stops), -100 elsewhere, stored as floats (exact below 2^24).
+
+`CausalLMAdapter.forward` returns the mean log-likelihood of each sample's response tokens
+(the teacher-forced score members are trained and compared with). Generation runs the whole
+LM through transformers + peft: `AdapterGenerator` injects a member (or none: the base) and
+decodes greedily, and `save_causal_lm_adapter` writes a PEFT folder whose
+``adapter_config.json`` names the base, so ``AutoPeftModelForCausalLM.from_pretrained(folder)``
+loads base and adapter in one call.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from d2nwg.architectures import Architecture
+from d2nwg.instructions import IGNORE_INDEX, decode_response, encode_conversations, encode_prompts, stop_token_ids
+from d2nwg.text_classifier import canonical_base, is_causal_lm, load_encoder, load_tokenizer, mean_pool, to_peft_state_dict
+
+ARCHITECTURE_NAME = "causal-lm-adapter"
+DEFAULT_BASE = "smollm2-135m-instruct"
+
+
+# ----------------------------------------------------------------------------- features
+def left_pad(batch: Mapping[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` ``[n, T]`` -> the same rows left-padded."""
+    lengths = batch["attention_mask"].sum(1)
+    width = batch["input_ids"].shape[1]
+    out = {
+        "input_ids": torch.full_like(batch["input_ids"], pad_id),
+        "attention_mask": torch.zeros_like(batch["attention_mask"]),
+        "labels": torch.full_like(batch["labels"], IGNORE_INDEX),
+    }
+    for r, n in enumerate(lengths.tolist()):
+        for key in out:
+            out[key][r, width - n :] = batch[key][r, :n]
+    return out
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions ``[n, T]`` of left-padded rows: real tokens at 0..len-1 (padding at 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@torch.no_grad()
+def conversation_features(
+    conversations: Sequence[Sequence[Mapping]],
+    first_layer: int,
+    max_length: int,
+    response_window: int,
+    base: str = DEFAULT_BASE,
+    batch_size: int = 32,
+    encoder: nn.Module | None = None,
+    tokenizer=None,
+) -> torch.Tensor:
+    """Per-conversation feature vectors ``[n, H + T*H + 2T]`` (T = ``max_length``; see the module docstring).
+
+    Args:
+        conversations: chat conversations ending with the assistant's response (`d2nwg.instructions`).
+        first_layer: the lowest adapted layer; its input hidden states are cached.
+        max_length: tokens per conversation (T) after the chat template.
+        response_window: the last positions that may hold response tokens (the LM head runs there only).
+        base: the causal LM (a base name, local folder or Hub id).
+
+    Raises:
+        ValueError: (one line) a conversation longer than ``max_length``, or whose response (with the tokens the
+            template adds after it) is longer than ``response_window``.
+    """
+    encoder = encoder if encoder is not None else load_encoder(base)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base)
+    batch = encode_conversations(tokenizer, list(conversations), max_length=max_length, last_turn_only=True)
+    batch = left_pad(batch, int(tokenizer.pad_token_id))
+    labelled = (batch["labels"] != IGNORE_INDEX).float()
+    first = torch.where(labelled.any(1), labelled.argmax(1), torch.full_like(labelled[:, 0], max_length, dtype=torch.long))
+    too_long = (max_length - first > response_window).nonzero().flatten()
+    if len(too_long):
+        i = int(too_long[0])
+        raise ValueError(
+            f"the response of conversation {i} ends {max_length - int(first[i])} tokens before the end of the row, "
+            f"more than response_window={response_window}"
+        )
+    backbone = encoder.base_model
+    out = []
+    for i in range(0, len(conversations), batch_size):
+        ids, mask = batch["input_ids"][i : i + batch_size], batch["attention_mask"][i : i + batch_size]
+        result = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True)
+        pooled = mean_pool(result.hidden_states[-1], mask.float())  # (n, H): after the final norm
+        hidden = result.hidden_states[first_layer]  # (n, T, H): the input of layer `first_layer`
+        labels = batch["labels"][i : i + batch_size].float()
+        out.append(torch.cat([pooled, hidden.flatten(1), mask.float(), labels], dim=1))
+    return torch.cat(out)
+
+
+def left_causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention bias ``[n, 1, T, T]``: a query sees real keys at or before it (itself always, so that
+    padding rows never softmax over nothing)."""
+    t = mask.shape[-1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()
+    allowed = (causal & mask.bool()[..., None, :]) | torch.eye(t, dtype=torch.bool, device=mask.device)  # (n, T, T)
+    return (~allowed)[..., None, :, :].to(dtype) * torch.finfo(dtype).min
+
+
+# ----------------------------------------------------------------------------- the architecture
+class CausalLMAdapter(nn.Module):
+    """A frozen causal LM with a LoRA/MiSS adapter on ``layers``; ``forward`` scores responses.
+
+    Args:
+        base: a Llama-architecture causal LM: ``"smollm2-135m-instruct"`` (packaged, see `d2nwg.bases`),
+            a local Hugging Face folder or a Hub id.
+        kind: adapter kind of `d2nwg.adapters.ADAPTER_KINDS` (``"lora"``, ``"miss"``, ``"miss-bat"``).
+        target_modules: linear layers adapted inside each block, e.g. ``["q_proj", "v_proj"]``.
+        layers: adapted layer indices (the cached input is that of the lowest one).
+        r: adapter rank (MiSS: block size). max_length: tokens per conversation (T).
+        response_window: last positions that may carry response tokens.
+        options: extra adapter config fields (e.g. ``{"lora_alpha": 16}``).
+
+    ``forward(x [n, H + T*H + 2T]) -> [n]``: the mean log-likelihood (nats per token) of each sample's
+    response tokens under the adapted LM, teacher-forced.
+
+    Raises:
+        ValueError: a base that is not a Llama-style causal LM.
+    """
+
+    def __init__(
+        self,
+        base: str = DEFAULT_BASE,
+        kind: str = "lora",
+        target_modules: Sequence[str] = ("q_proj", "v_proj"),
+        layers: Sequence[int] = (28, 29),
+        r: int = 8,
+        max_length: int = 48,
+        response_window: int = 24,
+        options: Mapping | None = None,
+    ):
+        super().__init__()
+        from d2nwg.adapters import block_list, build_peft_model
+
+        lm = load_encoder(base)
+        if not is_causal_lm(lm.config):
+            raise ValueError(f"base {base!r} is not a causal LM (its architectures: {getattr(lm.config, 'architectures', None)})")
+        self.hidden = lm.config.hidden_size
+        self.max_length = int(max_length)
+        self.response_window = int(response_window)
+        self.layers = sorted(int(i) for i in layers)
+        self.first = self.layers[0]
+        self._stack = block_list(lm)[0]  # "model.layers"
+        self._backbone = self._stack.rpartition(".")[0]  # "model": holds rotary_emb and norm
+        backbone = lm.get_submodule(self._backbone)
+        if not (hasattr(backbone, "rotary_emb") and hasattr(backbone, "norm")):
+            raise ValueError(f"unsupported causal LM {type(lm).__name__}: expected a Llama-style decoder (rotary_emb, norm)")
+        self.peft = build_peft_model(lm, kind, list(target_modules), self.layers, r, **dict(options or {}))
+        # Frozen weights become plain tensors: functional_call and vmap then treat them as shared constants and
+        # the state_dict holds exactly the adapter (see d2nwg.text_classifier for the same trick).
+        self._frozen: list[tuple[nn.Module, str]] = []
+        for module in self.peft.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if not p.requires_grad:
+                    del module._parameters[name]
+                    setattr(module, name, p.detach())
+                    self._frozen.append((module, name))
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        for module, name in self._frozen:
+            setattr(module, name, fn(getattr(module, name)))
+        return self
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.peft.base_model.model.get_submodule(self._stack)
+
+    def split_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [n, D]`` -> ``pooled [n, H]``, ``hidden [n, T, H]``, ``mask [n, T]``, ``labels [n, T]`` (long)."""
+        h, t = self.hidden, self.max_length
+        if x.shape[-1] != h + t * h + 2 * t:
+            raise ValueError(f"causal-lm-adapter features have {x.shape[-1]} numbers, expected {h + t * h + 2 * t} (H={h}, T={t})")
+        hidden = x[..., h : h + t * h].unflatten(-1, (t, h))
+        return x[..., :h], hidden, x[..., h + t * h : h + t * h + t], x[..., h + t * h + t :].round().long()
+
+    def token_logprobs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log p(label) [n, W], is_response [n, W])`` over the last ``W = response_window`` positions."""
+        _, h, mask, labels = self.split_features(x)
+        lm = self.peft.base_model.model
+        backbone = lm.get_submodule(self._backbone)
+        rope = backbone.rotary_emb(h, positions(mask))  # (cos, sin), each (n, T, head_dim)
+        bias = left_causal_bias(mask, h.dtype)
+        for block in [self.blocks[i] for i in range(self.first, len(self.blocks))]:
+            h = block(h, attention_mask=bias, position_embeddings=rope)
+        w = self.response_window
+        # Position t predicts token t+1: the hidden states at [T-W-1, T-1) score the labels at [T-W, T).
+        logits = lm.lm_head(backbone.norm(h[..., -w - 1 : -1, :]))  # (n, W, V)
+        target = labels[..., -w:]  # (n, W)
+        is_response = target != IGNORE_INDEX
+        logp = logits.log_softmax(-1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        return logp * is_response, is_response
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logp, is_response = self.token_logprobs(x)
+        return logp.sum(-1) / is_response.sum(-1).clamp_min(1)  # (n,)
+
+
+# ----------------------------------------------------------------------------- generation
+class AdapterGenerator:
+    """Greedy answers of the base LM with a swappable adapter, through transformers + peft.
+
+    One PEFT model is built per generator; `set_adapter` loads a member's tensors (d2nwg state-dict keys
+    as in the zoo, or standard PEFT keys) and ``None`` answers with the base alone (the adapter disabled).
+
+    Args:
+        architecture: the zoo's ``{"name": "causal-lm-adapter", "config": {...}}``.
+    """
+
+    def __init__(self, architecture: Mapping):
+        from d2nwg.adapters import build_peft_model
+
+        cfg = dict(architecture["config"])
+        self.config = cfg
+        self.tokenizer = load_tokenizer(cfg["base"])
+        self.stops = stop_token_ids(self.tokenizer)
+        self.model = build_peft_model(
+            load_encoder(cfg["base"]), cfg.get("kind", "lora"), list(cfg["target_modules"]), list(cfg["layers"]),
+            int(cfg["r"]), **dict(cfg.get("options") or {}),
+        ).eval()
+        self.adapter_on = True
+
+    def set_adapter(self, state: Mapping[str, torch.Tensor] | None) -> None:
+        """Use ``state`` (a member, in zoo or PEFT keys) from now on; ``None``: the base model alone."""
+        from d2nwg.adapters import inject_adapter
+
+        self.adapter_on = state is not None
+        if state is not None:
+            peft_keys = to_peft_state_dict(state) if any(k.startswith("peft.") for k in state) else dict(state)
+            inject_adapter(self.model, peft_keys)
+
+    @torch.no_grad()
+    def answer(self, conversations: Sequence[Sequence[Mapping]], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+        """Greedy responses (decoded, stripped) to each conversation's prompt (its final assistant turn dropped)."""
+        prompts = encode_prompts(self.tokenizer, list(conversations))
+        pad = int(self.tokenizer.pad_token_id)
+        answers: list[str] = []
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            width = max(len(p) for p in chunk)
+            # Left padding: every row's next token is at the same column; generate() derives positions from the mask.
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            if self.adapter_on:
+                out = self._generate(ids, mask, max_new_tokens)
+            else:
+                with self.model.disable_adapter():
+                    out = self._generate(ids, mask, max_new_tokens)
+            answers += [decode_response(self.tokenizer, row[width:]) for row in out]
+        return answers
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        return self.model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=self.stops, pad_token_id=int(self.tokenizer.pad_token_id),
+        )
+
+
+def exact_match(answers: Sequence[str], references: Sequence[str]) -> float:
+    """Fraction of answers equal to their reference after stripping surrounding whitespace, in [0, 1]."""
+    if len(answers) != len(references):
+        raise ValueError(f"{len(answers)} answers for {len(references)} references")
+    return sum(a.strip() == r.strip() for a, r in zip(answers, references)) / max(len(references), 1)
+
+
+def references(conversations: Sequence[Sequence[Mapping]]) -> list[str]:
+    """The reference responses: the content of each conversation's final assistant message."""
+    return [str(c[-1]["content"]) for c in conversations]
+
+
+# ----------------------------------------------------------------------------- PEFT export
+@functools.lru_cache(maxsize=1)
+def _resolved(base: str) -> str:
+    from d2nwg.bases import resolve_base
+
+    return str(resolve_base(base))
+
+
+def save_causal_lm_adapter(member: Mapping[str, torch.Tensor], architecture: Mapping, out: str | Path) -> Path:
+    """Write a standard PEFT folder for ``member``; ``AutoPeftModelForCausalLM.from_pretrained(out)`` loads it.
+
+    ``adapter_config.json``'s ``base_model_name_or_path`` is the base's local folder (a packaged base's cache
+    folder, see `d2nwg.bases`) or its Hub id, so the folder loads base and adapter in one call;
+    ``d2nwg.json`` records the architecture and how prompts were formatted.
+    """
+    from d2nwg.adapters import build_peft_model, save_adapter_folder
+
+    cfg = dict(architecture["config"])
+    model = build_peft_model(
+        load_encoder(cfg["base"]), cfg.get("kind", "lora"), list(cfg["target_modules"]), list(cfg["layers"]),
+        int(cfg["r"]), **dict(cfg.get("options") or {}),
+    )
+    model.peft_config["default"].base_model_name_or_path = _resolved(cfg["base"])
+    out = save_adapter_folder(model, out, to_peft_state_dict(member))
+    usage = {"base": cfg["base"], "prompt": "the base tokenizer's chat template, add_generation_prompt=True", "decoding": "greedy"}
+    (out / "d2nwg.json").write_text(json.dumps({**usage, "architecture": dict(architecture)}, indent=2))
+    return out
+
+
+def architecture_spec(
+    base: str, kind: str, target_modules: Sequence[str], layers: Sequence[int], r: int, max_length: int,
+    response_window: int, options: Mapping | None = None,
+) -> dict:
+    """The JSON spec zoos and pipelines store for this architecture."""
+    config = {
+        "base": canonical_base(base), "kind": kind, "target_modules": list(target_modules), "layers": [int(i) for i in layers],
+        "r": int(r), "max_length": int(max_length), "response_window": int(response_window),
+    }
+    if options:
+        config["options"] = dict(options)
+    return {"name": ARCHITECTURE_NAME, "config": config}
+
+
+ARCHITECTURE = Architecture(ARCHITECTURE_NAME, CausalLMAdapter, export_folder=save_causal_lm_adapter)
+"""The ``causal-lm-adapter`` entry; `d2nwg generate` exports a PEFT folder naming its base."""

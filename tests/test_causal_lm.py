@@ -1,0 +1,100 @@
+"""The causal-LM adapter architecture: cached features score like the full model, generation, PEFT export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.llm_fixtures import tiny_chat_tokenizer
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "2023-04-17"}, {"role": "assistant", "content": "17/04/2023"}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1999-12-31"}, {"role": "assistant", "content": "31/12/1999"}],
+    [{"role": "user", "content": "2001-01-02"}, {"role": "assistant", "content": "02/01/2001"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_llama_dir(tmp_path_factory, tiny_llama):
+    """A tiny random Llama with a byte-level chat tokenizer (SmolLM2's template), saved as a folder."""
+    folder = tmp_path_factory.mktemp("chat_llama") / "model"
+    tokenizer = tiny_chat_tokenizer()
+    tiny_llama(seed=3, layers=4, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def random_adapter(model, seed: int = 0, scale: float = 0.3) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=g) * scale for k, v in model.state_dict().items()}
+
+
+def test_cached_features_score_like_the_full_peft_model(chat_llama_dir):
+    from peft import PeftModel  # noqa: F401  (the reference path below is plain peft)
+
+    from d2nwg.adapters import build_peft_model, inject_adapter
+    from d2nwg.causal_lm import CausalLMAdapter, conversation_features
+    from d2nwg.instructions import encode_conversations
+    from d2nwg.text_classifier import load_encoder, load_tokenizer, to_peft_state_dict
+
+    base = str(chat_llama_dir)
+    net = CausalLMAdapter(base, "lora", ["q_proj", "v_proj"], layers=[2, 3], r=2, max_length=160, response_window=16)
+    state = random_adapter(net)
+    net.load_state_dict(state)
+    x = conversation_features(CONVERSATIONS, net.first, 160, 16, base)
+    assert x.shape == (3, 32 + 160 * 32 + 2 * 160)
+    score = net(x)  # (3,)
+
+    # Reference: the whole LM with the same adapter, right-padded, on the unpadded conversations.
+    tokenizer = load_tokenizer(base)
+    peft = inject_adapter(build_peft_model(load_encoder(base), "lora", ["q_proj", "v_proj"], [2, 3], 2), to_peft_state_dict(state))
+    batch = encode_conversations(tokenizer, CONVERSATIONS, last_turn_only=True)
+    with torch.no_grad():
+        logits = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    logp = logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) * (labels != -100)
+    expected = logp.sum(1) / (labels != -100).sum(1)
+    torch.testing.assert_close(score, expected, atol=1e-4, rtol=1e-4)
+    # The adapter matters: the zero adapter scores differently.
+    net.load_state_dict({k: torch.zeros_like(v) for k, v in state.items()})
+    assert not torch.allclose(net(x), score, atol=1e-3)
+
+
+def test_response_longer_than_the_window_is_one_line(chat_llama_dir):
+    from d2nwg.causal_lm import conversation_features
+
+    with pytest.raises(ValueError, match=r"conversation 0 .*response_window=4"):
+        conversation_features(CONVERSATIONS, 2, 160, 4, str(chat_llama_dir))
+
+
+def test_generator_export_and_autopeft_reload_agree(chat_llama_dir, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    from d2nwg.causal_lm import AdapterGenerator, CausalLMAdapter, architecture_spec, exact_match, references, save_causal_lm_adapter
+    from d2nwg.instructions import decode_response, encode_prompts, stop_token_ids
+    from d2nwg.text_classifier import load_tokenizer
+
+    base = str(chat_llama_dir)
+    arch = architecture_spec(base, "lora", ["q_proj", "v_proj"], [2, 3], 2, 160, 16)
+    net = CausalLMAdapter(**arch["config"])
+    state = random_adapter(net, seed=1, scale=1.0)
+    gen = AdapterGenerator(arch)
+    gen.set_adapter(state)
+    adapted = gen.answer(CONVERSATIONS, max_new_tokens=8)
+    gen.set_adapter(None)
+    plain = gen.answer(CONVERSATIONS, max_new_tokens=8)
+    assert adapted != plain  # a random adapter changes what a random LM says
+
+    folder = save_causal_lm_adapter(state, arch, tmp_path / "adapter")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == base
+    reloaded = AutoPeftModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = load_tokenizer(base)
+    for conversation, answer in zip(CONVERSATIONS, adapted):
+        ids = torch.tensor([encode_prompts(tokenizer, [conversation])[0]])
+        out = reloaded.generate(input_ids=ids, max_new_tokens=8, do_sample=False, eos_token_id=stop_token_ids(tokenizer))
+        assert decode_response(tokenizer, out[0, ids.shape[1]:]) == answer
+    assert exact_match(adapted, adapted) == 1.0
+    assert exact_match([" 17/04/2023 ", "x", "y"], references(CONVERSATIONS)) == pytest.approx(1 / 3)
