@@ -7,12 +7,13 @@ The name is a key of `ARCHITECTURES` (an `Architecture` entry each), or
 
 Built-in entries:
 
-================  ==========================================================  ==================
-name              builds                                                      export_folder
-================  ==========================================================  ==================
-mlp               `MLP`, a ReLU classifier ``in_features -> hidden -> K``     none
-text-adapter      `d2nwg.text_classifier.TextAdapterClassifier` (lazy import)  PEFT folder + head
-================  ==========================================================  ==================
+=================  ===========================================================  ==================
+name               builds                                                      export_folder
+=================  ===========================================================  ==================
+mlp                `MLP`, a ReLU classifier ``in_features -> hidden -> K``     none
+text-adapter       `d2nwg.text_classifier.TextAdapterClassifier` (lazy import)  PEFT folder + head
+causal-lm-adapter  `d2nwg.causal_lm.CausalLMAdapter` (lazy import)            PEFT folder naming its base
+=================  ===========================================================  ==================
 
 An entry's optional ``export_folder(weights, spec, out)`` hook writes a standard folder
 next to `d2nwg generate`'s own files (e.g. a PEFT adapter that ``PeftModel.from_pretrained``
@@ -60,6 +61,7 @@ class Architecture:
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")
 # Heavy (transformers/peft) at use only: the entry lives next to its class and is imported on first lookup.
 ARCHITECTURES.register_lazy("text-adapter", "d2nwg.text_classifier:ARCHITECTURE")
+ARCHITECTURES.register_lazy("causal-lm-adapter", "d2nwg.causal_lm:ARCHITECTURE")
 
 LEGACY_NAMES: dict[str, str] = {"d2nwg.text_adapter:TextAdapterClassifier": "text-adapter"}
 """``"module:callable"`` names stored by older zoos and pipelines -> the registered entry that replaced them."""

@@ -224,6 +224,60 @@ class CausalLMAdapter(nn.Module):
         return logp.sum(-1) / is_response.sum(-1).clamp_min(1)  # (n,)
 
 
+# ----------------------------------------------------------------------------- training many adapters at once
+def train_adapters(
+    module: CausalLMAdapter,
+    init: Mapping[str, torch.Tensor],
+    x: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float = 0.0,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Train N adapters at once from one shared ``init``: AdamW on each one's response negative log-likelihood.
+
+    Args:
+        module: the architecture (its own parameters are not touched).
+        init: the shared initial adapter state_dict (unstacked).
+        x: per-adapter training samples ``[N, n, D]`` (`conversation_features`).
+        steps: optimiser steps; each uses a minibatch of ``batch_size`` samples per adapter (bounds the
+            ``[N, batch, W, vocab]`` logits in memory); ``seed`` draws the minibatches.
+
+    Returns:
+        The trained adapters, stacked ``{name: [N, *shape]}``. Adam is elementwise and the loss is a sum of
+        per-adapter means, so each adapter trains exactly as it would alone (``vmap`` over ``functional_call``).
+    """
+    from torch.func import functional_call, vmap
+
+    n_adapters, n = x.shape[:2]
+    params = {k: v.detach().unsqueeze(0).repeat(n_adapters, *([1] * v.dim())).requires_grad_(True) for k, v in init.items()}
+    optimiser = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    score = vmap(lambda p, xs: functional_call(module, p, (xs,)))
+    for _ in range(steps):
+        idx = torch.randperm(n, generator=generator)[: min(batch_size, n)]
+        loss = -score(params, x[:, idx]).mean(1).sum()  # sum over adapters of each one's mean NLL
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+    return {k: v.detach() for k, v in params.items()}
+
+
+@torch.no_grad()
+def adapter_scores(module: CausalLMAdapter, stacked: Mapping[str, torch.Tensor], x: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Mean response log-likelihood ``[N]`` of N stacked adapters, each on its own samples ``x [N, n, D]``
+    (or all on shared samples ``x [n, D]``)."""
+    from torch.func import functional_call, vmap
+
+    shared = x.dim() == 2
+    score = vmap(lambda p, xs: functional_call(module, p, (xs,)), in_dims=(0, None if shared else 0))
+    n = x.shape[0 if shared else 1]
+    chunks = [score(stacked, x[i : i + batch_size] if shared else x[:, i : i + batch_size]) for i in range(0, n, batch_size)]
+    return torch.cat(chunks, dim=-1).mean(-1)
+
+
 # ----------------------------------------------------------------------------- generation
 class AdapterGenerator:
     """Greedy answers of the base LM with a swappable adapter, through transformers + peft.

@@ -14,7 +14,7 @@ Add a recipe by writing ``model_zoo/<name>.py`` with ``RECIPE = Recipe(...)`` an
 Example:
     >>> from model_zoo import RECIPES
     >>> RECIPES.names()
-    ['digits', 'text-lora', 'text-bone']
+    ['digits', 'text-lora', 'text-bone', 'llm-lora', 'llm-miss']
     >>> zoo = RECIPES.get("digits")("runs/zoo", num_train_tasks=100)      # doctest: +SKIP
 """
 
@@ -82,6 +82,8 @@ RECIPES: Registry[Recipe] = Registry("zoo recipe")
 RECIPES.register_lazy("digits", "model_zoo.digits:RECIPE")
 RECIPES.register_lazy("text-lora", "model_zoo.text_lora:RECIPE")
 RECIPES.register_lazy("text-bone", "model_zoo.text_bone:RECIPE")
+RECIPES.register_lazy("llm-lora", "model_zoo.llm_lora:RECIPE")
+RECIPES.register_lazy("llm-miss", "model_zoo.llm_miss:RECIPE")
 
 
 def get_recipe(name: str) -> Recipe:

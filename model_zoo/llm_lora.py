@@ -1,0 +1,195 @@
+"""Causal-LM adapter zoos: LoRA ("llm-lora") or MiSS ("llm-miss") adapters on SmolLM2-135M-Instruct.
+
+Each member is an adapter on the top layers of the frozen instruct LM (default: ``q_proj`` and
+``v_proj`` of layers 28 and 29 of 30), trained on one generative task of the date-format family
+(`model_zoo.date_formats`): the prompt is a date, the response the same date in the task's
+output format. Members are judged on what the adapted LM *generates* (greedy exact match) and
+on the mean log-likelihood of the reference response.
+
+**Speed.** The 28 frozen layers below the slice run once per conversation: their output is
+the cached sample (`d2nwg.causal_lm.conversation_features`). Members recompute only the slice
+and the LM head on the response positions, in vmapped groups from one shared initialisation
+(LoRA's A is random, B zero, as peft initialises them), so the zoo has one gauge and the weight
+VAE need not learn symmetries. Groups are the unit of resuming; a killed build redoes only the
+group it was in.
+
+**Splits.** Tasks whose output format is in ``unseen_outputs`` are held out as ``unseen_output``
+(a language or a numeric format no training task writes); ``num_new_combination_tasks`` more
+are held out as ``new_combination`` (both formats seen, never together). Each task's
+conversations are written to ``conversations/<task>.<split>.jsonl`` in the zoo, in the JSONL
+format `d2nwg generate` reads, for exact-match evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from rich.progress import Progress
+
+from d2nwg.architectures import build_model
+from d2nwg.ensemble import initial_state, unstack_state_dict
+from d2nwg.io import atomic_write_text
+from d2nwg.specs import InputSpec
+from d2nwg.weights import WeightLayout
+from d2nwg.zoo import SPLITS, ModelZoo, member_groups
+from model_zoo import Recipe
+from model_zoo.date_formats import conversations, split_tasks
+
+
+@dataclass
+class LLMAdapterRecipe:
+    """Settings of a causal-LM adapter zoo."""
+
+    kind: str = "lora"
+    """Adapter kind: lora, miss or miss-bat (llm-miss uses miss)."""
+    base: str = "smollm2-135m-instruct"
+    """Causal LM: the packaged SmolLM2-135M-Instruct (converted once from its GGUF), or a local folder or Hub id of a Llama-architecture causal LM."""
+    layers: str = "28,29"
+    """Adapted layers, e.g. "28,29", or "auto:2" (the two layers of highest weight signal-to-noise ratio)."""
+    target_modules: str = "q_proj,v_proj"
+    """Linear layers adapted inside each block."""
+    r: int = 8
+    """Adapter rank (MiSS: block size)."""
+    unseen_outputs: str = "long-it,dmy-space"
+    """Comma-separated output formats no training task uses; every task writing one is a held-out *unseen* task."""
+    num_new_combination_tasks: int = 32
+    """Held-out tasks pairing an input and an output format that both occur in training, never together."""
+    num_train_tasks: int = 0
+    """Training tasks (one member each); 0: every remaining pair of the family (305 by default)."""
+    samples_train: int = 32
+    """Conversations per task that its adapter trains on."""
+    samples_support: int = 8
+    """Conversations per task a generated adapter is conditioned on and selected with."""
+    samples_test: int = 16
+    """Conversations per task that measure exact match and log-likelihood."""
+    max_length: int = 44
+    """Tokens per chat-templated conversation (the longest date pair with SmolLM2's template is 39)."""
+    response_window: int = 18
+    """Last positions of a conversation that may carry response tokens (the LM head runs there only)."""
+    steps: int = 60
+    """AdamW steps per member."""
+    lr: float = 5e-3
+    """Learning rate of the member optimiser."""
+    batch_size: int = 16
+    """Conversations per member and step."""
+    group_size: int = 4
+    """Members trained together in one vmapped run; also the unit of resuming."""
+    seed: int = 0
+    """Seed of the task split, the dates and the shared initialisation."""
+
+
+def architecture(recipe: LLMAdapterRecipe) -> dict:
+    from d2nwg.adapters import parse_layers
+    from d2nwg.causal_lm import architecture_spec
+    from d2nwg.text_classifier import cached_encoder, canonical_base
+
+    targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
+    layers = parse_layers(cached_encoder(canonical_base(recipe.base)), str(recipe.layers), targets)
+    return architecture_spec(recipe.base, recipe.kind, targets, layers, recipe.r, recipe.max_length, recipe.response_window)
+
+
+def write_conversations(root: Path, task: str, split: str, items: list) -> Path:
+    """``conversations/<task>.<split>.jsonl``: one ``{"messages": [...]}`` record per line (atomic write)."""
+    path = root / "conversations" / f"{task}.{split}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in items))
+    return path
+
+
+def build(out: str | Path, **settings) -> ModelZoo:
+    """Build (or resume building) a causal-LM adapter zoo in ``out``; writes ``build_time.json``.
+
+    Raises:
+        ValueError: unknown formats in ``unseen_outputs``, too few pairs, or conversations longer than
+            ``max_length`` / ``response_window``.
+    """
+    from d2nwg.causal_lm import AdapterGenerator, adapter_scores, conversation_features, exact_match, references, train_adapters
+    from d2nwg.text_classifier import load_encoder, load_tokenizer
+
+    recipe = LLMAdapterRecipe(**settings)
+    started = time.perf_counter()
+    unseen = [f.strip() for f in recipe.unseen_outputs.split(",") if f.strip()]
+    tasks = split_tasks(unseen, recipe.num_new_combination_tasks, recipe.num_train_tasks or None, recipe.seed)
+    arch = architecture(recipe)
+    model = build_model(arch)
+    init = initial_state(lambda: build_model(arch), recipe.seed)
+    layout = WeightLayout.from_state_dict(init, chunk_size=model.hidden)
+    sizes = {"train": recipe.samples_train, "support": recipe.samples_support, "test": recipe.samples_test}
+
+    # 1. conversations and their cached features: the frozen layers below the slice run once per conversation
+    out = Path(out)
+    classes: dict[str, dict[str, torch.Tensor]] = {}
+    if not (out / "manifest.json").exists():  # resuming: ModelZoo.create reopens the zoo and keeps its data
+        base = arch["config"]["base"]
+        encoder, tokenizer = load_encoder(base), load_tokenizer(base)
+        with Progress(transient=True) as progress:
+            bar = progress.add_task("caching base states", total=len(tasks))
+            for task in tasks:
+                items = conversations(task, sum(sizes.values()), recipe.seed)
+                classes[task] = {}
+                start = 0
+                for split in SPLITS:
+                    part = items[start : start + sizes[split]]
+                    start += sizes[split]
+                    write_conversations(out, task, split, part)
+                    classes[task][split] = conversation_features(
+                        part, model.first, recipe.max_length, recipe.response_window, base, encoder=encoder, tokenizer=tokenizer
+                    )
+                progress.advance(bar)
+    zoo = ModelZoo.create(
+        out,
+        architecture=arch,
+        layout=layout,
+        classes=classes,
+        tasks=tasks,
+        init_state=init,
+        input_spec=InputSpec(
+            kind="generative-text", base=arch["config"]["base"], max_length=recipe.max_length, first_layer=model.first,
+            # The pooled conversation embedding describes the task; the rest is the cached state the slice reads.
+            condition_features=model.hidden,
+        ),
+        recipe={"name": "llm-lora" if recipe.kind == "lora" else "llm-miss", **asdict(recipe)},
+    )
+    features_s = time.perf_counter() - started
+
+    # 2. members, in vmapped groups from the shared initialisation; held-out members are the oracles, so their
+    #    exact match is measured here once (greedy decoding through transformers + peft)
+    task_ids = list(zoo.tasks)
+    generator = None
+    with Progress(transient=True) as progress:
+        bar = progress.add_task("training adapters", total=len(task_ids))
+        for group in member_groups(task_ids, recipe.group_size):
+            if all(f"{t}-s{recipe.seed}" in zoo for t in group):
+                progress.advance(bar, len(group))
+                continue
+            x = torch.stack([zoo.class_samples(t, "train")[0] for t in group])  # (G, n, D)
+            params = train_adapters(model, init, x, steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed)
+            scores = {s: adapter_scores(model, params, torch.stack([zoo.class_samples(t, s)[0] for t in group])) for s in SPLITS}
+            for i, (task, sd) in enumerate(zip(group, unstack_state_dict(params))):
+                metrics = {f"{s}_loglik": float(v[i]) for s, v in scores.items()}
+                if zoo.tasks[task]["split"] != "train":
+                    generator = generator or AdapterGenerator(arch)
+                    generator.set_adapter(sd)
+                    test = read_split(zoo, task, "test")
+                    metrics["test_em"] = exact_match(generator.answer(test), references(test))
+                zoo.add(sd, task, metrics, seed=recipe.seed, flush=False)
+            zoo.flush()
+            progress.advance(bar, len(group))
+    zoo.fit_layout("train" if zoo.members("train") else None)
+    timing = {"features_s": features_s, "members_s": time.perf_counter() - started - features_s, "members": len(zoo)}
+    atomic_write_text(zoo.root / "build_time.json", json.dumps(timing, indent=2))
+    return zoo
+
+
+def read_split(zoo: ModelZoo, task: str, split: str) -> list:
+    """The conversations of ``task``'s ``split`` that the recipe wrote into the zoo."""
+    from d2nwg.instructions import read_instructions
+
+    return read_instructions(zoo.root / "conversations" / f"{task}.{split}.jsonl")
+
+
+RECIPE = Recipe("llm-lora", LLMAdapterRecipe, build)

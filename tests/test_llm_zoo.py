@@ -1,0 +1,95 @@
+"""The llm-lora recipe on a tiny chat Llama: tasks, splits, cached data, trained members, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.llm_fixtures import tiny_chat_tokenizer
+
+TINY = dict(
+    layers="2,3", r=2, unseen_outputs="long-it", num_new_combination_tasks=2, num_train_tasks=6,
+    samples_train=8, samples_support=4, samples_test=4, max_length=100, response_window=30,
+    steps=15, lr=1e-2, batch_size=8, group_size=4,
+)
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory, tiny_llama):
+    folder = tmp_path_factory.mktemp("chat_llama") / "model"
+    tokenizer = tiny_chat_tokenizer()
+    tiny_llama(seed=5, layers=4, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def llm_zoo(tmp_path_factory, chat_llama):
+    from model_zoo import RECIPES
+
+    out = tmp_path_factory.mktemp("llm_zoo") / "zoo"
+    return RECIPES.get("llm-lora")(out, base=chat_llama, **TINY)
+
+
+def test_date_family_has_at_least_256_tasks_and_unseen_outputs():
+    from model_zoo.date_formats import all_tasks, split_tasks
+
+    assert len(all_tasks()) >= 256
+    tasks = split_tasks(["long-it", "dmy-space"], 32, None, seed=0)
+    train_outputs = {t.split("__")[1] for t, v in tasks.items() if v["split"] == "train"}
+    train_inputs = {t.split("__")[0] for t, v in tasks.items() if v["split"] == "train"}
+    assert {"long-it", "dmy-space"}.isdisjoint(train_outputs)
+    combos = [t for t, v in tasks.items() if v.get("kind") == "new_combination"]
+    assert len(combos) == 32
+    for t in combos:  # both formats seen in training, the pair never
+        source, target = t.split("__")
+        assert source in train_inputs and target in train_outputs
+    assert all(v.get("kind") == "unseen_output" for t, v in tasks.items() if t.split("__")[1] in {"long-it", "dmy-space"})
+    with pytest.raises(ValueError, match="unknown output formats"):
+        split_tasks(["long-xx"], 1, None, seed=0)
+
+
+def test_conversations_have_one_right_answer_and_distinct_dates():
+    from model_zoo.date_formats import conversations
+
+    items = conversations("ymd-dash__dmy-slash", 20, seed=1)
+    prompts = [c[1]["content"] for c in items]
+    assert len(set(prompts)) == 20
+    for c in items:
+        y, m, d = c[1]["content"].split("-")
+        assert c[2]["content"] == f"{d}/{m}/{y}"
+    assert conversations("ymd-dash__dmy-slash", 20, seed=1) == items  # seeded
+
+
+def test_zoo_splits_data_and_trained_members(llm_zoo):
+    from d2nwg.architectures import build_model
+    from d2nwg.causal_lm import adapter_scores
+    from d2nwg.ensemble import stack_state_dicts
+    from model_zoo.llm_lora import read_split
+
+    kinds = {t: llm_zoo.task_kind(t) for t in llm_zoo.tasks}
+    assert sorted(set(kinds.values())) == ["new_combination", "train", "unseen_output"]
+    assert len(llm_zoo.members()) == len(llm_zoo.tasks) == 6 + 2 + 16
+    assert llm_zoo.input_spec.kind == "generative-text"
+    task = next(t for t, k in kinds.items() if k == "unseen_output")
+    test = read_split(llm_zoo, task, "test")
+    assert len(test) == 4 and test[0][-1]["role"] == "assistant"
+    member = next(m for m in llm_zoo.members() if m.task == task)
+    assert 0.0 <= member.metrics["test_em"] <= 1.0
+    # Training raised the response log-likelihood of every member above the shared initialisation's.
+    model = build_model(llm_zoo.architecture)
+    init = llm_zoo.init_state()
+    for m in llm_zoo.members("train")[:3]:
+        x = llm_zoo.class_samples(m.task, "train")[0]
+        before = adapter_scores(model, stack_state_dicts([init]), x)[0]
+        assert m.metrics["train_loglik"] > float(before) + 0.1
+
+
+def test_rebuild_resumes_without_retraining(llm_zoo, chat_llama):
+    from model_zoo import RECIPES
+
+    before = {m.id: llm_zoo.load_member(m) for m in llm_zoo.members()}
+    again = RECIPES.get("llm-lora")(llm_zoo.root, base=chat_llama, **TINY)
+    for m in again.members():
+        for k, v in again.load_member(m).items():
+            assert torch.equal(v, before[m.id][k])
