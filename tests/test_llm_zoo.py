@@ -65,7 +65,7 @@ def test_zoo_splits_data_and_trained_members(llm_zoo):
     from d2nwg.architectures import build_model
     from d2nwg.causal_lm import adapter_scores
     from d2nwg.ensemble import stack_state_dicts
-    from model_zoo.llm_lora import read_split
+    from d2nwg.evaluate_generation import read_split
 
     kinds = {t: llm_zoo.task_kind(t) for t in llm_zoo.tasks}
     assert sorted(set(kinds.values())) == ["new_combination", "train", "unseen_output"]
@@ -93,3 +93,87 @@ def test_rebuild_resumes_without_retraining(llm_zoo, chat_llama):
     for m in again.members():
         for k, v in again.load_member(m).items():
             assert torch.equal(v, before[m.id][k])
+
+
+@pytest.fixture(scope="module")
+def llm_pipeline_dir(tmp_path_factory, llm_zoo, make_tiny_pipeline):
+    folder = tmp_path_factory.mktemp("llm_pipeline") / "pipeline"
+    make_tiny_pipeline(llm_zoo).save_pretrained(folder)
+    return folder
+
+
+def run_cli(argv: list[str]) -> tuple[int, str]:
+    import io
+    from contextlib import redirect_stdout
+
+    from d2nwg.cli import main
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        code = main(argv)
+    return code, buf.getvalue()
+
+
+def test_evaluate_reports_exact_match_for_every_method_and_kind(llm_zoo, llm_pipeline_dir, tmp_path):
+    import json
+
+    from d2nwg.evaluate_generation import METHODS
+
+    code, printed = run_cli([
+        "evaluate", "--pipeline", str(llm_pipeline_dir), "--zoo", str(llm_zoo.root), "--out", str(tmp_path / "ev"),
+        "--num-samples", "2", "--max-tasks", "1", "--steps", "2",
+    ])  # fmt: skip
+    assert code == 0, printed
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert set(report["summary_by_kind"]) == {"new_combination", "unseen_output"}
+    for method in METHODS:
+        assert 0.0 <= report["summary"][f"{method}_em"] <= 1.0
+        assert report["summary"][f"{method}_loglik"] < 0.0
+    for row in report["tasks"]:
+        # The oracle was trained on the task: its reference responses are likelier than under the bare base.
+        assert row["oracle_loglik"] > row["base_loglik"]
+        assert row["retrieved"] in llm_zoo.tasks and llm_zoo.tasks[row["retrieved"]]["split"] == "train"
+    assert "multitask" in printed and "unseen_output" in printed
+    assert list((llm_zoo.root / "baselines").glob("multitask-*.safetensors"))  # cached for the next run
+
+
+def test_generate_writes_a_peft_folder_that_reproduces_the_printed_exact_match(llm_zoo, llm_pipeline_dir, tmp_path):
+    import json
+    import re
+
+    from peft import AutoPeftModelForCausalLM
+
+    from d2nwg.causal_lm import exact_match, references
+    from d2nwg.evaluate_generation import read_split
+    from d2nwg.instructions import decode_response, encode_prompts, stop_token_ids
+    from d2nwg.text_classifier import load_tokenizer
+
+    task = next(t for t in llm_zoo.tasks if llm_zoo.task_kind(t) == "unseen_output")
+    records = read_split(llm_zoo, task, "support")
+    dataset = tmp_path / "task.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": c[1]["content"], "response": c[2]["content"], "system": ""}) + "\n" for c in records))
+    out = tmp_path / "adapter"
+    code, printed = run_cli(["generate", "--pipeline", str(llm_pipeline_dir), "--dataset", str(dataset), "--out", str(out), "--num-samples", "3", "--steps", "2"])
+    assert code == 0, printed
+    printed_em = float(re.search(r"exact match on the 4 records \(greedy\): ([0-9.]+)", printed).group(1))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == llm_zoo.architecture["config"]["base"]
+    model = AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = load_tokenizer(config["base_model_name_or_path"])
+    answers = []
+    for ids in encode_prompts(tokenizer, records):
+        generated = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=stop_token_ids(tokenizer))
+        answers.append(decode_response(tokenizer, generated[0, len(ids):]))
+    assert exact_match(answers, references(records)) == pytest.approx(printed_em, abs=1e-4)
+    assert len(list((out / "samples").glob("*.safetensors"))) == 3
+
+
+def test_bad_jsonl_record_is_one_error_line(llm_pipeline_dir, tmp_path, capsys):
+    from d2nwg.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    code = main(["generate", "--pipeline", str(llm_pipeline_dir), "--dataset", str(bad), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "line 2" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

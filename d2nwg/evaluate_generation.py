@@ -1,0 +1,257 @@
+"""The evaluation protocol for generative zoos (``causal-lm-adapter``): exact match of greedy answers.
+
+For each held-out task, on its test prompts, every method answers by greedy decoding and is
+scored by **exact match** (the stripped answer equals the stripped reference, in [0, 1]) and by
+the **mean log-likelihood** of the reference response (nats per token, teacher-forced):
+
+==================  =====================================================================
+method              adapter and prompt
+==================  =====================================================================
+base                no adapter; the test prompt alone (zero-shot)
+icl                 no adapter; k support examples as earlier chat turns (k-shot)
+retrieval           the training member whose task's conversations embed nearest to the
+                    support set's (mean pooled embedding, cosine)
+knn_ensemble        the element-wise mean of the k nearest training members
+multitask           one adapter of the same shape trained on the union of the training
+                    tasks, with k in-context examples in every training and test prompt
+                    (so it can tell the tasks apart), as Text-to-LoRA's baseline
+generated_mean      the pipeline's N adapters for the support set, mean over the N
+generated_best      the one of the N with the highest support log-likelihood
+oracle              the task's own zoo member (trained on its training conversations)
+==================  =====================================================================
+
+Selection uses support data only; every figure is on test. ``report.json`` holds per-task rows,
+``summary`` (``<method>_em`` and ``<method>_loglik``) and ``summary_by_kind`` (``new_combination``
+and ``unseen_output`` tasks, `model_zoo.date_formats`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from d2nwg.zoo import ModelZoo
+
+METHODS = ("base", "icl", "retrieval", "knn_ensemble", "multitask", "generated_mean", "generated_best", "oracle")
+
+
+def read_split(zoo: ModelZoo, task: str, split: str) -> list:
+    """The conversations of ``task``'s ``split`` stored in the zoo (``conversations/<task>.<split>.jsonl``)."""
+    from d2nwg.instructions import read_instructions
+
+    path = zoo.root / "conversations" / f"{task}.{split}.jsonl"
+    if not path.is_file():
+        raise ValueError(f"the zoo at {zoo.root} has no conversations for task {task!r} ({path.name})")
+    return read_instructions(path)
+
+
+@torch.no_grad()
+def full_model_loglik(generator, conversations: Sequence, batch_size: int = 8) -> float:
+    """Mean log-likelihood (nats per token) of each conversation's final response under the generator's current
+    adapter (or the base), through the whole LM: for prompts longer than the cached features hold (in-context
+    examples)."""
+    from d2nwg.instructions import IGNORE_INDEX, encode_conversations
+
+    scores = []
+    for i in range(0, len(conversations), batch_size):
+        batch = encode_conversations(generator.tokenizer, list(conversations[i : i + batch_size]), last_turn_only=True)
+        if generator.adapter_on:
+            logits = generator.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        else:
+            with generator.model.disable_adapter():
+                logits = generator.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        keep = labels != IGNORE_INDEX
+        logp = logits[:, :-1].log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) * keep
+        scores += (logp.sum(1) / keep.sum(1).clamp_min(1)).tolist()
+    return sum(scores) / len(scores)
+
+
+def multitask_adapter(zoo: ModelZoo, k: int, per_task: int, steps: int, lr: float, seed: int) -> dict[str, torch.Tensor]:
+    """One adapter trained on the union of the training tasks, each prompt with ``k`` in-context examples.
+
+    Cached in the zoo (``baselines/multitask-<hash>.safetensors``, keyed by the settings), since it costs as much
+    as several members. ``per_task`` conversations of each training task are used, each with ``k`` other training
+    conversations of its task as examples.
+    """
+    from d2nwg.causal_lm import CausalLMAdapter, conversation_features, train_adapters
+    from d2nwg.instructions import with_examples
+    from d2nwg.io import load_safetensors, save_safetensors
+
+    cfg = dict(zoo.architecture["config"])
+    settings = {"k": k, "per_task": per_task, "steps": steps, "lr": lr, "seed": seed, "arch": cfg}
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    path = zoo.root / "baselines" / f"multitask-{key}.safetensors"
+    if path.is_file():
+        return load_safetensors(path)
+    # In-context prompts are (k + 1) times longer than the members' conversations.
+    long = CausalLMAdapter(**{**cfg, "max_length": cfg["max_length"] * (k + 1)})
+    conversations = []
+    for task, record in zoo.tasks.items():
+        if record["split"] != "train":
+            continue
+        items = read_split(zoo, task, "train")
+        for j in range(min(per_task, len(items))):
+            examples = [c for i, c in enumerate(items) if i != j]
+            conversations.append(with_examples(items[j], examples[j:] + examples[:j], k))
+    x = conversation_features(conversations, long.first, long.max_length, long.response_window, cfg["base"])
+    init = zoo.init_state() or long.state_dict()  # the members' shared initialisation: the same start
+    trained = train_adapters(long, init, x[None], steps=steps, lr=lr, batch_size=16, seed=seed)
+    state = {n: v[0].contiguous() for n, v in trained.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_safetensors(path, state)
+    return state
+
+
+def evaluate_generation(
+    pipeline,
+    zoo: ModelZoo,
+    out: str | Path,
+    *,
+    num_samples: int = 10,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 1.0,
+    seed: int = 0,
+    max_tasks: int | None = None,
+    k_shot: int = 4,
+    knn: int = 5,
+    multitask_per_task: int = 4,
+    multitask_steps: int = 300,
+    multitask_lr: float = 2e-3,
+    max_new_tokens: int = 32,
+) -> dict:
+    """Run the protocol of the module docstring on ``zoo``'s held-out tasks; writes ``report.json`` and ``report.md``.
+
+    Args:
+        pipeline: a `d2nwg.pipeline.D2NWGPipeline` trained on ``zoo``.
+        zoo: a zoo of ``causal-lm-adapter`` members with stored conversations (`model_zoo.llm_lora`).
+        num_samples: adapters generated per task (N). max_tasks: held-out tasks per kind (``None``: all).
+        k_shot: in-context examples for ``icl`` and ``multitask``; knn: members averaged by ``knn_ensemble``.
+        multitask_per_task, multitask_steps, multitask_lr: the multi-task LoRA's data and optimiser.
+
+    Returns:
+        The report dict: ``tasks`` (per-task rows), ``summary`` and ``summary_by_kind``.
+
+    Raises:
+        ValueError: a zoo that is not generative, or without conversations.
+    """
+    from d2nwg.architectures import build_model
+    from d2nwg.causal_lm import AdapterGenerator, adapter_scores, exact_match, references
+    from d2nwg.ensemble import mean_state_dict, stack_state_dicts
+    from d2nwg.instructions import with_examples
+
+    if zoo.architecture.get("name") != "causal-lm-adapter":
+        raise ValueError(f"{zoo.root} is not a generative zoo (architecture {zoo.architecture.get('name')!r})")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    module = build_model(zoo.architecture).eval()
+    generator = AdapterGenerator(zoo.architecture)
+    members = {m.task: m for m in zoo.members()}
+    train = [m for m in zoo.members("train")]
+    hidden = module.hidden
+
+    def task_embedding(task: str, split: str) -> torch.Tensor:
+        return torch.nn.functional.normalize(zoo.class_samples(task, split)[0][:, :hidden].mean(0), dim=0)
+
+    train_emb = torch.stack([task_embedding(m.task, "train") for m in train])  # (M, H)
+    heldout = [t for t, r in zoo.tasks.items() if r["split"] != "train" and t in members]
+    by_kind: dict[str, list[str]] = {}
+    for t in heldout:
+        by_kind.setdefault(zoo.task_kind(t), []).append(t)
+    task_ids = [t for kind in sorted(by_kind) for t in by_kind[kind][:max_tasks]]
+    multitask = multitask_adapter(zoo, k_shot, multitask_per_task, multitask_steps, multitask_lr, seed)
+
+    def judge(state, prompts, refs, x_test=None, long_prompts=False) -> tuple[float, float]:
+        generator.set_adapter(state)
+        em = exact_match(generator.answer(prompts, max_new_tokens=max_new_tokens), refs)
+        if x_test is not None and state is not None and not long_prompts:
+            loglik = float(adapter_scores(module, stack_state_dicts([state]), x_test)[0])
+        else:
+            loglik = full_model_loglik(generator, prompts)
+        return em, loglik
+
+    pipeline.set_progress_bar_config(disable=True)
+    rows = []
+    for i, task in enumerate(task_ids):
+        support, test = read_split(zoo, task, "support"), read_split(zoo, task, "test")
+        refs = references(test)
+        x_support, x_test = zoo.class_samples(task, "support")[0], zoo.class_samples(task, "test")[0]
+        icl_prompts = [with_examples(c, support, k_shot) for c in test]
+        sims = train_emb @ task_embedding(task, "support")
+        order = sims.argsort(descending=True).tolist()
+        nearest = [zoo.load_member(train[j]) for j in order[:knn]]
+        row: dict = {"task": task, "kind": zoo.task_kind(task), "retrieved": train[order[0]].task}
+        for name, state, prompts in (
+            ("base", None, test),
+            ("icl", None, icl_prompts),
+            ("retrieval", nearest[0], test),
+            ("knn_ensemble", mean_state_dict(nearest), test),
+            ("multitask", multitask, icl_prompts),
+            ("oracle", zoo.load_member(members[task]), test),
+        ):
+            row[f"{name}_em"], row[f"{name}_loglik"] = judge(state, prompts, refs, x_test, long_prompts=prompts is icl_prompts)
+        output = pipeline(
+            dataset=[x_support], num_samples=num_samples, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + i),
+        )
+        stacked = stack_state_dicts(output.weights)
+        support_ll = adapter_scores(module, stacked, x_support)
+        test_ll = adapter_scores(module, stacked, x_test)
+        ems = []
+        for state in output.weights:
+            generator.set_adapter(state)
+            ems.append(exact_match(generator.answer(test, max_new_tokens=max_new_tokens), refs))
+        best = int(support_ll.argmax())
+        row.update({
+            "generated_mean_em": sum(ems) / len(ems), "generated_mean_loglik": float(test_ll.mean()),
+            "generated_best_em": ems[best], "generated_best_loglik": float(test_ll[best]),
+            "generated_best_support_loglik": float(support_ll[best]),
+        })  # fmt: skip
+        rows.append(row)
+    summary = summarize_generation(rows)
+    summary.update({"tasks": len(rows), "num_samples": num_samples, "k_shot": k_shot, "seconds": time.perf_counter() - started})
+    kinds = sorted({r["kind"] for r in rows})
+    report = {
+        "tasks": rows,
+        "summary": summary,
+        "summary_by_kind": {k: summarize_generation([r for r in rows if r["kind"] == k]) | {"tasks": sum(r["kind"] == k for r in rows)} for k in kinds},
+    }
+    from d2nwg.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", generation_markdown(report))
+    return report
+
+
+def summarize_generation(rows: Sequence[Mapping]) -> dict:
+    """Mean of every ``<method>_em`` / ``<method>_loglik`` over ``rows`` (``None`` when there are no rows)."""
+    out = {}
+    for method in METHODS:
+        for metric in ("em", "loglik"):
+            values = [r[f"{method}_{metric}"] for r in rows]
+            out[f"{method}_{metric}"] = sum(values) / len(values) if values else None
+    return out
+
+
+def generation_table(summary: Mapping) -> list[tuple[str, str, str]]:
+    """``(method, exact match, log-likelihood)`` rows, formatted."""
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    return [(m, fmt(summary.get(f"{m}_em")), fmt(summary.get(f"{m}_loglik"))) for m in METHODS]
+
+
+def generation_markdown(report: Mapping) -> str:
+    lines = ["# Generative evaluation", "", f"{report['summary']['tasks']} held-out tasks, greedy decoding.", ""]
+    for title, summary in [("all", report["summary"])] + list(report["summary_by_kind"].items()):
+        lines += [f"## {title}", "", "| method | exact match | log-likelihood (nats/token) |", "|---|---|---|"]
+        lines += [f"| {m} | {em} | {ll} |" for m, em, ll in generation_table(summary)]
+        lines.append("")
+    return "\n".join(lines)
