@@ -50,6 +50,17 @@ def read_split(zoo: ModelZoo, task: str, split: str) -> list:
     return read_instructions(path)
 
 
+def write_conversations(root: Path, task: str, split: str, items: Sequence) -> Path:
+    """Store ``items`` as the zoo's ``conversations/<task>.<split>.jsonl`` (one ``{"messages": [...]}`` per line,
+    atomically), the file `read_split` reads back."""
+    from d2nwg.io import atomic_write_text
+
+    path = Path(root) / "conversations" / f"{task}.{split}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps({"messages": list(c)}, ensure_ascii=False) + "\n" for c in items))
+    return path
+
+
 @torch.no_grad()
 def full_model_loglik(generator, conversations: Sequence, batch_size: int = 8) -> float:
     """Mean log-likelihood (nats per token) of each conversation's final response under the generator's current

@@ -92,14 +92,6 @@ def architecture(recipe: LLMAdapterRecipe) -> dict:
     return architecture_spec(recipe.base, recipe.kind, targets, layers, recipe.r, recipe.max_length, recipe.response_window)
 
 
-def write_conversations(root: Path, task: str, split: str, items: list) -> Path:
-    """``conversations/<task>.<split>.jsonl``: one ``{"messages": [...]}`` record per line (atomic write)."""
-    path = root / "conversations" / f"{task}.{split}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps({"messages": c}, ensure_ascii=False) + "\n" for c in items))
-    return path
-
-
 def build(out: str | Path, **settings) -> ModelZoo:
     """Build (or resume building) a causal-LM adapter zoo in ``out``; writes ``build_time.json``.
 
@@ -108,6 +100,7 @@ def build(out: str | Path, **settings) -> ModelZoo:
             ``max_length`` / ``response_window``.
     """
     from d2nwg.causal_lm import AdapterGenerator, adapter_scores, conversation_features, exact_match, references, train_adapters
+    from d2nwg.evaluate_generation import read_split, write_conversations
     from d2nwg.text_classifier import load_encoder, load_tokenizer
 
     recipe = LLMAdapterRecipe(**settings)
@@ -183,13 +176,6 @@ def build(out: str | Path, **settings) -> ModelZoo:
     timing = {"features_s": features_s, "members_s": time.perf_counter() - started - features_s, "members": len(zoo)}
     atomic_write_text(zoo.root / "build_time.json", json.dumps(timing, indent=2))
     return zoo
-
-
-def read_split(zoo: ModelZoo, task: str, split: str) -> list:
-    """The conversations of ``task``'s ``split`` that the recipe wrote into the zoo."""
-    from d2nwg.instructions import read_instructions
-
-    return read_instructions(zoo.root / "conversations" / f"{task}.{split}.jsonl")
 
 
 RECIPE = Recipe("llm-lora", LLMAdapterRecipe, build)
