@@ -40,7 +40,15 @@ from torch import nn
 
 from d2nwg.architectures import Architecture
 from d2nwg.instructions import IGNORE_INDEX, decode_response, encode_conversations, encode_prompts, stop_token_ids
-from d2nwg.text_classifier import canonical_base, is_causal_lm, load_encoder, load_tokenizer, mean_pool, to_peft_state_dict
+from d2nwg.text_classifier import (
+    canonical_base,
+    frozen_as_constants,
+    is_causal_lm,
+    load_encoder,
+    load_tokenizer,
+    mean_pool,
+    to_peft_state_dict,
+)
 
 ARCHITECTURE_NAME = "causal-lm-adapter"
 DEFAULT_BASE = "smollm2-135m-instruct"
@@ -146,6 +154,9 @@ class CausalLMAdapter(nn.Module):
         ValueError: a base that is not a Llama-style causal LM.
     """
 
+    scores_samples = True
+    """``forward`` scores samples (a log-likelihood each) instead of classifying them (`d2nwg.ensemble`)."""
+
     def __init__(
         self,
         base: str = DEFAULT_BASE,
@@ -174,15 +185,7 @@ class CausalLMAdapter(nn.Module):
         if not (hasattr(backbone, "rotary_emb") and hasattr(backbone, "norm")):
             raise ValueError(f"unsupported causal LM {type(lm).__name__}: expected a Llama-style decoder (rotary_emb, norm)")
         self.peft = build_peft_model(lm, kind, list(target_modules), self.layers, r, **dict(options or {}))
-        # Frozen weights become plain tensors: functional_call and vmap then treat them as shared constants and
-        # the state_dict holds exactly the adapter (see d2nwg.text_classifier for the same trick).
-        self._frozen: list[tuple[nn.Module, str]] = []
-        for module in self.peft.modules():
-            for name, p in list(module.named_parameters(recurse=False)):
-                if not p.requires_grad:
-                    del module._parameters[name]
-                    setattr(module, name, p.detach())
-                    self._frozen.append((module, name))
+        self._frozen = frozen_as_constants(self.peft)  # the state_dict holds exactly the adapter
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)

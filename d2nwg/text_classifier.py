@@ -166,6 +166,23 @@ def causal_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the architecture
+def frozen_as_constants(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """Turn ``model``'s frozen parameters into plain tensors, in place; returns ``(module, name)`` of each.
+
+    Not parameters, so neither ``state_dict`` nor ``functional_call`` sees them and ``vmap`` treats them as
+    shared constants: an adapter architecture's state is exactly its adapter (and head). Its ``_apply`` must
+    move them itself (`TextAdapterClassifier._apply`).
+    """
+    frozen = []
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if not p.requires_grad:
+                del module._parameters[name]
+                setattr(module, name, p.detach())
+                frozen.append((module, name))
+    return frozen
+
+
 class TextAdapterClassifier(nn.Module):
     """Frozen base layers ``first..top`` with an adapter on ``layers``, mean pooling and a linear head.
 
@@ -219,15 +236,7 @@ class TextAdapterClassifier(nn.Module):
         elif not hasattr(encoder.get_submodule(self._stack)[0], "attention"):  # what bert_layer reads
             raise ValueError(f"unsupported base model type {encoder.config.model_type!r}: expected a BERT encoder or a Llama-style causal LM")
         self.peft = build_peft_model(encoder, kind, list(target_modules), self.layers, r, **dict(options or {}))
-        # Frozen weights become plain tensors: not parameters, so neither state_dict nor
-        # functional_call sees them and vmap treats them as shared constants.
-        self._frozen: list[tuple[nn.Module, str]] = []
-        for module in self.peft.modules():
-            for name, p in list(module.named_parameters(recurse=False)):
-                if not p.requires_grad:
-                    del module._parameters[name]
-                    setattr(module, name, p.detach())
-                    self._frozen.append((module, name))
+        self._frozen = frozen_as_constants(self.peft)
         self.head = nn.Linear(self.hidden, num_classes)
 
     def _apply(self, fn, recurse: bool = True):

@@ -147,3 +147,12 @@ def write_tiny_gguf(path, layers: int = 2, hidden: int = 32, heads: int = 4, kv_
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_chat_llama(folder, tiny_llama, seed: int = 0, layers: int = 4) -> str:
+    """Save a tiny random Llama (`tests.conftest.tiny_llama`) with `tiny_chat_tokenizer` (SmolLM2's chat template) in
+    ``folder``; returns the folder as a string (a base for the causal-LM adapter tests)."""
+    tokenizer = tiny_chat_tokenizer()
+    tiny_llama(seed=seed, layers=layers, vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)

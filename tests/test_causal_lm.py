@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.llm_fixtures import tiny_chat_tokenizer
+from tests.llm_fixtures import write_chat_llama
 
 CONVERSATIONS = [
     [{"role": "user", "content": "2023-04-17"}, {"role": "assistant", "content": "17/04/2023"}],
@@ -18,12 +18,7 @@ CONVERSATIONS = [
 
 @pytest.fixture(scope="module")
 def chat_llama_dir(tmp_path_factory, tiny_llama):
-    """A tiny random Llama with a byte-level chat tokenizer (SmolLM2's template), saved as a folder."""
-    folder = tmp_path_factory.mktemp("chat_llama") / "model"
-    tokenizer = tiny_chat_tokenizer()
-    tiny_llama(seed=3, layers=4, vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return write_chat_llama(tmp_path_factory.mktemp("chat_llama") / "model", tiny_llama, seed=3)
 
 
 def random_adapter(model, seed: int = 0, scale: float = 0.3) -> dict[str, torch.Tensor]:

@@ -7,16 +7,12 @@ import json
 import pytest
 import torch
 
-from tests.llm_fixtures import tiny_chat_tokenizer
+from tests.llm_fixtures import write_chat_llama
 
 
 @pytest.fixture(scope="module")
 def chat_llama(tmp_path_factory, tiny_llama):
-    folder = tmp_path_factory.mktemp("chat_llama") / "model"
-    tokenizer = tiny_chat_tokenizer()
-    tiny_llama(seed=7, layers=4, vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return write_chat_llama(tmp_path_factory.mktemp("chat_llama") / "model", tiny_llama, seed=7)
 
 
 def write_adapter(folder, base: str, kind: str = "lora", r: int = 2, layers=(2, 3), seed: int = 0):

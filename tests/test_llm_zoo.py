@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.llm_fixtures import tiny_chat_tokenizer
+from tests.llm_fixtures import write_chat_llama
 
 TINY = dict(
     layers="2,3", r=2, unseen_outputs="long-it", num_new_combination_tasks=2, num_train_tasks=6,
@@ -16,11 +16,7 @@ TINY = dict(
 
 @pytest.fixture(scope="module")
 def chat_llama(tmp_path_factory, tiny_llama):
-    folder = tmp_path_factory.mktemp("chat_llama") / "model"
-    tokenizer = tiny_chat_tokenizer()
-    tiny_llama(seed=5, layers=4, vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return write_chat_llama(tmp_path_factory.mktemp("chat_llama") / "model", tiny_llama, seed=5)
 
 
 @pytest.fixture(scope="module")
