@@ -20,7 +20,8 @@ miss-bat    ``MissConfig(r, init_weights="bat")``         ``miss_block`` (out //
 Keys follow `peft.get_peft_model_state_dict`, e.g.
 ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight`` (no adapter name).
 peft 0.14–0.18 called MiSS "Bone" (``BoneConfig``, keys ``…bone_block``, same shapes);
-`convert_legacy_bone` maps those checkpoints to MiSS keys.
+`convert_legacy_bone` maps those checkpoints to MiSS keys, and `convert_bone_folder` (``d2nwg adapters
+convert-bone IN OUT``) a whole legacy Bone adapter folder to a MiSS one.
 
 Layers are chosen by index (``"4,5"``), ``"all"``, or ``"auto:top25%"`` / ``"auto:2"``,
 which ranks layers by the signal-to-noise ratio of their target weights the way
@@ -348,3 +349,64 @@ def convert_legacy_bone_config(config: Mapping[str, Any]) -> dict[str, Any]:
         if "bone_dropout" in config:
             config["miss_dropout"] = config.pop("bone_dropout")
     return config
+
+
+def convert_bone_folder(src: str | Path, out: str | Path) -> tuple[Path, list[str]]:
+    """Convert a legacy Bone adapter folder (peft < 0.19, ``peft_type`` BONE) into a MiSS folder that peft >= 0.19 loads.
+
+    The tensors keep their shapes and values (`convert_legacy_bone` renames ``…bone_block`` to ``…miss_block``),
+    the config becomes a MiSS one (`convert_legacy_bone_config`), and the folder's other files are copied, so
+    ``PeftModel.from_pretrained(base, out)`` gives the logits the Bone adapter gave.
+
+    Args:
+        src: a folder with ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``adapter_model.bin``).
+        out: the new folder; it must not exist or be empty. Written atomically.
+
+    Returns:
+        ``(out, dropped)``: the folder, and the config keys MiSS does not know, which were left out.
+
+    Raises:
+        ValueError: a missing folder or file, an unreadable config, an adapter that is not Bone, a Bone
+            folder without ``bone_block`` tensors, or a non-empty ``out``.
+    """
+    import dataclasses
+    import json
+    import shutil
+
+    from peft import MissConfig
+
+    from d2nwg.io import atomic_dir, load_weights, save_safetensors
+
+    src, out = Path(src), Path(out)
+    if not src.is_dir():
+        raise ValueError(f"adapter folder not found: {src}")
+    config_path = src / "adapter_config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{src} has no adapter_config.json; pass a PEFT adapter folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read {config_path}: {err}") from None
+    peft_type = str(config.get("peft_type", "")).upper() if isinstance(config, dict) else ""
+    if peft_type != "BONE":
+        raise ValueError(f"{src} holds a {peft_type or 'untyped'} adapter, not a legacy Bone one (peft_type BONE)")
+    weights_path = next((src / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (src / n).is_file()), None)
+    if weights_path is None:
+        raise ValueError(f"{src} has no adapter_model.safetensors or adapter_model.bin")
+    weights = convert_legacy_bone(load_weights(weights_path))
+    if not any(re.search(r"(^|\.)miss_block(\.|$)", k) for k in weights):
+        raise ValueError(f"{weights_path} holds no bone_block tensors")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {out} already exists and is not empty")
+    config = convert_legacy_bone_config(config)
+    known = {f.name for f in dataclasses.fields(MissConfig)}
+    dropped = sorted(k for k in config if k not in known)
+    config = {k: v for k, v in config.items() if k in known}
+    with atomic_dir(out) as tmp:
+        for entry in src.iterdir():  # README, tokenizer files, ...: everything but the two converted files
+            if entry.name in ("adapter_config.json", weights_path.name):
+                continue
+            (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_safetensors(tmp / "adapter_model.safetensors", weights, {"format": "pt"})
+    return out, dropped

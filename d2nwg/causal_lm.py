@@ -162,7 +162,7 @@ class CausalLMAdapter(nn.Module):
         base: str = DEFAULT_BASE,
         kind: str = "lora",
         target_modules: Sequence[str] = ("q_proj", "v_proj"),
-        layers: Sequence[int] = (28, 29),
+        layers: Sequence[int] = (24, 25, 26, 27, 28, 29),
         r: int = 8,
         max_length: int = 48,
         response_window: int = 24,

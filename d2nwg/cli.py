@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from d2nwg.console import print_summary, print_summary_by_kind, print_zoo
+from d2nwg.console import print_summary, print_summary_by_kind, print_table, print_zoo
 from d2nwg.errors import UserError, one_line
 
 EXIT_USER_ERROR = 2
@@ -20,6 +20,11 @@ HEAD_SOLVER_CHOICES = ("generated", "lda", "class_mean")
 code of its own (a test keeps them in step)."""
 FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 """Shows "(default: ...)" after each option's help."""
+
+
+def warn(message: str) -> None:
+    """Print one ``warning: ...`` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- zoo
@@ -47,7 +52,17 @@ def cmd_zoo_info(args: argparse.Namespace) -> None:
 
 def cmd_zoo_ingest(args: argparse.Namespace) -> None:
     from d2nwg.ingest import BadCheckpointsError, ingest
+    from d2nwg.ingest_adapters import find_adapter_folders, ingest_adapters
 
+    if Path(args.checkpoints).is_dir() and find_adapter_folders(args.checkpoints):  # bring your own PEFT adapters
+        zoo = ingest_adapters(
+            args.checkpoints, args.datasets, args.mapping, args.out, base=args.base, heldout_fraction=args.heldout_fraction,
+            split_fractions=args.split_fractions, seed=args.seed, warn=warn,
+        )
+        print_zoo(zoo.summary())
+        return
+    if args.arch is None:
+        raise UserError("--arch is required (unless --checkpoints holds PEFT adapter folders)")
     try:
         zoo = ingest(
             args.checkpoints,
@@ -88,14 +103,35 @@ def cmd_zoo_align(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from d2nwg.lightning_cli import train
 
-    pipeline_dir = train(args.out, args.config, args.zoo, args.set, resume=args.resume, logger=args.logger)
-    print(f"pipeline: {pipeline_dir}")
+    from lightning.pytorch.utilities import rank_zero_only
+
+    # Device flags go last so that they win over --set and the config.
+    devices = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes, "strategy": args.strategy}
+    overrides = [*args.set, *(f"trainer.{k}={v}" for k, v in devices.items() if v is not None)]
+    pipeline_dir = train(args.out, args.config, args.zoo, overrides, resume=args.resume, logger=args.logger)
+    if rank_zero_only.rank == 0:  # every process of a multi-process run gets here; one line is enough
+        print(f"pipeline: {pipeline_dir}")
+
+
+def positive_int_or_auto(text: str) -> str:
+    """``--devices``: a count >= 1 or ``auto`` (argparse prints the error as one usage line, exit 2)."""
+    if text != "auto" and not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or 'auto', got {text!r}")
+    return text
+
+
+def positive_int(text: str) -> int:
+    """``--num-nodes``: a count >= 1."""
+    if not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"expected a count >= 1, got {text!r}")
+    return int(text)
 
 
 # ----------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from d2nwg.evaluate import evaluate
     from d2nwg.pipeline import D2NWGPipeline
+    from d2nwg.provenance import provenance_rows
     from d2nwg.zoo import ModelZoo
 
     zoo = ModelZoo.open(args.zoo)
@@ -105,6 +141,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if leak:
         print(f"warning: {leak}", file=sys.stderr)  # evaluate() records it in the report too
     pipe = D2NWGPipeline.from_pretrained(args.pipeline)
+    print_table("pipeline provenance", provenance_rows(pipe.provenance))
+    if zoo.input_spec.kind == "generative-text":  # adapters judged on what they generate: exact match
+        return _evaluate_generation(pipe, zoo, args)
     if args.head_solver:
         pipe.set_head_solver(args.head_solver)
     report = evaluate(
@@ -121,6 +160,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
     print_summary(report["summary"])
     print_summary_by_kind(report["summary_by_kind"])
+    for message in report["warnings"]:  # trust checks (`d2nwg.trust`), after the tables they qualify
+        warn(message)
+    print(f"report: {Path(args.out) / 'report.md'}")
+
+
+def _evaluate_generation(pipe, zoo, args: argparse.Namespace) -> None:
+    from d2nwg.evaluate_generation import evaluate_generation, generation_table
+
+    report = evaluate_generation(
+        pipe, zoo, Path(args.out), num_samples=args.num_samples, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, seed=args.seed, max_tasks=args.max_tasks, k_shot=args.k_shot,
+        multitask_steps=args.multitask_steps, max_new_tokens=args.max_new_tokens,
+    )
+    def pairs(summary):
+        return [(method, f"exact match {em}   log-likelihood {ll}") for method, em, ll in generation_table(summary)]
+
+    print_table(f"held-out tasks ({report['summary']['tasks']})", pairs(report["summary"]))
+    for kind, summary in report["summary_by_kind"].items():
+        print_table(f"{kind} ({summary['tasks']} tasks)", pairs(summary))
     print(f"report: {Path(args.out) / 'report.md'}")
 
 
@@ -133,8 +191,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe = D2NWGPipeline.from_pretrained(args.pipeline)
     if args.head_solver:
         pipe.set_head_solver(args.head_solver)
-    if args.base:
-        use_base(pipe, args.base)
+    if args.base and (message := use_base(pipe, args.base)):
+        warn(message)
+    if pipe.target_spec.input.kind == "generative-text":  # a causal-LM adapter from a JSONL task
+        return _generate_adapter(pipe, args)
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     dataset = load_dataset(args.dataset, pipe.target_spec.input, classes, args.label_column, args.text_column)
     result = generate_to_folder(
@@ -148,7 +208,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         source=args.pipeline,
-        warn=lambda message: print(f"warning: {message}", file=sys.stderr),
+        warn=warn,
     )
     print(f"wrote {len(result.files)} weight sets to {result.out}")
     if result.best is not None:
@@ -160,11 +220,36 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(f"PEFT adapter + head.safetensors ({result.exported}) in {result.out}: PeftModel.from_pretrained(base, folder)")
 
 
+def _generate_adapter(pipe, args: argparse.Namespace) -> None:
+    from d2nwg.generate_adapter import generate_adapter_folder
+    from d2nwg.instructions import read_instructions
+
+    result = generate_adapter_folder(
+        pipe, read_instructions(args.dataset), args.out, num_samples=args.num_samples, seed=args.seed,
+        num_inference_steps=args.steps, guidance_scale=args.guidance,
+    )
+    print(f"wrote a PEFT adapter to {result.out} (AutoPeftModelForCausalLM.from_pretrained loads base and adapter)")
+    print(
+        f"best: sample {result.best} of {len(result.loglik)}  log-likelihood {result.loglik[result.best]:.4f} nats/token  "
+        f"exact match on the {result.records} records (greedy): {result.exact_match:.4f}"
+    )
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     from d2nwg.hub import push_pipeline
 
     url = push_pipeline(args.pipeline, args.repo_id, private=args.private, report_dir=args.report)
     print(f"pushed to {url}")
+
+
+# ----------------------------------------------------------------------------- adapters
+def cmd_adapters_convert_bone(args: argparse.Namespace) -> None:
+    from d2nwg.adapters import convert_bone_folder
+
+    out, dropped = convert_bone_folder(args.input, args.output)
+    if dropped:
+        warn(f"config keys MiSS does not know were left out: {', '.join(dropped)}")
+    print(f"MiSS adapter folder: {out} (PeftModel.from_pretrained(base, '{out}'))")
 
 
 # ----------------------------------------------------------------------------- demo
@@ -210,9 +295,13 @@ def add_zoo_ingest_parser(zoo_sub) -> None:
     ingest.add_argument(
         "--checkpoints", required=True,
         help="folder of *.safetensors, *.pt, *.pth, *.bin or Lightning *.ckpt state_dicts, or of model folders "
-        "<model>/checkpoint_<epoch>/checkpoints + <model>/result.json, at any depth",
+        "<model>/checkpoint_<epoch>/checkpoints + <model>/result.json, at any depth; or of PEFT adapter folders "
+        "(adapter_config.json + adapter_model.safetensors: LoRA, MiSS or legacy Bone) for a causal LM",
     )
-    ingest.add_argument("--datasets", required=True, help="folder of datasets: class-folder images, .npz (x, y) or .csv")
+    ingest.add_argument(
+        "--datasets", required=True,
+        help="folder of datasets: class-folder images, .npz (x, y) or .csv; for PEFT adapters, JSONL instruction files",
+    )
     ingest.add_argument(
         "--mapping", required=True,
         help="CSV checkpoint,dataset[,split][,run] or JSON {checkpoint: dataset | {dataset, split, run}}; a checkpoint "
@@ -223,7 +312,8 @@ def add_zoo_ingest_parser(zoo_sub) -> None:
         "--epochs", default="last",
         help="epochs of each model folder that become members: last, all, or N (the last N)",
     )
-    ingest.add_argument("--arch", required=True, help="registered architecture name or module:callable")
+    ingest.add_argument("--arch", default=None, help="registered architecture name or module:callable (not for PEFT adapter folders)")
+    ingest.add_argument("--base", default=None, help="PEFT adapter folders: their base model (default: their base_model_name_or_path)")
     ingest.add_argument("--arch-config", default=None, help="JSON object (or a .json file) of builder arguments")
     ingest.add_argument("--include", nargs="+", action="extend", default=None, metavar="GLOB", help="tensors to tokenize (default: all)")
     ingest.add_argument("--exclude", nargs="+", action="extend", default=[], metavar="GLOB", help="tensors to leave out")
@@ -271,6 +361,18 @@ def add_train_parser(sub) -> None:
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
     train.add_argument("--logger", choices=["csv", "wandb"], default="csv", help="training logger")
     train.add_argument(
+        "--devices", type=positive_int_or_auto, default=None, metavar="N",
+        help="devices (GPUs, or CPU processes) per machine, or auto; more than one trains with data parallelism "
+        "(default: the config's trainer.devices, else auto)",
+    )
+    train.add_argument("--num-nodes", type=positive_int, default=None, metavar="M", help="machines (default: 1)")
+    train.add_argument(
+        "--strategy", choices=["auto", "ddp", "fsdp"], default=None,
+        help="auto: ddp on several devices; fsdp (sharding, for a denoiser too large for one device) is refused "
+        "for now (README, Several GPUs)",
+    )
+    train.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default=None, help="device kind (default: auto)")
+    train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="config override, e.g. model.diffusion_steps=100 or checkpoint.every_n_train_steps=50 "
         "(last.ckpt is also saved at the end of each stage, of fit, and on Ctrl-C/SIGTERM)",
@@ -297,6 +399,9 @@ def add_evaluate_parser(sub) -> None:
         "--baselines", nargs="+", default=None, metavar="NAME",
         help="baselines to run, names from d2nwg.baselines.BASELINES (an unknown name lists them; none given: all)",
     )
+    ev.add_argument("--k-shot", type=int, default=4, help="generative zoos: in-context examples of the icl and multi-task baselines")
+    ev.add_argument("--multitask-steps", type=int, default=300, help="generative zoos: optimiser steps of the multi-task LoRA baseline")
+    ev.add_argument("--max-new-tokens", type=int, default=32, help="generative zoos: longest greedy answer, in tokens")
     ev.set_defaults(func=cmd_evaluate)
 
 
@@ -332,6 +437,18 @@ def add_push_parser(sub) -> None:
     push.set_defaults(func=cmd_push)
 
 
+def add_adapters_parser(sub) -> None:
+    adapters = sub.add_parser("adapters", help="work with PEFT adapter folders", formatter_class=FORMATTER)
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    bone = adapters_sub.add_parser(
+        "convert-bone", formatter_class=FORMATTER,
+        help="convert a legacy Bone adapter folder (peft < 0.19, peft_type BONE, bone_block tensors) to MiSS",
+    )
+    bone.add_argument("input", help="Bone adapter folder (adapter_config.json + adapter_model.safetensors or .bin)")
+    bone.add_argument("output", help="new MiSS adapter folder (must not exist or be empty)")
+    bone.set_defaults(func=cmd_adapters_convert_bone)
+
+
 def add_demo_parser(sub) -> None:
     demo = sub.add_parser("demo", help="build the digits zoo, train, evaluate and generate", formatter_class=FORMATTER)
     demo.add_argument("--out", default="runs/demo", help="demo directory")
@@ -344,7 +461,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``d2nwg`` argument parser: one subcommand per ``add_<command>_parser``."""
     parser = argparse.ArgumentParser(prog="d2nwg", description="Diffusion-based neural network weight generation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_zoo_parser, add_train_parser, add_evaluate_parser, add_generate_parser, add_push_parser, add_demo_parser):
+    for add in (
+        add_zoo_parser, add_train_parser, add_evaluate_parser, add_generate_parser, add_push_parser, add_adapters_parser,
+        add_demo_parser,
+    ):
         add(sub)
     return parser
 

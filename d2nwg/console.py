@@ -41,7 +41,9 @@ def print_zoo(summary: dict) -> None:
     Args:
         summary: ``ModelZoo.summary()``.
     """
-    acc = summary["test_acc"]
+    metric = "test_acc" if "test_acc" in summary else "test_loglik"  # generative zoos: response log-likelihood
+    acc = summary[metric]
+    label = "member test accuracy" if metric == "test_acc" else "member test log-likelihood (nats/token)"
     print_table(
         f"model zoo {summary['root']}",
         [
@@ -51,7 +53,8 @@ def print_zoo(summary: dict) -> None:
             ("classes in pool", str(summary["classes"])),
             ("parameters per member", f"{summary['params_per_member']:,}"),
             ("tokens per member", f"{summary['tokens_per_member']} x {summary['chunk_size']}"),
-            ("member test accuracy", f"mean {acc['mean']:.4f}  min {acc['min']:.4f}  max {acc['max']:.4f}"),
+            ("token bytes (float32)", f"{summary['token_bytes']:,}  {json.dumps(summary['token_bytes_by_split'])}"),
+            (label, f"mean {acc['mean']:.4f}  min {acc['min']:.4f}  max {acc['max']:.4f}"),
             ("samples per split", json.dumps(summary["samples_per_split"])),
         ],
     )

@@ -1,4 +1,8 @@
-"""The zoo DataModule: weight tokens of training members plus freshly drawn conditioning sets."""
+"""The zoo DataModule: weight tokens of training members plus freshly drawn conditioning sets.
+
+Under a multi-process strategy Lightning swaps the loader's sampler for a ``DistributedSampler``
+(``use_distributed_sampler``, on by default), so each rank trains on its own shard of the members.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from d2nwg.distributed import gather_rank_states, own_rank_state
+from d2nwg.member_tokens import MemberTokens
 from d2nwg.zoo import ModelZoo
 
 
@@ -31,7 +37,7 @@ class ZooTokenDataset(Dataset):
     features and its VAE may run the member on them (function-space loss).
     """
 
-    def __init__(self, tokens: torch.Tensor, class_samples: list[list[torch.Tensor]], samples_per_class: int):
+    def __init__(self, tokens: torch.Tensor | MemberTokens, class_samples: list[list[torch.Tensor]], samples_per_class: int):
         self.tokens = tokens
         self.class_samples = class_samples
         self.samples_per_class = samples_per_class
@@ -54,20 +60,29 @@ class ResumableLoader(DataLoader):
     trained on; after `load_state_dict` the next iterator continues that epoch. With the global RNG state
     that `d2nwg.training.D2NWGModule` saves, a resumed run draws what an uninterrupted one would have.
 
+    Under DDP, Lightning re-creates the loader with a ``DistributedSampler`` (through ``**kwargs``); each
+    rank's state then goes into the checkpoint (`d2nwg.distributed.gather_rank_states`) and each rank
+    resumes its own shard.
+
     Args:
         dataset: the member dataset (``__getitem__`` may draw from the global RNG).
         batch_size, drop_last: as for ``DataLoader``.
         consumed: returns how many batches of the current epoch training has consumed (``None``: unknown,
             taken as every batch collated so far).
+        **kwargs: further ``DataLoader`` arguments (``sampler`` and ``shuffle=False`` when Lightning injects
+            a distributed sampler); the default is ``shuffle=True``.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, drop_last: bool, consumed: Callable[[], int | None] = lambda: None):
-        super().__init__(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
+    def __init__(
+        self, dataset: Dataset, batch_size: int, drop_last: bool, consumed: Callable[[], int | None] = lambda: None, **kwargs
+    ):
+        super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, **{"shuffle": True, **kwargs})
         self.consumed = consumed
         self._order: list[list[int]] = []  # the current epoch's batches of member indices
         self._collated = 0  # batches of the epoch collated so far
         self._recent: deque = deque(maxlen=2)  # (position, batch) of the last batches collated
         self._resume: dict | None = None
+        self._epochs = 0  # epochs begun, restored with the state: a distributed sampler's permutation follows it
 
     @property
     def _index_sampler(self):
@@ -97,6 +112,9 @@ class ResumableLoader(DataLoader):
 
     def _epoch(self) -> Iterator:
         self._order, self._collated, self._recent = [], 0, deque(maxlen=2)
+        if hasattr(self.sampler, "set_epoch"):  # DistributedSampler: seeded by epoch, which must survive a resume exactly
+            self.sampler.set_epoch(self._epochs)
+        self._epochs += 1
         for batch in super().__iter__():  # the base loader's draws, unchanged
             self._yielded(batch)
             yield batch
@@ -117,18 +135,31 @@ class ResumableLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        """``{"order", "consumed", "pending", "size", "batch_size"}`` of the current epoch."""
+        """``{"order", "consumed", "pending", "size", "batch_size", "epochs"}`` of the current epoch; under DDP
+        ``{"ranks": [one such dict per rank]}`` (every rank must call it, as ``Trainer.save_checkpoint`` does)."""
+        local = self._local_state()
+        ranks = gather_rank_states(local)
+        return local if ranks is None else {"ranks": ranks}
+
+    def _local_state(self) -> dict:
         consumed = self.consumed()
         consumed = self._collated if consumed is None else min(int(consumed), self._collated)
         pending = [batch for pos, batch in self._recent if pos >= consumed]
         if len(pending) != self._collated - consumed:  # more in flight than kept: redraw them instead
             pending, consumed = [], self._collated
-        return {"order": self._order, "consumed": consumed, "pending": pending, "size": len(self.dataset), "batch_size": self.batch_size}
+        return {"order": self._order, "consumed": consumed, "pending": pending, "size": len(self.dataset),
+                "batch_size": self.batch_size, "epochs": self._epochs}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue the saved epoch at the next iterator, if the zoo and batch size are the same (else start anew)."""
+        """Continue the saved epoch at the next iterator, if the zoo and batch size are the same (else start anew).
+
+        A multi-process state continues only on as many ranks as saved it (each rank takes its own)."""
+        if "ranks" in state:
+            state = own_rank_state(state["ranks"]) or {}
         same = state.get("size") == len(self.dataset) and state.get("batch_size") == self.batch_size
         unfinished = state.get("pending") or int(state.get("consumed", 0)) < len(state.get("order", []))
+        if same:
+            self._epochs = int(state.get("epochs", 0))
         if same and unfinished:  # a finished epoch resumes as the next one starts: with a fresh permutation
             self._resume = state
 
@@ -138,18 +169,32 @@ class ZooDataModule(L.LightningDataModule):
 
     Args:
         zoo: path of the model zoo directory.
-        batch_size: members per batch.
+        batch_size: members per batch on each process (under DDP the effective batch is this times the
+            number of processes).
         samples_per_class: samples drawn per class to condition on (redrawn every time, as augmentation);
             the VAE's function-space loss runs members on the same samples.
         split: which members to train on; held-out members are never served.
+        memory_limit_mb: zoos whose float32 tokens fit in this many MiB are tokenized once into memory
+            (fastest); larger zoos are read member by member from their safetensors files
+            (`d2nwg.member_tokens.MemberTokens`), so memory does not grow with the number of members.
     """
 
-    def __init__(self, zoo: str = "runs/zoo", batch_size: int = 64, samples_per_class: int = 10, split: str = "train"):
+    def __init__(
+        self,
+        zoo: str = "runs/zoo",
+        batch_size: int = 64,
+        samples_per_class: int = 10,
+        split: str = "train",
+        memory_limit_mb: int = 1024,
+    ):
         super().__init__()
         self.save_hyperparameters()
         self.zoo = ModelZoo.open(zoo)
-        self.tokens = self.zoo.tokens(split)  # (N, T, chunk), normalised
         members = self.zoo.members(split)
+        if members and self.zoo.token_bytes(len(members)) > memory_limit_mb * 2**20:
+            self.tokens: torch.Tensor | MemberTokens = MemberTokens(self.zoo, members)
+        else:
+            self.tokens = self.zoo.tokens(split)  # (N, T, chunk), normalised
         # Zoos whose samples carry more than the dataset description (e.g. cached encoder states
         # for text adapters) say how many leading features describe the dataset.
         self.condition_features: int | None = self.zoo.input_spec.condition_features
@@ -162,7 +207,9 @@ class ZooDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = ZooTokenDataset(self.tokens, self.class_samples, self.hparams.samples_per_class)
-        drop_last = len(dataset) > self.hparams.batch_size
+        # Under DDP each rank gets ceil(N / world) members; a shard no larger than one batch keeps its last one.
+        world = getattr(getattr(self, "trainer", None), "world_size", 1)
+        drop_last = -(-len(dataset) // world) > self.hparams.batch_size
         return ResumableLoader(dataset, self.hparams.batch_size, drop_last, consumed=self._consumed_batches)
 
     def _consumed_batches(self) -> int | None:

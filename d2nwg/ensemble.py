@@ -116,7 +116,15 @@ def ensemble_logits(
 def ensemble_accuracy(
     module: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
-    """Accuracy of each of N parameter sets, shape ``[N]``."""
+    """Accuracy of each of N parameter sets, shape ``[N]``.
+
+    A module that scores samples instead of classifying them (``scores_samples = True``: ``forward`` gives the
+    mean log-likelihood ``[n]`` of each sample's reference response, `d2nwg.causal_lm.CausalLMAdapter`) gets the
+    mean per-token probability of the reference, ``exp(score)`` averaged over samples, in (0, 1]: like accuracy,
+    higher is better and 1 is perfect, so the VAE's reconstruction ratio and the baselines read the same.
+    """
+    if getattr(module, "scores_samples", False):
+        return ensemble_logits(module, stacked, x).exp().mean(-1)
     return logits_accuracy(ensemble_logits(module, stacked, x), y)
 
 

@@ -15,7 +15,6 @@ nearest zoo member) and the VAE's reconstruction ratio complete the picture.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ from d2nwg.ensemble import paired_accuracy, recipe_optimizer, shared_accuracy
 from d2nwg.metrics import METRICS
 from d2nwg.pipeline import D2NWGPipeline
 from d2nwg.report import summarize, summarize_by_kind, write_report
+from d2nwg.trust import flat_tokens, median, nearest_members, report_warnings, sample_diversity, zoo_spacing
 from d2nwg.weights import WeightLayout
 from d2nwg.zoo import Member, ModelZoo
 
@@ -66,9 +66,7 @@ def _context(
 ) -> EvalContext:
     """The target module (non-layout tensors from the shared init when there is one) and every task's data."""
     init = zoo.init_state()
-    module = build_model(zoo.architecture)
-    if init is not None:
-        module.load_state_dict(init, strict=False)
+    module = _target_module(zoo, init)
     data = {
         split: [tuple(t.to(device) for t in zoo.task_data(task, split)) for task in task_ids]
         for split in ("train", "support", "test")
@@ -77,6 +75,14 @@ def _context(
         zoo=zoo, task_ids=task_ids, oracles=oracles, module=module.to(device).eval(), init=init, data=data,
         optim=recipe_optimizer(zoo.manifest.get("recipe") or {}), raw_features=not zoo.input_spec.is_text, **settings,
     )
+
+
+def _target_module(zoo: ModelZoo, init: Mapping[str, torch.Tensor] | None) -> nn.Module:
+    """A fresh module of the zoo's architecture, its non-layout tensors from the shared init when there is one."""
+    module = build_model(zoo.architecture)
+    if init is not None:
+        module.load_state_dict(init, strict=False)
+    return module
 
 
 def evaluate(
@@ -120,7 +126,11 @@ def evaluate(
         "per_task": [...], "finetune_curve": {k: mean acc}}``. Summaries hold ``<metric>_acc``
         for every metric of `d2nwg.metrics.METRICS` (test accuracies in [0, 1]; ``None`` where a
         baseline cannot run, e.g. no shared init), ``generated_minus_best_zero_training`` and the
-        generated best's accuracy on seen and unseen classes.
+        generated best's accuracy on seen and unseen classes; the overall one also ``within_task_spread_ratio`` (median over
+        tasks of the median pairwise distance among a task's samples over the zoo's nearest-neighbour
+        spacing; per task in each row, with ``nearest_member_ratio``, `d2nwg.trust.sample_diversity`).
+        The report also holds ``"warnings"`` (`d2nwg.trust.report_warnings`: one line each, with the
+        figures) and the pipeline's ``"provenance"``.
 
     Raises:
         ValueError: bad settings, an unknown baseline, a pipeline that does not fit the zoo, a zoo
@@ -170,6 +180,12 @@ def evaluate(
         bar.add_task("novelty and VAE reconstruction", total=None)
         novelty = _novelty(pipeline.layout, generated_sds, list(ctx.train_state_dicts.values()), seed)
         vae = _vae_reconstruction(pipeline, zoo, ctx.module, seed)
+        # Per task: spread of its samples and distance to the nearest member, in zoo spacings (`d2nwg.trust`).
+        n, train = ctx.num_samples, ctx.train_state_dicts
+        per_task = [flat_tokens(pipeline.layout, generated_sds[i * n : (i + 1) * n]) for i in range(len(rows))]
+        zoo_tokens = flat_tokens(pipeline.layout, list(train.values()))
+        for row, figures in zip(rows, sample_diversity(per_task, zoo_tokens, list(train), novelty["zoo_nn_distance"])):
+            row.update(figures)
 
     # 5. Summaries: over all tasks and per kind of held-out task.
     summary = summarize(rows, finetune_steps)
@@ -181,6 +197,8 @@ def evaluate(
             "split_leak": leak,
             **vae,
             **novelty,
+            "within_task_spread_ratio": median([r["within_task_spread_ratio"] for r in rows]),
+            "nearest_member_ratio": median([r["nearest_member_ratio"] for r in rows]),
             "sample_seconds_per_task": float(statistics.fmean(sample_seconds)),
             "settings": {
                 "num_samples": num_samples,
@@ -198,6 +216,8 @@ def evaluate(
         }
     )
     report = {"summary": summary, "summary_by_kind": by_kind, "per_task": rows, "finetune_curve": finetune_curve}
+    report["warnings"] = report_warnings(summary, rows)  # one line each, with the figures (`d2nwg.trust`)
+    report["provenance"] = pipeline.provenance  # where the pipeline came from; None for pipelines exported before it
     if out is not None:
         write_report(report, Path(out))
     return report
@@ -304,19 +324,9 @@ def _head_only(layout: WeightLayout, init: Mapping[str, torch.Tensor] | None):
 
 
 # ----------------------------------------------------------------------------- diagnostics
-def _flat_tokens(layout: WeightLayout, state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
-    return layout.tokenize(list(state_dicts)).flatten(1)  # (N, T * chunk), normalised, padding zero
-
-
 def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Euclidean distance of each query row to its nearest reference row (``exclude[i]``: a row to skip)."""
-    out = []
-    for s in range(0, len(queries), 256):
-        d = torch.cdist(queries[s : s + 256], reference, compute_mode="donot_use_mm_for_euclid_dist")
-        if exclude is not None:
-            d[torch.arange(len(d)), exclude[s : s + 256]] = math.inf
-        out.append(d.min(1).values)
-    return torch.cat(out)
+    return nearest_members(queries, reference, exclude)[0].float()
 
 
 def _novelty(
@@ -324,7 +334,7 @@ def _novelty(
 ) -> dict:
     """Generated sets' nearest-train-member distances vs the zoo's own nearest-neighbour distances."""
     finite = [sd for sd in generated if all(torch.isfinite(sd[n]).all() for n in layout.names)]
-    zoo_tokens = _flat_tokens(layout, train)
+    zoo_tokens = flat_tokens(layout, train)
     result = {
         "novelty_ratio": None,
         "generated_nn_distance": None,
@@ -332,14 +342,17 @@ def _novelty(
         "generated_nonfinite": len(generated) - len(finite),
     }
     if finite:
-        result["generated_nn_distance"] = float(nearest_distances(_flat_tokens(layout, finite), zoo_tokens).median())
-    if len(zoo_tokens) > 1:
-        g = torch.Generator().manual_seed(seed)
-        ref = torch.randperm(len(zoo_tokens), generator=g)[:MAX_NOVELTY_REFERENCE]
-        result["zoo_nn_distance"] = float(nearest_distances(zoo_tokens[ref], zoo_tokens, exclude=ref).median())
+        result["generated_nn_distance"] = float(nearest_distances(flat_tokens(layout, finite), zoo_tokens).median())
+    result["zoo_nn_distance"] = zoo_spacing(zoo_tokens, seed, MAX_NOVELTY_REFERENCE)
     if result["generated_nn_distance"] is not None and result["zoo_nn_distance"]:
         result["novelty_ratio"] = result["generated_nn_distance"] / result["zoo_nn_distance"]
     return result
+
+
+def vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, seed: int = 0) -> dict:
+    """The VAE figures of the report (``vae_recon_ratio``, ``vae_recon_acc``, ...) for ``pipeline`` on ``zoo``,
+    measured as `evaluate` measures them; an export records the ratio (`d2nwg.provenance`)."""
+    return _vae_reconstruction(pipeline, zoo, _target_module(zoo, zoo.init_state()).eval(), seed)
 
 
 @torch.no_grad()

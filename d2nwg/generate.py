@@ -27,6 +27,7 @@ from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts
 from d2nwg.guard import chance_threshold, check_feature_range, embedding_distance, far_from_zoo_message
 from d2nwg.io import atomic_dir, load_safetensors, save_safetensors
 from d2nwg.pipeline import D2NWGPipeline
+from d2nwg.trust import generation_warnings, ncm_accuracy
 from d2nwg.weights import WeightLayout
 
 
@@ -86,7 +87,10 @@ def generate_to_folder(
     no statistics skip this): values outside the zoo's range are rejected, and a dataset farther
     from every training task than training tasks are from each other gets a warning (``warn``,
     and ``GenerationResult.warnings``). A best weight set whose held-back accuracy is not clearly
-    above chance is flagged (``best_at_chance``, and ``"at_chance"`` in ``config.json``).
+    above chance is flagged (``best_at_chance``, and ``"at_chance"`` in ``config.json``). The trust checks of
+    `d2nwg.trust.generation_warnings` add a warning each when the best held-back accuracy does not beat the
+    nearest class mean on the same samples, the VAE reconstruction ratio recorded at export is low, or the
+    samples have collapsed onto one another.
 
     Raises:
         ValueError: a non-empty ``out``, an unknown ``select``, a class count the pipeline does not
@@ -124,6 +128,13 @@ def generate_to_folder(
         best_index = max(range(len(scores)), key=scores.__getitem__)
         threshold = chance_threshold(dataset.num_classes, len(y), candidates=num_samples)
         best_at_chance = scores[best_index] < threshold
+    # Trust checks (`d2nwg.trust`): no gain over a cheap baseline on the same held-back samples, a weak VAE,
+    # collapsed samples; one line each, with the figures.
+    ncm = None if held is None else ncm_accuracy(cond, held, pipe.target_spec.input.condition_features)
+    best_score = None if best_index is None else scores[best_index]
+    for message in generation_warnings(pipe, output.weights, best_score, ncm, sum(len(h) for h in held or [])):
+        found.append(message)
+        warn(message)
     target = pipe.target_spec
     names = [f"weights_{i:03d}.safetensors" for i in range(num_samples)]
     export = folder_exporter(target.architecture)
@@ -173,22 +184,33 @@ def generate_to_folder(
     )
 
 
-def use_base(pipe: D2NWGPipeline, base: str) -> None:
+def use_base(pipe: D2NWGPipeline, base: str) -> str | None:
     """Point a text-adapter pipeline at another copy of its base model: a local folder or a Hub id.
 
     For a pipeline whose zoo was built on a folder that is not on this machine. The base must
-    hold the same weights: the generated adapters and the cached features depend on them.
+    hold the same weights: the generated adapters and the cached features depend on them. It is
+    checked against the base the pipeline recorded (`d2nwg.base_identity.check_base`).
+
+    Returns:
+        A warning line when the base has the right shapes but other weights under the adapters, else None.
+
+    Raises:
+        ValueError: a pipeline that is not a text pipeline, a base that cannot be loaded, or (a
+            ``UserError``) one whose architecture or adapted shapes differ, naming each difference.
     """
+    from d2nwg.base_identity import check_base
     from d2nwg.text_classifier import canonical_base
 
     target = pipe.target_spec
     if target.input.kind != "text":
         raise ValueError(f"--base applies to text-adapter pipelines only; this one generates {target.architecture['name']!r}")
     base = canonical_base(base)
+    warning = check_base(target, base)
     architecture = json.loads(json.dumps(target.architecture))  # a deep copy: the frozen config stays untouched
     architecture["config"]["base"] = base
     target = dataclasses.replace(target, architecture=architecture, input=dataclasses.replace(target.input, base=base))
     pipe.register_to_config(target=target.to_dict())
+    return warning
 
 
 def default_weights_file(selected: bool) -> str:

@@ -70,7 +70,7 @@ def download_pipeline(repo_id: str, revision: str | None = None) -> Path:
 
 
 def model_card(pipeline_dir: Path, repo_id: str, report: Mapping | None = None) -> str:
-    """A model card (YAML front matter from ``ModelCardData``) with results, plot and usage."""
+    """A model card (YAML front matter from ``ModelCardData``) with results, plot, trust checks, provenance and usage."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     index = json.loads((pipeline_dir / "model_index.json").read_text())
@@ -109,6 +109,7 @@ def model_card(pipeline_dir: Path, repo_id: str, report: Mapping | None = None) 
                 lines.append(f"| {metric.label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in values) + " |")
         results += "\n### By kind of held-out task\n\n" + "\n".join(lines) + "\n"
     plot = "![accuracy by method](accuracy_by_method.png)\n" if (pipeline_dir / "accuracy_by_method.png").exists() else ""
+    trust = _trust_section(report) + _provenance_section(index.get("provenance"))
     arch = json.dumps(target.get("architecture", {}))
     content = f"""---
 {data.to_yaml()}
@@ -122,6 +123,7 @@ architecture `{arch}` with zero gradient steps.
 
 {results}
 {plot}
+{trust}
 ## Usage
 
 ```python
@@ -140,6 +142,32 @@ d2nwg generate --pipeline {repo_id} --dataset my_images/ --num-samples 10 --sele
 ```
 """
     return ModelCard(content).content
+
+
+def _trust_section(report: Mapping | None) -> str:
+    """The evaluation's sample spread and trust warnings (`d2nwg.trust`), or nothing without a report."""
+    if not report:
+        return ""
+    ratio = (report.get("summary") or {}).get("within_task_spread_ratio")
+    lines = [
+        "## Trust checks",
+        "",
+        "- within-task spread ratio (median pairwise distance among a task's samples over the zoo's nearest-neighbour "
+        "spacing; near 0: the samples collapsed): " + ("n/a" if ratio is None else f"{ratio:.3f}"),
+    ]
+    lines += [f"- **warning:** {m}" for m in report.get("warnings") or []]
+    return "\n".join(lines) + "\n\n"
+
+
+def _provenance_section(provenance: Mapping | None) -> str:
+    """Where the pipeline came from (`d2nwg.provenance`): versions, steps per stage, the zoo and the training config."""
+    from d2nwg.provenance import provenance_rows
+
+    lines = ["## Provenance", ""] + [f"- {label}: {value}" for label, value in provenance_rows(provenance)]
+    if provenance and provenance.get("config"):
+        config = json.dumps(provenance["config"], indent=2)
+        lines += ["", "<details><summary>full training config</summary>", "", "```json", config, "```", "", "</details>"]
+    return "\n".join(lines) + "\n"
 
 
 def push_pipeline(

@@ -29,12 +29,15 @@ from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
+from d2nwg.base_identity import base_identity
 from d2nwg.datamodule import ZooDataModule
 from d2nwg.errors import Interrupted, UserError
 from d2nwg.guard import zoo_statistics
 from d2nwg.io import atomic_dir
 from d2nwg.pipeline import D2NWGPipeline
+from d2nwg.provenance import training_provenance
 from d2nwg.specs import TargetSpec
+from d2nwg.stages import fit_stages
 from d2nwg.training import D2NWGModule
 
 
@@ -60,7 +63,9 @@ def pipeline_from_module(module: D2NWGModule, datamodule: ZooDataModule) -> D2NW
     stats = zoo_statistics(
         pipe, [zoo.class_samples(t, "train") for t in tasks], raw_features=zoo.input_spec.kind in ("vector", "image")
     )
-    pipe.register_to_config(target=dataclasses.replace(target, data_stats=stats).to_dict())
+    # The base the adapters sit on (text targets), which `d2nwg generate --base` checks a replacement against.
+    identity = base_identity(zoo.architecture)
+    pipe.register_to_config(target=dataclasses.replace(target, data_stats=stats, base_identity=identity).to_dict())
     return pipe
 
 
@@ -77,7 +82,8 @@ def log_artifact(run, path: Path, name: str, kind: str) -> None:
 
 
 class ExportPipeline(L.Callback):
-    """Saves the trained pipeline to ``dirpath`` (default ``<default_root_dir>/pipeline``) when fit ends."""
+    """Saves the trained pipeline to ``dirpath`` (default ``<default_root_dir>/pipeline``) when fit ends
+    (global rank zero only: one export, one ``training.json``, one wandb artifact per run)."""
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
@@ -85,8 +91,11 @@ class ExportPipeline(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: D2NWGModule) -> None:
         if trainer.global_step < pl_module.hparams.vae_steps + pl_module.hparams.diffusion_steps:
             return  # interrupted: last.ckpt resumes it
+        if not trainer.is_global_zero:
+            return
         out = Path(self.dirpath or Path(trainer.default_root_dir) / "pipeline")
         pipe = pipeline_from_module(pl_module, trainer.datamodule)
+        pipe.register_to_config(provenance=training_provenance(trainer, pl_module, pipe))  # `d2nwg.provenance`
         with atomic_dir(out) as tmp:
             pipe.save_pretrained(tmp)
             (tmp / "training.json").write_text(json.dumps({"global_step": trainer.global_step}, indent=2))
@@ -173,7 +182,8 @@ class ResumeCheckpoint(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: D2NWGModule, outputs, batch, batch_idx: int) -> None:
         step = trainer.global_step
-        if STOP.requested:
+        # Under DDP a signal may reach one rank (or reach ranks a step apart): all stop at the same step if any asked.
+        if trainer.strategy.reduce_boolean_decision(STOP.requested, all=False):
             self.save(trainer, "interrupted")
             trainer.should_stop = True
         elif step == pl_module.hparams.vae_steps:
@@ -194,6 +204,10 @@ class D2NWGCLI(LightningCLI):
             ("model.vae_steps", "model.diffusion_steps"), "trainer.max_steps", compute_fn=lambda a, b: a + b
         )
         parser.add_lightning_class_args(ResumeCheckpoint, "checkpoint")
+
+    def fit(self, model: D2NWGModule, datamodule: ZooDataModule | None = None, ckpt_path: str | None = None, **kwargs) -> None:
+        """The ``fit`` subcommand: one fit per stage (`d2nwg.stages.fit_stages`), so it also runs under DDP."""
+        fit_stages(self.trainer, model, datamodule, ckpt_path=ckpt_path, **{k: v for k, v in kwargs.items() if v is not None})
 
 
 def make_cli(
@@ -227,6 +241,8 @@ def make_cli(
     # Lightning warns that a SIGINT/SIGTERM-requested stop happened before min_steps; not an error here.
     warnings.filterwarnings("ignore", message=".*Trainer was signaled to stop.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # Lightning's all_gather (the VAE latents, gathered across DDP ranks) calls a torch function torch now deprecates.
+    warnings.filterwarnings("ignore", message=".*torch.distributed.nn.functional.all_gather is deprecated.*")
     # Small zoos have fewer batches per epoch than the logging interval; logging counts steps across epochs.
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     if args is not None:  # d2nwg's own sys.argv is not meant for LightningCLI
@@ -316,7 +332,7 @@ def train(
     total = cli.model.hparams.vae_steps + cli.model.hparams.diffusion_steps
     with stop_on_signals() as stop:
         try:
-            trainer.fit(cli.model, cli.datamodule, ckpt_path=str(ckpt) if resume else None, weights_only=True)
+            fit_stages(trainer, cli.model, cli.datamodule, ckpt_path=str(ckpt) if resume else None, weights_only=True)
         except (KeyboardInterrupt, SystemExit) as err:
             # Lightning turns a KeyboardInterrupt into sys.exit(1) and SIGTERM into SIGTERMException.
             if isinstance(err, SystemExit) and stop.signum is None and trainer.state.status.value != "interrupted":

@@ -77,6 +77,10 @@ class D2NWGPipeline(DiffusionPipeline):
         head_solver: ``"generated"`` keeps the decoded head; ``"lda"`` or ``"class_mean"`` rewrites it
             from the dataset in each generated body's feature space (`d2nwg.heads.HEAD_SOLVERS`).
             Pipelines saved before this option existed load as ``"generated"``.
+        provenance: where the pipeline came from (`d2nwg.provenance.training_provenance`: training config,
+            steps per stage, the zoo's name, member count and fingerprint, the d2nwg version, and the VAE
+            reconstruction ratio and zoo spacing measured at export). Stored in ``model_index.json``; read it
+            as `provenance`. ``None`` in pipelines exported before it was recorded.
 
     Example:
         >>> pipe = D2NWGPipeline.from_pretrained("runs/demo/run/pipeline")  # doctest: +SKIP
@@ -95,13 +99,14 @@ class D2NWGPipeline(DiffusionPipeline):
         scheduler: SchedulerMixin,
         target: TargetSpec | dict | None = None,
         head_solver: str = "generated",
+        provenance: dict | None = None,
     ):
         super().__init__()
         check_head_solver(head_solver)
         if isinstance(target, TargetSpec):
             target = target.to_dict()  # diffusers stores init kwargs as JSON
         self.register_modules(vae=vae, dataset_encoder=dataset_encoder, denoiser=denoiser, scheduler=scheduler)
-        self.register_to_config(target=target, head_solver=head_solver)
+        self.register_to_config(target=target, head_solver=head_solver, provenance=provenance)
         self._layout = WeightLayout.from_dict(target["layout"]) if target else None
 
     # ------------------------------------------------------------------ target
@@ -111,6 +116,11 @@ class D2NWGPipeline(DiffusionPipeline):
         if not self.config.target:
             raise ValueError("this pipeline has no target")
         return TargetSpec.from_dict(self.config.target)
+
+    @property
+    def provenance(self) -> dict | None:
+        """The recorded origin of this pipeline (see the class docstring), or ``None`` if it has none."""
+        return self.config.get("provenance")
 
     @property
     def layout(self) -> WeightLayout:

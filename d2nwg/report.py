@@ -14,6 +14,7 @@ from pathlib import Path
 
 from d2nwg.io import atomic_write_json, atomic_write_text
 from d2nwg.metrics import METRICS, ZERO_TRAINING_BARS
+from d2nwg.provenance import provenance_rows
 
 TASK_KINDS = ("unseen_order", "unseen_classes")
 
@@ -111,6 +112,8 @@ def report_markdown(report: Mapping) -> str:
     s = report["summary"]
     finetune_from = s.get("finetune_from", "init")
     lines = ["# D2NWG evaluation", "", f"{_count(s['num_tasks'], 'held-out task')}; accuracies on each task's test samples.", ""]
+    if report.get("warnings"):  # trust checks (`d2nwg.trust`) first: they qualify every figure below
+        lines += ["## Warnings", ""] + [f"- **warning:** {m}" for m in report["warnings"]] + [""]
     lines += ["## All held-out tasks", ""] + _summary_table({**s, "finetune_curve": report["finetune_curve"]}, finetune_from)
     for kind, sub in (report.get("summary_by_kind") or {}).items():
         title = KIND_TITLES.get(kind, kind)
@@ -124,6 +127,10 @@ def report_markdown(report: Mapping) -> str:
         f"- VAE reconstruction ratio (acc of decode(encode(w)) / acc of w, {s.get('vae_members')} members): {_fmt(s.get('vae_recon_ratio'))}",
         "- VAE reconstruction ratio by kind of member: "
         + (", ".join(f"{k} {_fmt(v)}" for k, v in (s.get("vae_recon_ratio_by_kind") or {}).items()) or "n/a"),
+        "- within-task spread ratio (median pairwise distance among a task's samples / the zoo's nearest-neighbour "
+        f"spacing; median over tasks): {_fmt(s.get('within_task_spread_ratio'))}",
+        "- nearest-member ratio (median distance of a task's samples to their nearest zoo member / that spacing): "
+        f"{_fmt(s.get('nearest_member_ratio'))}",
         f"- sampling time per task: {_fmt(s.get('sample_seconds_per_task'), 2)} s",
         f"- non-finite generated weight sets: {s.get('generated_nonfinite', 0)}",
         "- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()),
@@ -131,6 +138,10 @@ def report_markdown(report: Mapping) -> str:
         "![accuracy by method](accuracy_by_method.png)",
         "",
         "![accuracy vs fine-tuning steps](finetune_curve.png)",
+        "",
+        "## Provenance of the pipeline",
+        "",
+        *[f"- {label}: {value}" for label, value in provenance_rows(report.get("provenance"))],
         "",
         "## Per task",
         "",

@@ -123,6 +123,10 @@ class TargetSpec:
         zoo_recipe: name of the recipe that built the zoo (``"custom"`` for ingested zoos).
         data_stats: the zoo's feature range and training-task embeddings that `d2nwg generate` compares a
             user's dataset with (`d2nwg.guard.zoo_statistics`); ``None`` in pipelines exported before it existed.
+        base_identity: text-adapter targets only: the frozen base model the adapters were trained on (its
+            architecture, the shapes the adapters touch and a fingerprint of the weights under them,
+            `d2nwg.base_identity.base_identity`), which ``d2nwg generate --base`` checks another base against;
+            ``None`` for other targets and for pipelines exported before it was recorded.
 
     Raises:
         ValueError: an architecture without a name, or a num_classes below 1.
@@ -139,6 +143,7 @@ class TargetSpec:
     input: InputSpec = field(default_factory=InputSpec)
     zoo_recipe: str = "custom"
     data_stats: dict | None = None
+    base_identity: dict | None = None
 
     def __post_init__(self):
         if not isinstance(self.architecture, Mapping) or "name" not in self.architecture:
@@ -150,7 +155,8 @@ class TargetSpec:
             object.__setattr__(self, "input", InputSpec.from_dict(self.input))
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain JSON dict: what `d2nwg.pipeline.D2NWGPipeline` takes as ``target`` (``data_stats`` only if set)."""
+        """A plain JSON dict: what `d2nwg.pipeline.D2NWGPipeline` takes as ``target`` (``data_stats`` and
+        ``base_identity`` only if set)."""
         out = {
             "architecture": dict(self.architecture),
             "layout": dict(self.layout),
@@ -160,6 +166,8 @@ class TargetSpec:
         }
         if self.data_stats is not None:
             out["data_stats"] = dict(self.data_stats)
+        if self.base_identity is not None:
+            out["base_identity"] = dict(self.base_identity)
         return out
 
     @classmethod

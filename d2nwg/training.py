@@ -1,9 +1,21 @@
 """Training of the hyper-model with Lightning: the weight VAE first, then latent diffusion.
 
-One `D2NWGModule` runs both stages in a single ``Trainer.fit``: steps
-``[0, vae_steps)`` train the VAE, the following ``diffusion_steps`` train the
-dataset encoder and denoiser on the frozen VAE's latents. One fit means one
-``last.ckpt`` that resumes anywhere, and one LightningCLI config per zoo.
+One `D2NWGModule` trains both stages: steps ``[0, vae_steps)`` train the VAE, the
+following ``diffusion_steps`` train the dataset encoder and denoiser on the frozen
+VAE's latents. ``d2nwg train`` (and ``train.py fit``) run the stages as **two fits of
+this one module that share ``last.ckpt``** (`d2nwg.stages.fit_stages`): before each fit
+wraps the module for its strategy, `setup` freezes the networks the other stage
+trains (``fit_stage``), so each step's graph uses exactly the parameters DDP
+synchronises and Lightning's default ``ddp`` strategy needs no
+``find_unused_parameters``. The second fit resumes from the checkpoint the first
+wrote at the stage boundary, which is exact (below), so a single process trains
+bit for bit as one fit over both stages; that single fit (``fit_stage=None``) still
+works on one process, and is refused on several.
+
+Under DDP each rank trains on its own shard of the zoo (a ``DistributedSampler``) with
+its own RNG stream; the VAE latents are encoded once, a share per rank, and gathered
+so that every rank holds the same ones; the EMA follows the synchronised parameters
+and is checked to agree across ranks at the end of each fit.
 
 A checkpoint holds the networks, both optimisers and schedulers, the EMA, the
 global RNG state and the data loader's place in its epoch, so a run resumed
@@ -23,8 +35,10 @@ import lightning as L
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.training_utils import EMAModel
+from lightning.pytorch.strategies import FSDPStrategy
 
 from d2nwg.architectures import build_model
+from d2nwg.distributed import assert_same_on_ranks, fork_rank_rng, gather_rank_states, own_rank_state
 from d2nwg.ensemble import ensemble_logits
 from d2nwg.heads import check_head_solver, head_inputs, head_module_name
 from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
@@ -111,7 +125,14 @@ class D2NWGModule(L.LightningModule):
             generalises to classes no zoo member saw (digits unseen-class tasks: 0.76 with the decoded
             head, 0.96 with LDA; unseen orders unchanged); ``"generated"`` keeps the decoded head.
             Only the export reads it: the networks train the same either way.
+
+    Attributes:
+        fit_stage: which stage the next fit runs, set by `d2nwg.stages.fit_stages`: ``"vae"`` or
+            ``"diffusion"`` (the other stage's networks are frozen and left out of DDP), or None
+            (default: one fit over both stages, single process only).
     """
+
+    FIT_STAGES = (None, "vae", "diffusion")
 
     def __init__(
         self,
@@ -138,6 +159,7 @@ class D2NWGModule(L.LightningModule):
         self.dataset_encoder: DatasetEncoder | None = None
         self.denoiser: Denoiser | None = None
         self.ema: EMAModel | None = None
+        self.fit_stage: str | None = None
         self.register_buffer("latent_scale", torch.ones(()))
 
     # ------------------------------------------------------------------ building
@@ -158,17 +180,46 @@ class D2NWGModule(L.LightningModule):
         self.noise_scheduler = self.make_train_scheduler()
 
     def setup(self, stage: str) -> None:
-        if self.vae is not None:
-            return
-        dm = self.trainer.datamodule
+        self._rng_restored, self._fit_start = False, 0  # `on_load_checkpoint` sets them when the fit resumes
+        if self.vae is None:
+            self.setup_networks(self.trainer.datamodule)
+        self.freeze_idle_stage()
+
+    def freeze_idle_stage(self) -> None:
+        """Freeze the networks that this fit's stage does not train, before the strategy wraps the module."""
+        if self.fit_stage not in self.FIT_STAGES:
+            raise ValueError(f"fit_stage must be one of {self.FIT_STAGES}, got {self.fit_stage!r}")
+        if self.fit_stage is not None:
+            vae_stage = self.fit_stage == "vae"
+            self.vae.requires_grad_(vae_stage)
+            self.dataset_encoder.requires_grad_(not vae_stage)
+            self.denoiser.requires_grad_(not vae_stage)
+
+    def setup_networks(self, dm) -> None:
+        """Build the networks for ``dm``'s zoo and set the VAE's zoo-mean token offset."""
         self.build(dm.zoo.layout.num_tokens, dm.zoo.layout.chunk_size, dm.feature_dim, dm.num_classes)
         with torch.no_grad():
-            self.vae.mean_tokens.copy_(dm.tokens.mean(0, keepdim=True))
+            self.vae.mean_tokens.copy_(self.zoo_mean_tokens(dm.tokens))
         self.check_head_solver(dm)
         self.register_buffer("padding_mask", dm.zoo.layout.padding_mask(), persistent=False)
         self.layout = dm.zoo.layout
         self.condition_features = dm.condition_features
         self.architecture = dm.zoo.architecture
+
+    def zoo_mean_tokens(self, tokens) -> torch.Tensor:
+        """``[1, T, chunk]`` mean of the members' tokens (in memory, or streamed from disk a share per rank)."""
+        if isinstance(tokens, torch.Tensor):
+            return tokens.mean(0, keepdim=True)
+        start, stop = self.rank_share(len(tokens))
+        total = tokens.sum(start, stop).to(self.trainer.strategy.root_device)
+        total = self.trainer.strategy.reduce(total, reduce_op="sum")  # float64 sums, added across ranks
+        return (total / len(tokens)).float().cpu()[None]
+
+    def rank_share(self, n: int) -> tuple[int, int]:
+        """``[start, stop)``: this rank's consecutive share of ``n`` members (ceil(n / world) each; the last may be short)."""
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        per = -(-n // world)
+        return min(n, rank * per), min(n, (rank + 1) * per)
 
     def check_head_solver(self, dm) -> None:
         """Fail before training, not at export, when the zoo's layout has no classifier head to solve."""
@@ -226,13 +277,13 @@ class D2NWGModule(L.LightningModule):
         if vae_stage:
             losses = self.vae_loss(tokens, samples)
             opt, sched = vae_opt, vae_sched
-            self.log_dict({f"vae/{k}": v for k, v in losses.items()}, prog_bar=True)
+            self.log_dict({f"vae/{k}": v for k, v in losses.items()}, prog_bar=True, sync_dist=True)
         else:
-            if next(self.vae.parameters()).requires_grad:
+            if getattr(self, "latents", None) is None:
                 self.freeze_vae()
             losses = self.diffusion_loss(self.latents[index], samples[..., : self.condition_features])
             opt, sched = diff_opt, diff_sched
-            self.log_dict({f"diffusion/{k}": v for k, v in losses.items()}, prog_bar=True)
+            self.log_dict({f"diffusion/{k}": v for k, v in losses.items()}, prog_bar=True, sync_dist=True)
         opt.zero_grad(set_to_none=True)
         self.manual_backward(losses["loss"])
         self.clip_gradients(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
@@ -269,11 +320,29 @@ class D2NWGModule(L.LightningModule):
     def freeze_vae(self) -> None:
         """End of the VAE stage: freeze it, encode the zoo once and scale latents to unit std."""
         self.vae.eval().requires_grad_(False)
-        tokens = self.trainer.datamodule.tokens.to(self.device)
-        latents = torch.cat([self.vae.encode(chunk)[0] for chunk in tokens.split(256)])  # (N, L, C) means
+        latents = self.encode_zoo(self.trainer.datamodule.tokens)  # (N, L, C) means, the same on every rank
         if self.latent_scale.item() == 1.0:  # a resumed run keeps the scale it trained with
             self.latent_scale.fill_(1.0 / latents.std().clamp_min(1e-6).item())
         self.latents = latents * self.latent_scale
+
+    @torch.no_grad()
+    def encode_zoo(self, tokens) -> torch.Tensor:
+        """Latent means ``[N, L, C]`` of every member. Under DDP each rank encodes its `rank_share` and all
+        ranks gather all shares, so every rank holds the same latents (and encodes 1/world of the zoo)."""
+        if isinstance(tokens, torch.Tensor) and self.trainer.world_size == 1:
+            tokens = tokens.to(self.device)
+            return torch.cat([self.vae.encode(chunk)[0] for chunk in tokens.split(256)])
+        n, world = len(tokens), self.trainer.world_size
+        chunk = 256 if isinstance(tokens, torch.Tensor) else tokens.members_per_chunk()
+        start, stop = self.rank_share(n)
+        per = -(-n // world)
+        mine = torch.zeros(per, self.vae.num_latent_tokens, self.vae_settings.latent_channels, device=self.device)
+        for a in range(start, stop, chunk):
+            b = min(a + chunk, stop)
+            mine[a - start : b - start] = self.vae.encode(tokens[a:b].to(self.device))[0]
+        if world == 1:
+            return mine
+        return self.all_gather(mine).flatten(0, 1)[:n]  # (world, per, L, C) -> (N, L, C)
 
     def diffusion_loss(self, latents: torch.Tensor, class_sets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Denoising loss on scaled latents ``[B, L, C]``, with condition dropout for guidance."""
@@ -306,22 +375,55 @@ class D2NWGModule(L.LightningModule):
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        ranks = gather_rank_states(dict(checkpoint["rng"]))  # under DDP each rank draws its own stream
+        if ranks is not None:
+            checkpoint["rng"]["ranks"] = ranks
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._pending_ema = checkpoint.get("ema")
+        self._fit_start = int(checkpoint.get("global_step", 0))  # the loops' step is restored only after `on_fit_start`
         # Restored here, after `setup` built the networks (which draws) and before the first batch.
         rng = checkpoint.get("rng") or {}
+        own = own_rank_state(rng.get("ranks"))
+        if own is not None:
+            rng, self._rng_restored = own, True
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(rng["cuda"])
 
+    def on_fit_start(self) -> None:
+        start, end, world = self._fit_start, self.trainer.max_steps, self.trainer.world_size
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Not exercised anywhere yet: the EMA update, gradient clipping and the zoo encoding run on whole
+            # parameters inside a training step, where FSDP holds shards. Refuse rather than fail mid-run.
+            raise ValueError("strategy fsdp is not supported yet (EMA and clipping need whole parameters); use --strategy ddp")
+        if self.fit_stage is None and world > 1 and start < self.hparams.vae_steps < end:
+            raise ValueError(
+                f"one fit over both stages cannot run on {world} processes (the idle stage's networks would be "
+                "unused parameters); train with `d2nwg train` or `d2nwg.stages.fit_stages`, which run one fit per stage"
+            )
+        if self.fit_stage == "vae" and end > self.hparams.vae_steps or self.fit_stage == "diffusion" and start < self.hparams.vae_steps:
+            raise ValueError(f"a {self.fit_stage}-stage fit cannot run steps [{start}, {end}) (vae_steps={self.hparams.vae_steps})")
+        if not self._rng_restored:
+            fork_rank_rng()  # a fresh run: each rank its own stream (a resumed one restored its own)
+
     def on_train_start(self) -> None:
+        per_rank = self.trainer.datamodule.hparams.batch_size
+        sizes = {"batch_size/per_rank": float(per_rank), "batch_size/effective": float(per_rank * self.trainer.world_size)}
+        for logger in self.loggers:  # rank zero only, like every Lightning logger
+            logger.log_metrics(sizes, step=self.global_step)
         self.ema.to(self.device)
         pending = getattr(self, "_pending_ema", None)
         if pending is not None:
             self.ema.load_state_dict(pending)
             self._pending_ema = None
+
+    def on_train_end(self) -> None:
+        # Cheap proof that data parallelism kept the ranks in step: per-tensor sums of the EMA and latents.
+        assert_same_on_ranks(torch.stack([p.double().sum() for p in self.ema.shadow_params]), "the EMA weights")
+        if getattr(self, "latents", None) is not None:
+            assert_same_on_ranks(self.latents.double().sum((1, 2)), "the cached VAE latents")
 
     def export_networks(self) -> tuple[WeightVAE, DatasetEncoder, Denoiser]:
         """The VAE (with its latent scale) and EMA copies of the encoder and denoiser, for a pipeline."""

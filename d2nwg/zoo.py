@@ -230,10 +230,13 @@ class ModelZoo:
         * ``"unseen_order"``: all of its classes occur in training tasks, only this
           combination and order does not.
 
-        Derived from the task lists alone, so ingested zoos get the same split as recipes.
+        Derived from the task lists alone, so ingested zoos get the same split as recipes. A task record may
+        state its ``kind`` instead (generative zoos, where a task is one dataset rather than a class tuple).
         """
         if self.tasks[task]["split"] == "train":
             return "train"
+        if "kind" in self.tasks[task]:
+            return str(self.tasks[task]["kind"])
         seen = self.train_classes()
         return "unseen_order" if all(c in seen for c in self.tasks[task]["classes"]) else "unseen_classes"
 
@@ -290,11 +293,22 @@ class ModelZoo:
         members = self.members(split)
         if not members:
             raise ValueError(f"the zoo at {self.root} has no members in split {split!r}")
-        return self.layout.tokenize(self.state_dicts(split), normalize=normalize)
+        # One member at a time into one float32 tensor: the peak is the tokens plus one member, not every
+        # state_dict plus float64 copies of all of them. `tokenize` works row by row: the same numbers.
+        first = self.layout.tokenize(self.load_member(members[0]), normalize=normalize)
+        out = torch.empty(len(members), *first.shape[1:], dtype=first.dtype)
+        out[0] = first[0]
+        for i, member in enumerate(members[1:], start=1):
+            out[i] = self.layout.tokenize(self.load_member(member), normalize=normalize)[0]
+        return out
+
+    def token_bytes(self, count: int) -> int:
+        """Bytes of the float32 tokens ``[count, T, chunk]`` that training reads for ``count`` members."""
+        return count * self.layout.num_tokens * self.layout.chunk_size * 4
 
     def fit_layout(self, split: str = "train") -> WeightLayout:
-        """Fit the layout's normalisation on ``split`` members and save it."""
-        self.layout.fit_stats(self.state_dicts(split))
+        """Fit the layout's normalisation on ``split`` members (read one at a time) and save it."""
+        self.layout.fit_stats(self.load_member(m) for m in self.members(split))
         self.layout.save(self.root / "layout.json")
         return self.layout
 
@@ -322,7 +336,9 @@ class ModelZoo:
     def summary(self) -> dict:
         """Counts, sizes and accuracy statistics (what ``d2nwg zoo info`` prints)."""
         members = self.members()
-        accs = torch.tensor([m.metrics.get("test_acc", float("nan")) for m in members])
+        # Generative zoos (causal-LM adapters) record the test log-likelihood of the reference responses instead.
+        metric = "test_acc" if any("test_acc" in m.metrics for m in members) or not members else "test_loglik"
+        accs = torch.tensor([m.metrics.get(metric, float("nan")) for m in members])
         pool = self._class_pool()
         split_sizes = {s: sum(len(pool[f"{c}::{s}"]) for c in self.manifest["classes"]) for s in SPLITS}
         by_split = {s: sum(1 for m in members if m.split == s) for s in sorted({m.split for m in members})}
@@ -340,7 +356,10 @@ class ModelZoo:
             "params_per_member": self.layout.num_params,
             "tokens_per_member": self.layout.num_tokens,
             "chunk_size": self.layout.chunk_size,
-            "test_acc": {
+            # What training reads (float32 tokens); beyond `ZooDataModule`'s memory_limit_mb they stay on disk.
+            "token_bytes": self.token_bytes(len(members)),
+            "token_bytes_by_split": {s: self.token_bytes(n) for s, n in by_split.items()},
+            metric: {
                 "mean": float(accs.nanmean()),
                 "min": float(accs[~accs.isnan()].min()) if (~accs.isnan()).any() else float("nan"),
                 "max": float(accs[~accs.isnan()].max()) if (~accs.isnan()).any() else float("nan"),
@@ -355,10 +374,13 @@ def member_groups(ids: Sequence[str], size: int) -> list[list[str]]:
 
 
 def _task_record(task: Mapping) -> dict:
-    """A task as the manifest stores it; ``dataset`` (ingested zoos) says which dataset the task's data is."""
+    """A task as the manifest stores it; ``dataset`` (ingested zoos) says which dataset the task's data is, ``kind``
+    (generative zoos) which kind of held-out task it is."""
     record = {"classes": list(task["classes"]), "split": task.get("split", "train")}
     if task.get("dataset") is not None:
         record["dataset"] = str(task["dataset"])
+    if task.get("kind") is not None:
+        record["kind"] = str(task["kind"])
     return record
 
 

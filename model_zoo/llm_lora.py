@@ -1,12 +1,18 @@
 """Causal-LM adapter zoos: LoRA ("llm-lora") or MiSS ("llm-miss") adapters on SmolLM2-135M-Instruct.
 
 Each member is an adapter on the top layers of the frozen instruct LM (default: ``q_proj`` and
-``v_proj`` of layers 28 and 29 of 30), trained on one generative task of the date-format family
+``v_proj`` of layers 24-29 of 30), trained on one generative task of the date-format family
 (`model_zoo.date_formats`): the prompt is a date, the response the same date in the task's
 output format. Members are judged on what the adapted LM *generates* (greedy exact match) and
 on the mean log-likelihood of the reference response.
 
-**Speed.** The 28 frozen layers below the slice run once per conversation: their output is
+**Slice and data.** Measured on two tasks (``ymd-dash__dmy-slash``, ``mdy-slash__long-fr``), greedy exact
+match of the task's own rank-8 LoRA on 16 test dates: layers 28-29, 32 examples, 100 steps at lr 1e-2:
+0.13 and 0.06 (it memorises the training dates: train log-likelihood -0.06, test -0.90 nats/token);
+layers 26-29, 64 examples, 100 steps: 0.25 and 0.06; layers 24-29, 96 examples, 150 steps at lr 5e-3:
+1.00 and 0.94 (the defaults). Copying digits into a new order needs attention in more than the top layers.
+
+**Speed.** The 24 frozen layers below the slice run once per conversation: their output is
 the cached sample (`d2nwg.causal_lm.conversation_features`). Members recompute only the slice
 and the LM head on the response positions, in vmapped groups from one shared initialisation
 (LoRA's A is random, B zero, as peft initialises them), so the zoo has one gauge and the weight
@@ -48,8 +54,8 @@ class LLMAdapterRecipe:
     """Adapter kind: lora, miss or miss-bat (llm-miss uses miss)."""
     base: str = "smollm2-135m-instruct"
     """Causal LM: the packaged SmolLM2-135M-Instruct (converted once from its GGUF), or a local folder or Hub id of a Llama-architecture causal LM."""
-    layers: str = "28,29"
-    """Adapted layers, e.g. "28,29", or "auto:2" (the two layers of highest weight signal-to-noise ratio)."""
+    layers: str = "24,25,26,27,28,29"
+    """Adapted layers, e.g. "28,29", or "auto:6" (the six layers of highest weight signal-to-noise ratio)."""
     target_modules: str = "q_proj,v_proj"
     """Linear layers adapted inside each block."""
     r: int = 8
@@ -60,7 +66,7 @@ class LLMAdapterRecipe:
     """Held-out tasks pairing an input and an output format that both occur in training, never together."""
     num_train_tasks: int = 0
     """Training tasks (one member each); 0: every remaining pair of the family (305 by default)."""
-    samples_train: int = 32
+    samples_train: int = 96
     """Conversations per task that its adapter trains on."""
     samples_support: int = 8
     """Conversations per task a generated adapter is conditioned on and selected with."""
@@ -70,8 +76,9 @@ class LLMAdapterRecipe:
     """Tokens per chat-templated conversation (the longest date pair with SmolLM2's template is 39)."""
     response_window: int = 18
     """Last positions of a conversation that may carry response tokens (the LM head runs there only)."""
-    steps: int = 60
-    """AdamW steps per member."""
+    steps: int = 150
+    """AdamW steps per member (about 100 s per member on 2 CPU cores: the default zoo is hours of CPU; a GPU
+    does it in minutes)."""
     lr: float = 5e-3
     """Learning rate of the member optimiser."""
     batch_size: int = 16

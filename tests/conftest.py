@@ -43,7 +43,8 @@ def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated"):
 
     torch.manual_seed(seed)
     n, layout = TINY_NETS, zoo.layout
-    num_classes = zoo.architecture["config"]["num_classes"]
+    # Generative zoos (causal-LM adapters) have no head: a task is one "class", its own conversations.
+    num_classes = zoo.architecture["config"].get("num_classes", 1)
     # Text zoos condition on their leading `condition_features` numbers (the pooled sentence embedding).
     feature_dim = zoo.input_spec.condition_features or zoo.class_samples(zoo.members("train")[0].task, "train")[0].shape[1]
     vae = WeightVAE(

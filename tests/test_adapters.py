@@ -129,3 +129,82 @@ def test_snr_ranks_low_rank_plus_noise_above_noise(tiny_llama):
             w = getattr(base.model.layers[2].self_attn, name).weight
             w += 0.2 * torch.randn(w.shape[0], 2, generator=g) @ torch.randn(2, w.shape[1], generator=g)
     assert parse_layers(base, "auto:1", ["q_proj", "v_proj"]) == [2]
+
+
+# ----------------------------------------------------------------------------- d2nwg adapters convert-bone
+def _legacy_bone_folder(miss_folder, out):
+    """What peft < 0.19 wrote for the same adapter: peft_type BONE, ``bone_block`` keys, no MiSS-only config keys."""
+    import json
+
+    from d2nwg.io import load_safetensors, save_safetensors
+
+    out.mkdir()
+    config = json.loads((miss_folder / "adapter_config.json").read_text())
+    config = {k: v for k, v in config.items() if k not in ("miss_dropout", "mini_r")} | {"peft_type": "BONE", "peft_version": "0.17.1"}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    weights = load_safetensors(miss_folder / "adapter_model.safetensors")
+    save_safetensors(out / "adapter_model.safetensors", {k.replace("miss_block", "bone_block"): v for k, v in weights.items()})
+    (out / "README.md").write_text("a legacy Bone adapter\n")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["miss", "miss-bat"])
+def test_convert_bone_folder_gives_the_miss_folders_logits(kind, tmp_path, tiny_llama, capsys):
+    import json
+
+    from peft import PeftModel
+
+    from d2nwg.cli import main
+
+    model = build_peft_model(tiny_llama(), kind, ["q_proj", "v_proj"], layers="1,3", r=4)
+    miss = save_adapter_folder(model, tmp_path / "miss", randomize(adapter_state_dict(model), seed=4))
+    bone = _legacy_bone_folder(miss, tmp_path / "bone")
+    out = tmp_path / "converted"
+    assert main(["adapters", "convert-bone", str(bone), str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and str(out) in captured.out
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "MISS" and (out / "README.md").is_file()
+    with torch.no_grad():
+        expected = PeftModel.from_pretrained(tiny_llama(), miss).eval()(TOKENS).logits
+        converted = PeftModel.from_pretrained(tiny_llama(), out).eval()(TOKENS).logits
+        plain = tiny_llama()(TOKENS).logits
+    assert torch.equal(converted, expected)
+    assert not torch.allclose(converted, plain)  # the adapter was loaded, not dropped
+
+
+def _lora_folder(tmp_path, tiny_llama):
+    model = build_peft_model(tiny_llama(), "lora", ["q_proj"], layers="0", r=2)
+    return save_adapter_folder(model, tmp_path / "lora")
+
+
+BAD_CONVERSIONS = {
+    "missing-folder": (lambda tmp, llama: (tmp / "nope", tmp / "out"), "adapter folder not found"),
+    "lora-folder": (lambda tmp, llama: (_lora_folder(tmp, llama), tmp / "out"), "holds a LORA adapter, not a legacy Bone one"),
+    "no-config": (lambda tmp, llama: ((tmp / "empty").mkdir() or tmp / "empty", tmp / "out"), "has no adapter_config.json"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONVERSIONS))
+def test_convert_bone_bad_input_is_one_error_line(case, tmp_path, tiny_llama, capsys):
+    from d2nwg.cli import main
+
+    make, expected = BAD_CONVERSIONS[case]
+    src, out = make(tmp_path, tiny_llama)
+    capsys.readouterr()
+    assert main(["adapters", "convert-bone", str(src), str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and expected in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_convert_bone_refuses_a_non_empty_output(tmp_path, tiny_llama, capsys):
+    from d2nwg.cli import main
+
+    model = build_peft_model(tiny_llama(), "miss", ["q_proj"], layers="0", r=4)
+    bone = _legacy_bone_folder(save_adapter_folder(model, tmp_path / "miss"), tmp_path / "bone")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert main(["adapters", "convert-bone", str(bone), str(tmp_path / "out")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

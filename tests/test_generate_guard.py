@@ -75,8 +75,9 @@ def test_in_range_data_generates_without_warnings(guarded_pipeline_dir, tiny_dig
     data = task_npz(tiny_digits_zoo, tmp_path / "task.npz")
     code = main(["generate", "--pipeline", str(guarded_pipeline_dir), "--dataset", str(data), "--out", str(tmp_path / "gen"), *GENERATE])
     assert code == 0
-    assert "warning:" not in capsys.readouterr().err
-    assert json.loads((tmp_path / "gen" / "config.json").read_text())["warnings"] == []
+    # The untrained pipeline earns a trust warning (`d2nwg.trust`: no gain over NCM); the guard itself stays silent.
+    assert "far from every training task" not in capsys.readouterr().err
+    assert not [w for w in json.loads((tmp_path / "gen" / "config.json").read_text())["warnings"] if "cheap baseline" not in w]
 
 
 def test_pure_noise_warns_with_distances_and_flags_chance_level_best(guarded_pipeline_dir, tmp_path, capsys):
@@ -84,7 +85,8 @@ def test_pure_noise_warns_with_distances_and_flags_chance_level_best(guarded_pip
     code = main(["generate", "--pipeline", str(guarded_pipeline_dir), "--dataset", str(data), "--out", str(tmp_path / "gen"), *GENERATE])
     assert code == 0
     captured = capsys.readouterr()
-    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    # Trust warnings about the untrained pipeline (`d2nwg.trust`) aside, the guard warns once.
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:") and "cheap baseline" not in line]
     assert len(warnings) == 1 and "far from every training task" in warnings[0], captured.err
     numbers = re.search(r"embedding is ([0-9.e+-]+) from the nearest one, while training tasks are at most ([0-9.e+-]+)", warnings[0])
     distance, spacing = float(numbers[1]), float(numbers[2])
@@ -92,7 +94,7 @@ def test_pure_noise_warns_with_distances_and_flags_chance_level_best(guarded_pip
     best_line = next(line for line in captured.out.splitlines() if line.startswith("best:"))
     assert "AT CHANCE" in best_line
     config = json.loads((tmp_path / "gen" / "config.json").read_text())
-    assert config["selection"]["at_chance"] is True and config["warnings"] == [warnings[0].removeprefix("warning: ")]
+    assert config["selection"]["at_chance"] is True and config["warnings"][0] == warnings[0].removeprefix("warning: ")
 
 
 def test_pipelines_without_statistics_generate_as_before(tiny_pipeline_dir, tiny_digits_zoo, tmp_path, capsys):

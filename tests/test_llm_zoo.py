@@ -117,7 +117,8 @@ def test_evaluate_reports_exact_match_for_every_method_and_kind(llm_zoo, llm_pip
 
     code, printed = run_cli([
         "evaluate", "--pipeline", str(llm_pipeline_dir), "--zoo", str(llm_zoo.root), "--out", str(tmp_path / "ev"),
-        "--num-samples", "2", "--max-tasks", "1", "--steps", "2",
+        "--num-samples", "2", "--max-tasks", "1", "--steps", "2", "--k-shot", "2", "--multitask-steps", "5",
+        "--max-new-tokens", "12",
     ])  # fmt: skip
     assert code == 0, printed
     report = json.loads((tmp_path / "ev" / "report.json").read_text())
