@@ -113,14 +113,15 @@ def conversation_features(
             f"more than response_window={response_window}"
         )
     backbone = encoder.base_model
+    device = next(backbone.parameters()).device  # runs where the encoder is; features come back on the CPU
     out = []
     for i in range(0, len(conversations), batch_size):
-        ids, mask = batch["input_ids"][i : i + batch_size], batch["attention_mask"][i : i + batch_size]
+        ids, mask = batch["input_ids"][i : i + batch_size].to(device), batch["attention_mask"][i : i + batch_size].to(device)
         result = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True)
         pooled = mean_pool(result.hidden_states[-1], mask.float())  # (n, H): after the final norm
         hidden = result.hidden_states[first_layer]  # (n, T, H): the input of layer `first_layer`
-        labels = batch["labels"][i : i + batch_size].float()
-        out.append(torch.cat([pooled, hidden.flatten(1), mask.float(), labels], dim=1))
+        labels = batch["labels"][i : i + batch_size].to(device).float()
+        out.append(torch.cat([pooled, hidden.flatten(1), mask.float(), labels], dim=1).cpu())
     return torch.cat(out)
 
 
@@ -244,7 +245,7 @@ def train_adapters(
     Args:
         module: the architecture (its own parameters are not touched).
         init: the shared initial adapter state_dict (unstacked).
-        x: per-adapter training samples ``[N, n, D]`` (`conversation_features`).
+        x: per-adapter training samples ``[N, n, D]`` (`conversation_features`), on the device ``module`` is on.
         steps: optimiser steps; each uses a minibatch of ``batch_size`` samples per adapter (bounds the
             ``[N, batch, W, vocab]`` logits in memory); ``seed`` draws the minibatches.
 
@@ -255,7 +256,7 @@ def train_adapters(
     from torch.func import functional_call, vmap
 
     n_adapters, n = x.shape[:2]
-    params = {k: v.detach().unsqueeze(0).repeat(n_adapters, *([1] * v.dim())).requires_grad_(True) for k, v in init.items()}
+    params = {k: v.detach().to(x.device).unsqueeze(0).repeat(n_adapters, *([1] * v.dim())).requires_grad_(True) for k, v in init.items()}
     optimiser = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     score = vmap(lambda p, xs: functional_call(module, p, (xs,)))

@@ -87,6 +87,8 @@ class LLMAdapterRecipe:
     """Members trained together in one vmapped run; also the unit of resuming."""
     seed: int = 0
     """Seed of the task split, the dates and the shared initialisation."""
+    device: str = "auto"
+    """Where the base states are cached and members train: auto (cuda when available, else cpu), cpu or cuda."""
 
 
 def architecture(recipe: LLMAdapterRecipe) -> dict:
@@ -111,6 +113,7 @@ def build(out: str | Path, **settings) -> ModelZoo:
     from d2nwg.text_classifier import load_encoder, load_tokenizer
 
     recipe = LLMAdapterRecipe(**settings)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if recipe.device == "auto" else recipe.device)
     started = time.perf_counter()
     unseen = [f.strip() for f in recipe.unseen_outputs.split(",") if f.strip()]
     tasks = split_tasks(unseen, recipe.num_new_combination_tasks, recipe.num_train_tasks or None, recipe.seed)
@@ -125,7 +128,7 @@ def build(out: str | Path, **settings) -> ModelZoo:
     classes: dict[str, dict[str, torch.Tensor]] = {}
     if not (out / "manifest.json").exists():  # resuming: ModelZoo.create reopens the zoo and keeps its data
         base = arch["config"]["base"]
-        encoder, tokenizer = load_encoder(base), load_tokenizer(base)
+        encoder, tokenizer = load_encoder(base).to(device), load_tokenizer(base)
         with Progress(transient=True) as progress:
             bar = progress.add_task("caching base states", total=len(tasks))
             for task in tasks:
@@ -152,7 +155,8 @@ def build(out: str | Path, **settings) -> ModelZoo:
             # The pooled conversation embedding describes the task; the rest is the cached state the slice reads.
             condition_features=model.hidden,
         ),
-        recipe={"name": "llm-lora" if recipe.kind == "lora" else "llm-miss", **asdict(recipe)},
+        # The device does not change the zoo, so a build may resume on another one.
+        recipe={"name": "llm-lora" if recipe.kind == "lora" else "llm-miss", **{k: v for k, v in asdict(recipe).items() if k != "device"}},
     )
     features_s = time.perf_counter() - started
 
@@ -160,15 +164,17 @@ def build(out: str | Path, **settings) -> ModelZoo:
     #    exact match is measured here once (greedy decoding through transformers + peft)
     task_ids = list(zoo.tasks)
     generator = None
+    model.to(device)
     with Progress(transient=True) as progress:
         bar = progress.add_task("training adapters", total=len(task_ids))
         for group in member_groups(task_ids, recipe.group_size):
             if all(f"{t}-s{recipe.seed}" in zoo for t in group):
                 progress.advance(bar, len(group))
                 continue
-            x = torch.stack([zoo.class_samples(t, "train")[0] for t in group])  # (G, n, D)
+            x = torch.stack([zoo.class_samples(t, "train")[0] for t in group]).to(device)  # (G, n, D)
             params = train_adapters(model, init, x, steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed)
-            scores = {s: adapter_scores(model, params, torch.stack([zoo.class_samples(t, s)[0] for t in group])) for s in SPLITS}
+            scores = {s: adapter_scores(model, params, torch.stack([zoo.class_samples(t, s)[0] for t in group]).to(device)) for s in SPLITS}
+            params = {k: v.cpu() for k, v in params.items()}
             for i, (task, sd) in enumerate(zip(group, unstack_state_dict(params))):
                 metrics = {f"{s}_loglik": float(v[i]) for s, v in scores.items()}
                 if zoo.tasks[task]["split"] != "train":
