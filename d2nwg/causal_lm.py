@@ -147,6 +147,7 @@ class CausalLMAdapter(nn.Module):
         r: adapter rank (MiSS: block size). max_length: tokens per conversation (T).
         response_window: last positions that may carry response tokens.
         options: extra adapter config fields (e.g. ``{"lora_alpha": 16}``).
+        system: the system message the zoo's conversations carry (``None``: whatever each record has).
 
     ``forward(x [n, H + T*H + 2T]) -> [n]``: the mean log-likelihood (nats per token) of each sample's
     response tokens under the adapted LM, teacher-forced.
@@ -168,8 +169,10 @@ class CausalLMAdapter(nn.Module):
         max_length: int = 48,
         response_window: int = 24,
         options: Mapping | None = None,
+        system: str | None = None,
     ):
         super().__init__()
+        self.system = system  # recorded for generation (`d2nwg.generate_adapter`); the score does not use it
         from d2nwg.adapters import block_list, build_peft_model
 
         lm = load_encoder(base)
@@ -385,15 +388,24 @@ def save_causal_lm_adapter(member: Mapping[str, torch.Tensor], architecture: Map
 
 def architecture_spec(
     base: str, kind: str, target_modules: Sequence[str], layers: Sequence[int], r: int, max_length: int,
-    response_window: int, options: Mapping | None = None,
+    response_window: int, options: Mapping | None = None, system: str | None = None,
 ) -> dict:
-    """The JSON spec zoos and pipelines store for this architecture."""
+    """The JSON spec zoos and pipelines store for this architecture (``system``: the system message the zoo's tasks
+    were written with, given to user records without one; ``None``: records are used as they are).
+
+    Raises:
+        ValueError: ``response_window`` not in ``[1, max_length)``.
+    """
+    if not 1 <= int(response_window) < int(max_length):
+        raise ValueError(f"response_window must be at least 1 and below max_length={max_length}, got {response_window}")
     config = {
         "base": canonical_base(base), "kind": kind, "target_modules": list(target_modules), "layers": [int(i) for i in layers],
         "r": int(r), "max_length": int(max_length), "response_window": int(response_window),
     }
     if options:
         config["options"] = dict(options)
+    if system is not None:
+        config["system"] = system
     return {"name": ARCHITECTURE_NAME, "config": config}
 
 

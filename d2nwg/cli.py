@@ -55,6 +55,8 @@ def cmd_zoo_ingest(args: argparse.Namespace) -> None:
     from d2nwg.ingest_adapters import find_adapter_folders, ingest_adapters
 
     if Path(args.checkpoints).is_dir() and find_adapter_folders(args.checkpoints):  # bring your own PEFT adapters
+        if args.arch:
+            raise UserError("--arch does not apply to PEFT adapter folders: their adapter_config.json says what they are")
         zoo = ingest_adapters(
             args.checkpoints, args.datasets, args.mapping, args.out, base=args.base, heldout_fraction=args.heldout_fraction,
             split_fractions=args.split_fractions, seed=args.seed, warn=warn,
@@ -143,6 +145,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     pipe = D2NWGPipeline.from_pretrained(args.pipeline)
     print_table("pipeline provenance", provenance_rows(pipe.provenance))
     if zoo.input_spec.kind == "generative-text":  # adapters judged on what they generate: exact match
+        if args.head_solver or args.baselines:
+            raise UserError("--head-solver and --baselines apply to classifier zoos; a generative zoo runs every method of d2nwg.evaluate_generation")
         return _evaluate_generation(pipe, zoo, args)
     if args.head_solver:
         pipe.set_head_solver(args.head_solver)
@@ -226,7 +230,7 @@ def _generate_adapter(pipe, args: argparse.Namespace) -> None:
 
     result = generate_adapter_folder(
         pipe, read_instructions(args.dataset), args.out, num_samples=args.num_samples, seed=args.seed,
-        num_inference_steps=args.steps, guidance_scale=args.guidance,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, source=str(args.dataset),
     )
     print(f"wrote a PEFT adapter to {result.out} (AutoPeftModelForCausalLM.from_pretrained loads base and adapter)")
     print(
@@ -411,7 +415,8 @@ def add_generate_parser(sub) -> None:
     gen.add_argument(
         "--dataset", required=True,
         help="folder of class subfolders of images, .npz (x, y) or .csv; text pipelines: .csv with text and label "
-        "columns, or class subfolders of .txt files (one sentence per line)",
+        "columns, or class subfolders of .txt files (one sentence per line); causal-LM pipelines: a .jsonl of "
+        "{prompt, response} or {messages} records",
     )
     gen.add_argument("--out", required=True, help="new output folder for the generated weights")
     gen.add_argument("--num-samples", type=int, default=10, help="weight sets to generate")

@@ -185,7 +185,7 @@ def generate_to_folder(
 
 
 def use_base(pipe: D2NWGPipeline, base: str) -> str | None:
-    """Point a text-adapter pipeline at another copy of its base model: a local folder or a Hub id.
+    """Point an adapter pipeline (text classifier or causal LM) at another copy of its base model: a local folder or a Hub id.
 
     For a pipeline whose zoo was built on a folder that is not on this machine. The base must
     hold the same weights: the generated adapters and the cached features depend on them. It is
@@ -202,10 +202,11 @@ def use_base(pipe: D2NWGPipeline, base: str) -> str | None:
     from d2nwg.text_classifier import canonical_base
 
     target = pipe.target_spec
-    if target.input.kind != "text":
-        raise ValueError(f"--base applies to text-adapter pipelines only; this one generates {target.architecture['name']!r}")
+    if target.input.kind not in ("text", "generative-text"):
+        raise ValueError(f"--base applies to adapter pipelines only; this one generates {target.architecture['name']!r}")
     base = canonical_base(base)
-    warning = check_base(target, base)
+    # Causal-LM pipelines record no base identity yet: their base is loaded as given (shapes are checked on injection).
+    warning = check_base(target, base) if target.input.kind == "text" or target.base_identity else None
     architecture = json.loads(json.dumps(target.architecture))  # a deep copy: the frozen config stays untouched
     architecture["config"]["base"] = base
     target = dataclasses.replace(target, architecture=architecture, input=dataclasses.replace(target.input, base=base))

@@ -15,6 +15,7 @@ the scores, including the greedy exact match of the chosen adapter on the record
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,17 @@ class AdapterResult:
     records: int
 
 
+def with_default_system(conversations: list, system: str | None) -> list:
+    """Give conversations without a system message the one the zoo's tasks were written with (``None``: as they are).
+
+    A chat template fills a missing system message with its own default (SmolLM2: a 17-token persona), which the
+    zoo's adapters never saw and which would not fit the pipeline's ``max_length``.
+    """
+    if system is None:
+        return conversations
+    return [c if c and c[0]["role"] == "system" else [{"role": "system", "content": system}, *c] for c in conversations]
+
+
 def generate_adapter_folder(
     pipe,
     conversations: list,
@@ -45,6 +57,7 @@ def generate_adapter_folder(
     num_inference_steps: int = 50,
     guidance_scale: float = 1.0,
     max_new_tokens: int = 32,
+    source: str = "the dataset",
 ) -> AdapterResult:
     """Generate N adapters for ``conversations`` and write the best as a PEFT folder at ``out`` (atomically).
 
@@ -54,17 +67,25 @@ def generate_adapter_folder(
         out: the output folder (replaced only once everything is written).
 
     Raises:
-        ValueError: (one line) conversations longer than the pipeline's ``max_length`` / ``response_window``.
+        ValueError: (one line) a non-empty ``out``, or a record (numbered from 1 in ``source``) longer than the
+            pipeline's ``max_length`` / ``response_window``.
     """
     from d2nwg.architectures import build_model
     from d2nwg.causal_lm import AdapterGenerator, adapter_scores, conversation_features, exact_match, references, save_causal_lm_adapter
     from d2nwg.ensemble import stack_state_dicts
     from d2nwg.io import atomic_dir, save_safetensors
 
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"output folder {out} already exists and is not empty")
     arch = pipe.target_spec.architecture
     cfg = arch["config"]
+    conversations = with_default_system(conversations, cfg.get("system"))
     module = build_model(arch).eval()
-    x = conversation_features(conversations, module.first, module.max_length, module.response_window, cfg["base"])
+    try:
+        x = conversation_features(conversations, module.first, module.max_length, module.response_window, cfg["base"])
+    except ValueError as err:  # "conversation 5 has ..." -> the record the user can find in the file
+        raise ValueError(re.sub(r"conversation (\d+)", lambda m: f"record {int(m.group(1)) + 1} of {source}", str(err))) from None
     output = pipe(
         dataset=[x], num_samples=num_samples, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),
@@ -74,7 +95,6 @@ def generate_adapter_folder(
     generator = AdapterGenerator(arch)
     generator.set_adapter(output.weights[best])
     em = exact_match(generator.answer(conversations, max_new_tokens=max_new_tokens), references(conversations))
-    out = Path(out)
     with atomic_dir(out) as tmp:
         save_causal_lm_adapter(output.weights[best], arch, tmp)
         (tmp / "samples").mkdir()

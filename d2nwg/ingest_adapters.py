@@ -205,15 +205,20 @@ def ingest_adapters(
         empty = [s for s in SPLITS if not parts[task][s]]
         if empty:
             raise ValueError(f"dataset {path.name} of adapter '{name}' has {len(items)} conversations, too few for a {', '.join(empty)} split")
-    max_length, window = response_limits(tokenizer, [c for p in parts.values() for s in p.values() for c in s])
+    longest, window = response_limits(tokenizer, [c for p in parts.values() for s in p.values() for c in s])
+    # Headroom: user prompts at generation time may be a little longer than the longest record seen here.
+    max_length, window = longest + max(8, longest // 4), window + max(4, window // 4)
+    limit = getattr(load_encoder(base_name).config, "max_position_embeddings", None)
+    if limit and max_length > limit:
+        raise ValueError(f"the longest conversation has {longest} tokens; with headroom {max_length}, more than the base's {limit} positions")
     options = {"lora_alpha": shape.lora_alpha} if shape.kind == "lora" else None
-    arch = architecture_spec(base_name, shape.kind, shape.target_modules, shape.layers, shape.r, max_length, window + 1, options)
+    arch = architecture_spec(base_name, shape.kind, shape.target_modules, shape.layers, shape.r, max_length, window, options)
     module = build_model(arch)
     encoder = load_encoder(base_name)
 
     # 3. the zoo: cached base states, conversations, one member per adapter
     classes = {
-        task: {s: conversation_features(items, module.first, max_length, window + 1, base_name, encoder=encoder, tokenizer=tokenizer) for s, items in p.items()}
+        task: {s: conversation_features(items, module.first, max_length, window, base_name, encoder=encoder, tokenizer=tokenizer) for s, items in p.items()}
         for task, p in parts.items()
     }
     members = {task: to_member(module, weights, name) for task, (name, weights, _) in adapters.items()}

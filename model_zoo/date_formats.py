@@ -68,7 +68,9 @@ def task_id(pair: tuple[str, str]) -> str:
     return f"{pair[0]}__{pair[1]}"
 
 
-def split_tasks(unseen_outputs: Sequence[str], num_new_combinations: int, num_train: int | None, seed: int) -> dict[str, dict]:
+def split_tasks(
+    unseen_outputs: Sequence[str], num_new_combinations: int, num_train: int | None, seed: int, num_unseen: int | None = None
+) -> dict[str, dict]:
     """``{task_id: {"classes": [task_id], "split": ..., "kind": ...}}`` for the zoo manifest.
 
     Args:
@@ -77,6 +79,7 @@ def split_tasks(unseen_outputs: Sequence[str], num_new_combinations: int, num_tr
         num_new_combinations: held-out tasks (kind ``"new_combination"``) drawn from the remaining pairs, each of
             whose input and output formats still occurs in some training task.
         num_train: training tasks kept (``None``: all the remaining pairs).
+        num_unseen: unseen-output tasks kept, a seeded draw (``None``: all of them).
         seed: seeds the draw.
 
     Raises:
@@ -91,6 +94,8 @@ def split_tasks(unseen_outputs: Sequence[str], num_new_combinations: int, num_tr
     unseen = [p for p in pairs if p[1] in set(unseen_outputs)]
     rest = [p for p in pairs if p[1] not in set(unseen_outputs)]
     rng.shuffle(rest)
+    if num_unseen is not None:
+        unseen = sorted(random.Random(f"{seed}:unseen").sample(unseen, min(num_unseen, len(unseen))))
     combos: list[tuple[str, str]] = []
     train = list(rest)
     for pair in rest:

@@ -62,6 +62,8 @@ class LLMAdapterRecipe:
     """Adapter rank (MiSS: block size)."""
     unseen_outputs: str = "long-it,dmy-space"
     """Comma-separated output formats no training task uses; every task writing one is a held-out *unseen* task."""
+    num_unseen_output_tasks: int = 0
+    """Held-out tasks with an unseen output format kept (a seeded draw); 0: all of them (31 by default)."""
     num_new_combination_tasks: int = 32
     """Held-out tasks pairing an input and an output format that both occur in training, never together."""
     num_train_tasks: int = 0
@@ -98,7 +100,9 @@ def architecture(recipe: LLMAdapterRecipe) -> dict:
 
     targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
     layers = parse_layers(cached_encoder(canonical_base(recipe.base)), str(recipe.layers), targets)
-    return architecture_spec(recipe.base, recipe.kind, targets, layers, recipe.r, recipe.max_length, recipe.response_window)
+    # system="": the family's conversations carry an empty system message (date_formats.conversations), and
+    # user records without one get it too, not the chat template's default persona.
+    return architecture_spec(recipe.base, recipe.kind, targets, layers, recipe.r, recipe.max_length, recipe.response_window, system="")
 
 
 def build(out: str | Path, **settings) -> ModelZoo:
@@ -116,7 +120,9 @@ def build(out: str | Path, **settings) -> ModelZoo:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if recipe.device == "auto" else recipe.device)
     started = time.perf_counter()
     unseen = [f.strip() for f in recipe.unseen_outputs.split(",") if f.strip()]
-    tasks = split_tasks(unseen, recipe.num_new_combination_tasks, recipe.num_train_tasks or None, recipe.seed)
+    tasks = split_tasks(
+        unseen, recipe.num_new_combination_tasks, recipe.num_train_tasks or None, recipe.seed, recipe.num_unseen_output_tasks or None
+    )
     arch = architecture(recipe)
     model = build_model(arch)
     init = initial_state(lambda: build_model(arch), recipe.seed)

@@ -148,7 +148,8 @@ def test_generate_writes_a_peft_folder_that_reproduces_the_printed_exact_match(l
     task = next(t for t in llm_zoo.tasks if llm_zoo.task_kind(t) == "unseen_output")
     records = read_split(llm_zoo, task, "support")
     dataset = tmp_path / "task.jsonl"
-    dataset.write_text("".join(json.dumps({"prompt": c[1]["content"], "response": c[2]["content"], "system": ""}) + "\n" for c in records))
+    # No "system" key: the pipeline gives such records the zoo's own (empty) system message.
+    dataset.write_text("".join(json.dumps({"prompt": c[1]["content"], "response": c[2]["content"]}) + "\n" for c in records))
     out = tmp_path / "adapter"
     code, printed = run_cli(["generate", "--pipeline", str(llm_pipeline_dir), "--dataset", str(dataset), "--out", str(out), "--num-samples", "3", "--steps", "2"])
     assert code == 0, printed
@@ -174,3 +175,44 @@ def test_bad_jsonl_record_is_one_error_line(llm_pipeline_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "line 2" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_generate_refuses_a_full_out_and_names_a_too_long_record(llm_pipeline_dir, tmp_path, capsys):
+    from d2nwg.cli import main
+
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "2001-02-03", "response": "03/02/2001"}\n' * 3)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    assert main(["generate", "--pipeline", str(llm_pipeline_dir), "--dataset", str(good), "--out", str(full)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err and (full / "keep.txt").read_text() == "mine"
+    long = tmp_path / "long.jsonl"
+    long.write_text('{"prompt": "a", "response": "b"}\n' + json_line("x" * 400))
+    assert main(["generate", "--pipeline", str(llm_pipeline_dir), "--dataset", str(long), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"record 2 of {long}" in err and "more than max_length=100" in err and "Traceback" not in err
+
+
+def json_line(prompt: str) -> str:
+    import json
+
+    return json.dumps({"prompt": prompt, "response": "y"}) + "\n"
+
+
+def test_base_option_points_a_causal_lm_pipeline_at_a_moved_base(llm_zoo, llm_pipeline_dir, tmp_path):
+    import shutil
+
+    from d2nwg.evaluate_generation import read_split
+
+    moved = shutil.copytree(llm_zoo.architecture["config"]["base"], tmp_path / "moved-base")
+    records = read_split(llm_zoo, next(iter(llm_zoo.tasks)), "support")
+    dataset = tmp_path / "task.jsonl"
+    dataset.write_text("".join(json_line(c[1]["content"]).replace('"y"', f'"{c[2]["content"]}"') for c in records))
+    out = tmp_path / "adapter"
+    code, printed = run_cli(["generate", "--pipeline", str(llm_pipeline_dir), "--dataset", str(dataset), "--out", str(out),
+                             "--base", str(moved), "--num-samples", "2", "--steps", "2"])  # fmt: skip
+    assert code == 0, printed
+    import json
+
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(moved)

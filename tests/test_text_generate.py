@@ -287,11 +287,11 @@ def test_bad_text_input_is_one_error_line(case, minilm, tmp_path, capsys, monkey
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp folder left behind
 
 
-def test_base_option_is_for_text_pipelines_only(tiny_pipeline_dir, heldout_images, tmp_path, capsys):
+def test_base_option_is_for_adapter_pipelines_only(tiny_pipeline_dir, heldout_images, tmp_path, capsys):
     out = tmp_path / "out"
     code = main(["generate", "--pipeline", str(tiny_pipeline_dir), "--dataset", str(heldout_images), "--base", "x", "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("error: --base applies to text-adapter pipelines only"), err
+    assert code == 2 and err.startswith("error: --base applies to adapter pipelines only"), err
     assert not out.exists()
 
 
