@@ -183,6 +183,8 @@ def _evaluate_generation(pipe, zoo, args: argparse.Namespace) -> None:
     print_table(f"held-out tasks ({report['summary']['tasks']})", pairs(report["summary"]))
     for kind, summary in report["summary_by_kind"].items():
         print_table(f"{kind} ({summary['tasks']} tasks)", pairs(summary))
+    for message in report["warnings"]:  # trust checks (`d2nwg.trust`), after the tables they qualify
+        warn(message)
     print(f"report: {Path(args.out) / 'report.md'}")
 
 
@@ -237,6 +239,8 @@ def _generate_adapter(pipe, args: argparse.Namespace) -> None:
         f"best: sample {result.best} of {len(result.loglik)}  log-likelihood {result.loglik[result.best]:.4f} nats/token  "
         f"exact match on the {result.records} records (greedy): {result.exact_match:.4f}"
     )
+    for message in result.warnings:
+        warn(message)
 
 
 def cmd_push(args: argparse.Namespace) -> None:

@@ -21,8 +21,10 @@ oracle              the task's own zoo member (trained on its training conversat
 ==================  =====================================================================
 
 Selection uses support data only; every figure is on test. ``report.json`` holds per-task rows,
-``summary`` (``<method>_em`` and ``<method>_loglik``) and ``summary_by_kind`` (``new_combination``
-and ``unseen_output`` tasks, `model_zoo.date_formats`).
+``summary`` (``<method>_em`` and ``<method>_loglik``, ``within_task_spread_ratio``), ``summary_by_kind``
+(``new_combination`` and ``unseen_output`` tasks, `model_zoo.date_formats`) and the trust ``warnings`` of
+`d2nwg.trust` (no gain in exact match over the cheap baselines, a low VAE reconstruction ratio recorded at
+export, collapsed samples, near-copies of a member).
 """
 
 from __future__ import annotations
@@ -155,6 +157,16 @@ def evaluate_generation(
     from d2nwg.causal_lm import AdapterGenerator, adapter_scores, exact_match, references
     from d2nwg.ensemble import mean_state_dict, stack_state_dicts
     from d2nwg.instructions import with_examples
+    from d2nwg.trust import (
+        baseline_message,
+        collapse_message,
+        flat_tokens,
+        median,
+        near_copy_message,
+        recon_message,
+        sample_diversity,
+        zoo_spacing,
+    )
 
     if zoo.architecture.get("name") != "causal-lm-adapter":
         raise ValueError(f"{zoo.root} is not a generative zoo (architecture {zoo.architecture.get('name')!r})")
@@ -176,6 +188,9 @@ def evaluate_generation(
     for t in heldout:
         by_kind.setdefault(zoo.task_kind(t), []).append(t)
     task_ids = [t for kind in sorted(by_kind) for t in by_kind[kind][:max_tasks]]
+    # Trust figures (d2nwg.trust): how far a task's samples are from each other and from the zoo, in zoo spacings.
+    zoo_tokens = flat_tokens(pipeline.layout, [zoo.load_member(m) for m in train])
+    spacing = zoo_spacing(zoo_tokens, seed)
     multitask = multitask_adapter(zoo, k_shot, multitask_per_task, multitask_steps, multitask_lr, seed)
 
     def judge(state, prompts, refs, x_test=None, long_prompts=False) -> tuple[float, float]:
@@ -219,6 +234,7 @@ def evaluate_generation(
             generator.set_adapter(state)
             ems.append(exact_match(generator.answer(test, max_new_tokens=max_new_tokens), refs))
         best = int(support_ll.argmax())
+        row.update(sample_diversity([flat_tokens(pipeline.layout, output.weights)], zoo_tokens, [m.id for m in train], spacing)[0])
         row.update({
             "generated_mean_em": sum(ems) / len(ems), "generated_mean_loglik": float(test_ll.mean()),
             "generated_best_em": ems[best], "generated_best_loglik": float(test_ll[best]),
@@ -227,9 +243,21 @@ def evaluate_generation(
         rows.append(row)
     summary = summarize_generation(rows)
     summary.update({"tasks": len(rows), "num_samples": num_samples, "k_shot": k_shot, "seconds": time.perf_counter() - started})
+    summary["within_task_spread_ratio"] = median([r["within_task_spread_ratio"] for r in rows])
+    summary["nearest_member_ratio"] = median([r["nearest_member_ratio"] for r in rows])
+    cheap = {"the base zero-shot": summary["base_em"], f"the base with {k_shot} in-context examples": summary["icl_em"],
+             "retrieval": summary["retrieval_em"], f"the {knn}-nearest adapter average": summary["knn_ensemble_em"]}  # fmt: skip
+    provenance = getattr(pipeline, "provenance", None) or {}
+    warnings = [
+        baseline_message(summary["generated_best_em"], cheap, f"in exact match on the same {len(rows)} held-out task(s)", summary["generated_mean_em"]),
+        recon_message(provenance.get("vae_recon_ratio")),
+        collapse_message([r["within_task_spread_ratio"] for r in rows]),
+        near_copy_message(rows),
+    ]
     kinds = sorted({r["kind"] for r in rows})
     report = {
         "tasks": rows,
+        "warnings": [w for w in warnings if w],
         "summary": summary,
         "summary_by_kind": {k: summarize_generation([r for r in rows if r["kind"] == k]) | {"tasks": sum(r["kind"] == k for r in rows)} for k in kinds},
     }

@@ -34,6 +34,8 @@ class AdapterResult:
     exact_match: float
     """Greedy exact match of the chosen adapter on the records, in [0, 1]."""
     records: int
+    warnings: list[str]
+    """Trust warnings (`d2nwg.trust.generation_warnings`: VAE ratio at export, collapsed samples), one line each."""
 
 
 def with_default_system(conversations: list, system: str | None) -> list:
@@ -74,6 +76,7 @@ def generate_adapter_folder(
     from d2nwg.causal_lm import AdapterGenerator, adapter_scores, conversation_features, exact_match, references, save_causal_lm_adapter
     from d2nwg.ensemble import stack_state_dicts
     from d2nwg.io import atomic_dir, save_safetensors
+    from d2nwg.trust import generation_warnings
 
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -95,6 +98,7 @@ def generate_adapter_folder(
     generator = AdapterGenerator(arch)
     generator.set_adapter(output.weights[best])
     em = exact_match(generator.answer(conversations, max_new_tokens=max_new_tokens), references(conversations))
+    warnings = generation_warnings(pipe, output.weights)
     with atomic_dir(out) as tmp:
         save_causal_lm_adapter(output.weights[best], arch, tmp)
         (tmp / "samples").mkdir()
@@ -103,6 +107,7 @@ def generate_adapter_folder(
         record = {
             "best": best, "loglik": [float(v) for v in loglik], "exact_match": em, "records": len(conversations),
             "seed": seed, "num_samples": num_samples, "decoding": "greedy", "max_new_tokens": max_new_tokens,
+            "warnings": warnings,
         }  # fmt: skip
         (tmp / "generation.json").write_text(json.dumps(record, indent=2))
-    return AdapterResult(out, best, [float(v) for v in loglik], em, len(conversations))
+    return AdapterResult(out, best, [float(v) for v in loglik], em, len(conversations), warnings)

@@ -131,6 +131,9 @@ def test_evaluate_reports_exact_match_for_every_method_and_kind(llm_zoo, llm_pip
         assert row["oracle_loglik"] > row["base_loglik"]
         assert row["retrieved"] in llm_zoo.tasks and llm_zoo.tasks[row["retrieved"]]["split"] == "train"
     assert "multitask" in printed and "unseen_output" in printed
+    # An untrained tiny pipeline: its samples are reported against the zoo's spacing, and trust warnings are lines.
+    assert report["summary"]["within_task_spread_ratio"] is None or report["summary"]["within_task_spread_ratio"] >= 0
+    assert all(isinstance(w, str) and "\n" not in w for w in report["warnings"])
     assert list((llm_zoo.root / "baselines").glob("multitask-*.safetensors"))  # cached for the next run
 
 
