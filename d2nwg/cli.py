@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -108,6 +109,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from lightning.pytorch.utilities import rank_zero_only
 
     # Device flags go last so that they win over --set and the config.
+    if args.strategy == "fsdp":  # before Lightning builds a trainer, whose own accelerator checks come first
+        raise UserError("strategy fsdp is not supported yet (EMA and clipping need whole parameters); use --strategy ddp")
     devices = {"accelerator": args.accelerator, "devices": args.devices, "num_nodes": args.num_nodes, "strategy": args.strategy}
     overrides = [*args.set, *(f"trainer.{k}={v}" for k, v in devices.items() if v is not None)]
     pipeline_dir = train(args.out, args.config, args.zoo, overrides, resume=args.resume, logger=args.logger)
@@ -486,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as err:  # Ctrl-C; `d2nwg.errors.Interrupted` also for SIGTERM (exit 143)
-        print(f"interrupted: {one_line(err)}" if str(err) else "interrupted", file=sys.stderr)
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+            # Every process of a multi-process run stops at the same step; one line says so.
+            print(f"interrupted: {one_line(err)}" if str(err) else "interrupted", file=sys.stderr)
         return 128 + getattr(err, "signum", 2)
     return 0
 

@@ -320,11 +320,15 @@ def train(
     args = train_args(config, zoo, overrides)
     if not progress_bar:
         args += ["--trainer.enable_progress_bar", "false"]
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     try:
         cli = make_cli(args, run=False, out=str(out), logger=logger)
     except argparse.ArgumentError as err:
         # jsonargparse puts the reason ("Expected a <class int>...") on later lines: keep it on the one line.
         raise UserError(f"invalid training configuration: {' '.join(str(err).split())}") from None
+    except MisconfigurationException as err:  # e.g. --accelerator gpu on a machine without one
+        raise UserError(f"invalid trainer settings: {' '.join(str(err).split())}") from None
     ckpt = out / "checkpoints" / "last.ckpt"
     if resume and not ckpt.is_file():
         raise UserError(f"--resume: no checkpoint at {ckpt}")

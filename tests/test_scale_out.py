@@ -55,3 +55,16 @@ def test_only_rank_zero_exports(tmp_path):
     module = SimpleNamespace(hparams=SimpleNamespace(vae_steps=2, diffusion_steps=2))
     ExportPipeline().on_train_end(trainer, module)  # would fail on the fake module if it tried to export
     assert not (tmp_path / "pipeline").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [(["--strategy", "fsdp", "--accelerator", "cpu"], "strategy fsdp is not supported yet"),
+     (["--accelerator", "gpu"], "invalid trainer settings")],
+)  # fmt: skip
+def test_unusable_trainer_settings_are_one_error_line(tiny_digits_zoo, tmp_path, capsys, flags, message):
+    if "gpu" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["train", "--zoo", str(tiny_digits_zoo.root), "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and "Traceback" not in err and len(err.strip().splitlines()) == 1
