@@ -337,6 +337,13 @@ def train(
     with stop_on_signals() as stop:
         try:
             fit_stages(trainer, cli.model, cli.datamodule, ckpt_path=str(ckpt) if resume else None, weights_only=True)
+        except RuntimeError as err:
+            if resume and "Error(s) in loading state_dict" in str(err):  # a checkpoint of other networks
+                raise UserError(
+                    f"--resume: {ckpt} holds networks of another shape (a run on another zoo or config?): "
+                    f"{' '.join(str(err).split())[:300]}"
+                ) from None
+            raise
         except (KeyboardInterrupt, SystemExit) as err:
             # Lightning turns a KeyboardInterrupt into sys.exit(1) and SIGTERM into SIGTERMException.
             if isinstance(err, SystemExit) and stop.signum is None and trainer.state.status.value != "interrupted":

@@ -172,3 +172,18 @@ def test_function_space_loss_is_zero_for_exact_reconstruction_and_trains_the_dec
     finally:
         module.vae.eval().requires_grad_(False)
         module.vae.zero_grad()
+
+
+def test_resume_with_networks_of_another_shape_is_a_user_error(tiny_digits_zoo, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    run = tmp_path / "run"
+    assert run_train(tiny_digits_zoo.root, run, 1, 1) == 0
+    capsys.readouterr()
+    from model_zoo import RECIPES
+    from tests.conftest import TINY_DIGITS
+
+    other = RECIPES.get("digits")(tmp_path / "other", **{**TINY_DIGITS, "hidden": 8})  # members of another shape
+    code = run_train(other.root, run, 1, 2, "--resume")
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: --resume:") and "another shape" in line]
