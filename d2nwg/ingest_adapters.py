@@ -208,13 +208,13 @@ def ingest_adapters(
     longest, window = response_limits(tokenizer, [c for p in parts.values() for s in p.values() for c in s])
     # Headroom: user prompts at generation time may be a little longer than the longest record seen here.
     max_length, window = longest + max(8, longest // 4), window + max(4, window // 4)
-    limit = getattr(load_encoder(base_name).config, "max_position_embeddings", None)
+    encoder = load_encoder(base_name)
+    limit = getattr(encoder.config, "max_position_embeddings", None)
     if limit and max_length > limit:
         raise ValueError(f"the longest conversation has {longest} tokens; with headroom {max_length}, more than the base's {limit} positions")
     options = {"lora_alpha": shape.lora_alpha} if shape.kind == "lora" else None
     arch = architecture_spec(base_name, shape.kind, shape.target_modules, shape.layers, shape.r, max_length, window, options)
     module = build_model(arch)
-    encoder = load_encoder(base_name)
 
     # 3. the zoo: cached base states, conversations, one member per adapter
     classes = {
