@@ -335,7 +335,7 @@ class AdapterGenerator:
             else:
                 with self.model.disable_adapter():
                     out = self._generate(ids, mask, max_new_tokens)
-            answers += [decode_response(self.tokenizer, row[width:]) for row in out]
+            answers += [decode_response(self.tokenizer, row[width:], self.stops) for row in out]  # stops: found once
         return answers
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
