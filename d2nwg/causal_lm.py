@@ -30,6 +30,7 @@ loads base and adapter in one call.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from collections.abc import Mapping, Sequence
@@ -232,6 +233,27 @@ class CausalLMAdapter(nn.Module):
 
 
 # ----------------------------------------------------------------------------- training many adapters at once
+PRECISIONS = ("bf16-mixed", "32-true")
+"""Compute precisions of caching and adapter training, named as Lightning's ``Trainer(precision=...)``."""
+
+
+def precision_context(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to bfloat16 on ``device`` for ``"bf16-mixed"`` (weights and optimiser state stay float32,
+    as in Lightning's mixed precision); a no-op for ``"32-true"``.
+
+    bf16 halves the time of the frozen LM's matmuls on CPUs with AVX512-BF16 or AMX and on GPUs (measured on a
+    2-core AVX512-BF16 CPU: 0.31 vs 0.59 s per member and step of the default LoRA slice).
+
+    Raises:
+        ValueError: an unknown precision.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+    if precision == "32-true":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
 def train_adapters(
     module: CausalLMAdapter,
     init: Mapping[str, torch.Tensor],

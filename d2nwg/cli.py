@@ -411,8 +411,8 @@ def add_evaluate_parser(sub) -> None:
         help="baselines to run, names from d2nwg.baselines.BASELINES (an unknown name lists them; none given: all)",
     )
     ev.add_argument("--k-shot", type=int, default=4, help="generative zoos: in-context examples of the icl and multi-task baselines")
-    ev.add_argument("--multitask-steps", type=int, default=300, help="generative zoos: optimiser steps of the multi-task LoRA baseline")
-    ev.add_argument("--max-new-tokens", type=int, default=32, help="generative zoos: longest greedy answer, in tokens")
+    ev.add_argument("--multitask-steps", type=int, default=200, help="generative zoos: optimiser steps of the multi-task LoRA baseline")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="generative zoos: longest greedy answer, in tokens (default: the zoo's response window)")
     ev.set_defaults(func=cmd_evaluate)
 
 

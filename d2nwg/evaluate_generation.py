@@ -92,12 +92,14 @@ def multitask_adapter(zoo: ModelZoo, k: int, per_task: int, steps: int, lr: floa
     as several members. ``per_task`` conversations of each training task are used, each with ``k`` other training
     conversations of its task as examples.
     """
-    from d2nwg.causal_lm import CausalLMAdapter, conversation_features, train_adapters
+    from d2nwg.causal_lm import CausalLMAdapter, conversation_features, precision_context, train_adapters
     from d2nwg.instructions import with_examples
     from d2nwg.io import load_safetensors, save_safetensors
 
     cfg = dict(zoo.architecture["config"])
-    settings = {"k": k, "per_task": per_task, "steps": steps, "lr": lr, "seed": seed, "arch": cfg}
+    # The members' compute precision (`model_zoo.llm_lora`), so the baseline trains as they did.
+    precision = str((zoo.manifest.get("recipe") or {}).get("precision", "32-true"))
+    settings = {"k": k, "per_task": per_task, "steps": steps, "lr": lr, "seed": seed, "arch": cfg, "precision": precision}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     path = zoo.root / "baselines" / f"multitask-{key}.safetensors"
     if path.is_file():
@@ -112,9 +114,10 @@ def multitask_adapter(zoo: ModelZoo, k: int, per_task: int, steps: int, lr: floa
         for j in range(min(per_task, len(items))):
             examples = [c for i, c in enumerate(items) if i != j]
             conversations.append(with_examples(items[j], examples[j:] + examples[:j], k))
-    x = conversation_features(conversations, long.first, long.max_length, long.response_window, cfg["base"])
-    init = zoo.init_state() or long.state_dict()  # the members' shared initialisation: the same start
-    trained = train_adapters(long, init, x[None], steps=steps, lr=lr, batch_size=16, seed=seed)
+    init = zoo.init_state() or long.state_dict()  # the members' shared initialisation (their warm start): the same start
+    with precision_context(precision, "cpu"):
+        x = conversation_features(conversations, long.first, long.max_length, long.response_window, cfg["base"])
+        trained = train_adapters(long, init, x[None], steps=steps, lr=lr, batch_size=16, seed=seed)
     state = {n: v[0].contiguous() for n, v in trained.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(path, state)
@@ -134,9 +137,9 @@ def evaluate_generation(
     k_shot: int = 4,
     knn: int = 5,
     multitask_per_task: int = 4,
-    multitask_steps: int = 300,
+    multitask_steps: int = 200,
     multitask_lr: float = 2e-3,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
 ) -> dict:
     """Run the protocol of the module docstring on ``zoo``'s held-out tasks; writes ``report.json`` and ``report.md``.
 
@@ -146,6 +149,8 @@ def evaluate_generation(
         num_samples: adapters generated per task (N). max_tasks: held-out tasks per kind (``None``: all).
         k_shot: in-context examples for ``icl`` and ``multitask``; knn: members averaged by ``knn_ensemble``.
         multitask_per_task, multitask_steps, multitask_lr: the multi-task LoRA's data and optimiser.
+        max_new_tokens: longest greedy answer (``None``: the zoo's ``response_window``, which holds every reference
+            response with its end-of-turn tokens, so no right answer is cut and a rambling one stops early).
 
     Returns:
         The report dict: ``tasks`` (per-task rows), ``summary`` and ``summary_by_kind``.
@@ -174,6 +179,7 @@ def evaluate_generation(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     module = build_model(zoo.architecture).eval()
+    max_new_tokens = max_new_tokens or module.response_window
     generator = AdapterGenerator(zoo.architecture)
     members = {m.task: m for m in zoo.members()}
     train = [m for m in zoo.members("train")]

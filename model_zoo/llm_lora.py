@@ -28,6 +28,7 @@ format `d2nwg generate` reads, for exact-match evaluation.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -62,31 +63,37 @@ class LLMAdapterRecipe:
     """Adapter rank (MiSS: block size)."""
     unseen_outputs: str = "long-it,dmy-space"
     """Comma-separated output formats no training task uses; every task writing one is a held-out *unseen* task."""
-    num_unseen_output_tasks: int = 0
-    """Held-out tasks with an unseen output format kept (a seeded draw); 0: all of them (31 by default)."""
-    num_new_combination_tasks: int = 32
+    num_unseen_output_tasks: int = 12
+    """Held-out tasks with an unseen output format kept (a seeded draw of the 31 by default); 0: all of them."""
+    num_new_combination_tasks: int = 12
     """Held-out tasks pairing an input and an output format that both occur in training, never together."""
-    num_train_tasks: int = 0
-    """Training tasks (one member each); 0: every remaining pair of the family (305 by default)."""
-    samples_train: int = 96
-    """Conversations per task that its adapter trains on."""
+    num_train_tasks: int = 192
+    """Training tasks (one member each); 0: every remaining pair of the family (325 by default)."""
+    samples_train: int = 32
+    """Conversations per task that its adapter (and the shared warm start) trains on."""
     samples_support: int = 8
     """Conversations per task a generated adapter is conditioned on and selected with."""
     samples_test: int = 16
     """Conversations per task that measure exact match and log-likelihood."""
-    max_length: int = 44
-    """Tokens per chat-templated conversation (the longest date pair with SmolLM2's template is 39)."""
-    response_window: int = 18
-    """Last positions of a conversation that may carry response tokens (the LM head runs there only)."""
-    steps: int = 150
-    """AdamW steps per member (about 100 s per member on 2 CPU cores: the default zoo is hours of CPU; a GPU
-    does it in minutes)."""
+    max_length: int = 40
+    """Tokens per chat-templated conversation (the longest date pair with SmolLM2's template has 40)."""
+    response_window: int = 15
+    """Last positions of a conversation that may carry response tokens (the LM head runs there only; the longest
+    response of the family, with the end-of-turn tokens, has 15)."""
+    warm_start_steps: int = 1000
+    """AdamW steps (batches of 16) of one adapter on the union of the training tasks; it is the members' shared
+    initialisation (0: members start from peft's random init). It learns what the tasks share (reading dates,
+    month names, copying digits), so each member only has to pick its format."""
+    steps: int = 32
+    """AdamW steps per member, from the warm start."""
     lr: float = 5e-3
-    """Learning rate of the member optimiser."""
-    batch_size: int = 16
+    """Learning rate of the warm start and of each member."""
+    batch_size: int = 8
     """Conversations per member and step."""
     group_size: int = 4
     """Members trained together in one vmapped run; also the unit of resuming."""
+    precision: str = "bf16-mixed"
+    """Compute precision of caching and training: bf16-mixed (autocast; weights stay float32) or 32-true."""
     seed: int = 0
     """Seed of the task split, the dates and the shared initialisation."""
     device: str = "auto"
@@ -112,7 +119,15 @@ def build(out: str | Path, **settings) -> ModelZoo:
         ValueError: unknown formats in ``unseen_outputs``, too few pairs, or conversations longer than
             ``max_length`` / ``response_window``.
     """
-    from d2nwg.causal_lm import AdapterGenerator, adapter_scores, conversation_features, exact_match, references, train_adapters
+    from d2nwg.causal_lm import (
+        AdapterGenerator,
+        adapter_scores,
+        conversation_features,
+        exact_match,
+        precision_context,
+        references,
+        train_adapters,
+    )
     from d2nwg.evaluate_generation import read_split, write_conversations
     from d2nwg.text_classifier import load_encoder, load_tokenizer
 
@@ -126,6 +141,8 @@ def build(out: str | Path, **settings) -> ModelZoo:
     arch = architecture(recipe)
     model = build_model(arch)
     init = initial_state(lambda: build_model(arch), recipe.seed)
+    precision = functools.partial(precision_context, recipe.precision, device)
+    precision()  # an unknown precision fails before the hours of work
     layout = WeightLayout.from_state_dict(init, chunk_size=model.hidden)
     sizes = {"train": recipe.samples_train, "support": recipe.samples_support, "test": recipe.samples_test}
 
@@ -145,10 +162,21 @@ def build(out: str | Path, **settings) -> ModelZoo:
                     part = items[start : start + sizes[split]]
                     start += sizes[split]
                     write_conversations(out, task, split, part)
-                    classes[task][split] = conversation_features(
-                        part, model.first, recipe.max_length, recipe.response_window, base, encoder=encoder, tokenizer=tokenizer
-                    )
+                    with precision():
+                        classes[task][split] = conversation_features(
+                            part, model.first, recipe.max_length, recipe.response_window, base, encoder=encoder, tokenizer=tokenizer
+                        )
                 progress.advance(bar)
+        del encoder
+        if recipe.warm_start_steps:
+            # One adapter on every training task's conversations: the members' shared initialisation.
+            union = torch.cat([classes[t]["train"] for t, v in tasks.items() if v["split"] == "train"])[None].to(device)
+            model.to(device)
+            with precision(), Progress(transient=True) as progress:
+                progress.add_task("warm start (one adapter on all training tasks)", total=None)
+                warm = train_adapters(model, init, union, steps=recipe.warm_start_steps, lr=recipe.lr, batch_size=16, seed=recipe.seed)
+            init = {k: v[0].cpu().contiguous() for k, v in warm.items()}
+            del union
     zoo = ModelZoo.create(
         out,
         architecture=arch,
@@ -169,6 +197,7 @@ def build(out: str | Path, **settings) -> ModelZoo:
     # 2. members, in vmapped groups from the shared initialisation; held-out members are the oracles, so their
     #    exact match is measured here once (greedy decoding through transformers + peft)
     task_ids = list(zoo.tasks)
+    init = zoo.init_state()  # the warm start (reread when resuming)
     generator = None
     model.to(device)
     with Progress(transient=True) as progress:
@@ -178,7 +207,9 @@ def build(out: str | Path, **settings) -> ModelZoo:
                 progress.advance(bar, len(group))
                 continue
             x = torch.stack([zoo.class_samples(t, "train")[0] for t in group]).to(device)  # (G, n, D)
-            params = train_adapters(model, init, x, steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed)
+            with precision():
+                params = train_adapters(model, init, x, steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed)
+            # Recorded metrics in float32: they rank members and select samples, bf16 rounds them to 1/64 nat.
             scores = {s: adapter_scores(model, params, torch.stack([zoo.class_samples(t, s)[0] for t in group]).to(device)) for s in SPLITS}
             params = {k: v.cpu() for k, v in params.items()}
             for i, (task, sd) in enumerate(zip(group, unstack_state_dict(params))):

@@ -8,9 +8,9 @@ import torch
 from tests.llm_fixtures import write_chat_llama
 
 TINY = dict(
-    layers="2,3", r=2, unseen_outputs="long-it", num_new_combination_tasks=2, num_train_tasks=6,
+    layers="2,3", r=2, unseen_outputs="long-it", num_new_combination_tasks=2, num_train_tasks=6, num_unseen_output_tasks=4,
     samples_train=8, samples_support=4, samples_test=4, max_length=100, response_window=30,
-    steps=15, lr=1e-2, batch_size=8, group_size=4,
+    steps=15, lr=1e-2, batch_size=8, group_size=4, warm_start_steps=10,
 )
 
 
@@ -65,20 +65,23 @@ def test_zoo_splits_data_and_trained_members(llm_zoo):
 
     kinds = {t: llm_zoo.task_kind(t) for t in llm_zoo.tasks}
     assert sorted(set(kinds.values())) == ["new_combination", "train", "unseen_output"]
-    assert len(llm_zoo.members()) == len(llm_zoo.tasks) == 6 + 2 + 16
+    assert len(llm_zoo.members()) == len(llm_zoo.tasks) == 6 + 2 + 4
     assert llm_zoo.input_spec.kind == "generative-text"
     task = next(t for t, k in kinds.items() if k == "unseen_output")
     test = read_split(llm_zoo, task, "test")
     assert len(test) == 4 and test[0][-1]["role"] == "assistant"
     member = next(m for m in llm_zoo.members() if m.task == task)
     assert 0.0 <= member.metrics["test_em"] <= 1.0
-    # Training raised the response log-likelihood of every member above the shared initialisation's.
+    # Training raised the response log-likelihood of every member above the shared initialisation's (the warm start,
+    # which already took what the tasks share, so the member's own gain is smaller than from a random init).
     model = build_model(llm_zoo.architecture)
     init = llm_zoo.init_state()
+    # The shared initialisation is the trained warm start: peft initialises LoRA's B to zero.
+    assert any(v.abs().sum() > 0 for k, v in init.items() if "lora_B" in k)
     for m in llm_zoo.members("train")[:3]:
         x = llm_zoo.class_samples(m.task, "train")[0]
         before = adapter_scores(model, stack_state_dicts([init]), x)[0]
-        assert m.metrics["train_loglik"] > float(before) + 0.1
+        assert m.metrics["train_loglik"] > float(before) + 0.03
 
 
 def test_rebuild_resumes_without_retraining(llm_zoo, chat_llama):
