@@ -77,7 +77,16 @@ def main() -> None:
     else:
         report = evaluate(pipe, zoo, out / "report", progress=False, max_tasks=args.max_tasks)
     times["evaluate_s"] = time.perf_counter() - t
-    times["total_s"] = sum(times.values())
+    if generative:  # sampling and decoding one adapter for one held-out task's support set (best of 3 runs)
+        task = next(tid for tid, r in zoo.tasks.items() if r["split"] != "train")
+        support = zoo.class_samples(task, "support")[0]
+        runs = []
+        for _ in range(3):
+            t = time.perf_counter()
+            pipe(dataset=[support], num_samples=1, generator=torch.Generator().manual_seed(0))
+            runs.append(time.perf_counter() - t)
+        times["sample_one_adapter_s"] = min(runs)
+    times["total_s"] = sum(v for k, v in times.items() if k != "sample_one_adapter_s")
 
     result = {
         "recipe": args.recipe,

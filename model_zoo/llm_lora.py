@@ -7,17 +7,28 @@ output format. Members are judged on what the adapted LM *generates* (greedy exa
 on the mean log-likelihood of the reference response.
 
 **Slice and data.** Measured on two tasks (``ymd-dash__dmy-slash``, ``mdy-slash__long-fr``), greedy exact
-match of the task's own rank-8 LoRA on 16 test dates: layers 28-29, 32 examples, 100 steps at lr 1e-2:
-0.13 and 0.06 (it memorises the training dates: train log-likelihood -0.06, test -0.90 nats/token);
-layers 26-29, 64 examples, 100 steps: 0.25 and 0.06; layers 24-29, 96 examples, 150 steps at lr 5e-3:
-1.00 and 0.94 (the defaults). Copying digits into a new order needs attention in more than the top layers.
+match of the task's own rank-8 LoRA trained *from peft's random init* on 16 test dates: layers 28-29, 32
+examples, 100 steps at lr 1e-2: 0.13 and 0.06 (it memorises the training dates); layers 26-29, 64 examples,
+100 steps: 0.25 and 0.06; layers 24-29, 96 examples, 150 steps at lr 5e-3: 1.00 and 0.94, but about 100 s per
+member on 2 CPU cores, so a zoo of hundreds is hours. Copying digits into a new order needs attention in more
+than the top layers.
+
+**Warm start.** So members first share one adapter trained on the union of the training tasks
+(``warm_start_steps``): it learns what the tasks share (reading a date, month names in each language,
+copying digits) but not which format to write, since the prompt never says. Each member then trains
+``steps`` from it on its own task, which mostly has to pick the format. Measured on four tasks (the two
+above, ``long-de__ymd-dot``, ``dmy-dot__medium-es``), 32 examples each, warm start of 1000 steps on 192
+tasks: 32 member steps of 8 give exact match 0.50, 0.69, 0.88 and 1.00 at 5.5 s per member; with a warm start
+of 600 steps on 64 tasks and 24 member steps, 0.38 to 0.56. The warm start is the zoo's shared initialisation
+(``init.safetensors``): one gauge, so the weight VAE need not learn symmetries, and the multi-task baseline
+of `d2nwg.evaluate_generation` starts from it too.
 
 **Speed.** The 24 frozen layers below the slice run once per conversation: their output is
 the cached sample (`d2nwg.causal_lm.conversation_features`). Members recompute only the slice
-and the LM head on the response positions, in vmapped groups from one shared initialisation
-(LoRA's A is random, B zero, as peft initialises them), so the zoo has one gauge and the weight
-VAE need not learn symmetries. Groups are the unit of resuming; a killed build redoes only the
-group it was in.
+and the LM head on the response positions, in vmapped groups. ``precision="bf16-mixed"`` autocasts
+caching and training to bfloat16 (about 2x faster on this CPU; weights and recorded metrics stay float32).
+Groups are the unit of resuming; a killed build redoes only the group it was in (a build killed before the
+zoo exists, during caching or the warm start, starts over).
 
 **Splits.** Tasks whose output format is in ``unseen_outputs`` are held out as ``unseen_output``
 (a language or a numeric format no training task writes); ``num_new_combination_tasks`` more

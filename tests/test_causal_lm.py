@@ -93,3 +93,15 @@ def test_generator_export_and_autopeft_reload_agree(chat_llama_dir, tmp_path):
         assert decode_response(tokenizer, out[0, ids.shape[1]:]) == answer
     assert exact_match(adapted, adapted) == 1.0
     assert exact_match([" 17/04/2023 ", "x", "y"], references(CONVERSATIONS)) == pytest.approx(1 / 3)
+
+
+def test_precision_context_autocasts_bf16_and_refuses_unknown_names():
+    from d2nwg.causal_lm import precision_context
+
+    a, b = torch.randn(4, 8), torch.randn(8, 3)
+    with precision_context("bf16-mixed", "cpu"):
+        assert (a @ b).dtype == torch.bfloat16
+    with precision_context("32-true", "cpu"):
+        assert (a @ b).dtype == torch.float32
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        precision_context("fp8", "cpu")

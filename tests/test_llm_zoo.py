@@ -45,6 +45,14 @@ def test_date_family_has_at_least_256_tasks_and_unseen_outputs():
         split_tasks(["long-xx"], 1, None, seed=0)
 
 
+def test_unknown_precision_fails_before_any_work(chat_llama, tmp_path):
+    from model_zoo import RECIPES
+
+    with pytest.raises(ValueError, match="unknown precision"):
+        RECIPES.get("llm-lora")(tmp_path / "zoo", base=chat_llama, **{**TINY, "precision": "fp8"})
+    assert not (tmp_path / "zoo").exists()
+
+
 def test_conversations_have_one_right_answer_and_distinct_dates():
     from model_zoo.date_formats import conversations
 
