@@ -251,7 +251,10 @@ def precision_context(precision: str, device: torch.device | str) -> contextlib.
         raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
     if precision == "32-true":
         return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16; use precision 32-true")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def train_adapters(
@@ -341,8 +344,13 @@ class AdapterGenerator:
             inject_adapter(self.model, peft_keys)
 
     @torch.no_grad()
-    def answer(self, conversations: Sequence[Sequence[Mapping]], max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-        """Greedy responses (decoded, stripped) to each conversation's prompt (its final assistant turn dropped)."""
+    def answer(self, conversations: Sequence[Sequence[Mapping]], max_new_tokens: int | None = None, batch_size: int = 16) -> list[str]:
+        """Greedy responses (decoded, stripped) to each conversation's prompt (its final assistant turn dropped).
+
+        ``max_new_tokens``: ``None`` is the architecture's ``response_window``, which holds every training response
+        with its end-of-turn tokens, so a right answer is never cut and a rambling one stops early.
+        """
+        max_new_tokens = max_new_tokens or int(self.config["response_window"])
         prompts = encode_prompts(self.tokenizer, list(conversations))
         pad = int(self.tokenizer.pad_token_id)
         answers: list[str] = []

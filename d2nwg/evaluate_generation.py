@@ -179,7 +179,6 @@ def evaluate_generation(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     module = build_model(zoo.architecture).eval()
-    max_new_tokens = max_new_tokens or module.response_window
     generator = AdapterGenerator(zoo.architecture)
     members = {m.task: m for m in zoo.members()}
     train = [m for m in zoo.members("train")]

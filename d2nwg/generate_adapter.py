@@ -58,7 +58,7 @@ def generate_adapter_folder(
     seed: int = 0,
     num_inference_steps: int = 50,
     guidance_scale: float = 1.0,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     source: str = "the dataset",
 ) -> AdapterResult:
     """Generate N adapters for ``conversations`` and write the best as a PEFT folder at ``out`` (atomically).
@@ -106,7 +106,7 @@ def generate_adapter_folder(
             save_safetensors(tmp / "samples" / f"sample_{i:02d}.safetensors", weights)
         record = {
             "best": best, "loglik": [float(v) for v in loglik], "exact_match": em, "records": len(conversations),
-            "seed": seed, "num_samples": num_samples, "decoding": "greedy", "max_new_tokens": max_new_tokens,
+            "seed": seed, "num_samples": num_samples, "decoding": "greedy", "max_new_tokens": max_new_tokens or int(cfg["response_window"]),
             "warnings": warnings,
         }  # fmt: skip
         (tmp / "generation.json").write_text(json.dumps(record, indent=2))

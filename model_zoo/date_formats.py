@@ -111,7 +111,13 @@ def split_tasks(
     if num_train is not None:
         if num_train > len(train):
             raise ValueError(f"num_train_tasks={num_train} but only {len(train)} training pairs exist")
-        train = train[:num_train]
+        train, spare = train[:num_train], train[num_train:]
+        # The cut may drop the only training task of a held-out pair's format: swap in a spare pair still covered.
+        inputs, outputs = {p[0] for p in train}, {p[1] for p in train}
+        spare = [p for p in spare if p[0] in inputs and p[1] in outputs]
+        combos = [p if p[0] in inputs and p[1] in outputs else (spare.pop(0) if spare else None) for p in combos]
+        if None in combos:
+            raise ValueError(f"num_train_tasks={num_train} is too few to hold out {num_new_combinations} new-combination tasks")
     tasks: dict[str, dict] = {}
     for pair in train:
         tasks[task_id(pair)] = {"classes": [task_id(pair)], "split": "train"}

@@ -93,7 +93,7 @@ class LLMAdapterRecipe:
     response of the family, with the end-of-turn tokens, has 15)."""
     warm_start_steps: int = 1000
     """AdamW steps (batches of 16) of one adapter on the union of the training tasks; it is the members' shared
-    initialisation (0: members start from peft's random init). It learns what the tasks share (reading dates,
+    initialisation (0: members start from peft's initialisation). It learns what the tasks share (reading dates,
     month names, copying digits), so each member only has to pick its format."""
     steps: int = 32
     """AdamW steps per member, from the warm start."""
@@ -203,6 +203,7 @@ def build(out: str | Path, **settings) -> ModelZoo:
         # The device does not change the zoo, so a build may resume on another one.
         recipe={"name": "llm-lora" if recipe.kind == "lora" else "llm-miss", **{k: v for k, v in asdict(recipe).items() if k != "device"}},
     )
+    del classes  # the zoo holds them now (data.safetensors)
     features_s = time.perf_counter() - started
 
     # 2. members, in vmapped groups from the shared initialisation; held-out members are the oracles, so their

@@ -43,6 +43,12 @@ def test_date_family_has_at_least_256_tasks_and_unseen_outputs():
     assert all(v.get("kind") == "unseen_output" for t, v in tasks.items() if t.split("__")[1] in {"long-it", "dmy-space"})
     with pytest.raises(ValueError, match="unknown output formats"):
         split_tasks(["long-xx"], 1, None, seed=0)
+    # A small zoo keeps every held-out pair's formats among its few training tasks.
+    small = split_tasks(["long-it"], 12, 32, seed=0)
+    kept = [t.split("__") for t, v in small.items() if v["split"] == "train"]
+    combos = [t.split("__") for t, v in small.items() if v.get("kind") == "new_combination"]
+    assert len(kept) == 32 and len(combos) == 12
+    assert all(a in {p[0] for p in kept} and b in {p[1] for p in kept} for a, b in combos)
 
 
 def test_unknown_precision_fails_before_any_work(chat_llama, tmp_path):
