@@ -19,7 +19,7 @@ copying digits) but not which format to write, since the prompt never says. Each
 ``steps`` from it on its own task, which mostly has to pick the format. Measured on four tasks (the two
 above, ``long-de__ymd-dot``, ``dmy-dot__medium-es``), 32 examples each, warm start of 1000 steps on 192
 tasks: 32 member steps of 8 give exact match 0.50, 0.69, 0.88 and 1.00 at 5.5 s per member; with a warm start
-of 600 steps on 64 tasks and 24 member steps, 0.38 to 0.56. The warm start is the zoo's shared initialisation
+of 300 steps on 64 tasks and 24 member steps, 0.38 to 0.56. The warm start is the zoo's shared initialisation
 (``init.safetensors``): one gauge, so the weight VAE need not learn symmetries, and the multi-task baseline
 of `d2nwg.evaluate_generation` starts from it too.
 
