@@ -19,6 +19,10 @@ class LLMMissRecipe(LLMAdapterRecipe):
     """Adapter kind: miss (block (r, out)) or miss-bat (blocks (out // r, r, r))."""
     r: int = 16
     """MiSS block size (MiSS folds the input into r sums, so it needs larger blocks than LoRA's rank)."""
+    lr: float = 5e-4
+    """Learning rate of the warm start and of each member. MiSS adds its block to whole rows of the weight, so it
+    needs a tenth of LoRA's: measured on 24 tasks' conversations, 60 warm-start steps took the response
+    log-likelihood from -2.24 to -17.3 nats/token at lr 5e-3 (diverged) and to -1.60 at 5e-4."""
 
 
 def build(out: str | Path, **settings) -> ModelZoo:
