@@ -8,9 +8,13 @@ cached as the sample. One sample is the flat vector
 
     [ pooled (H) | hidden states entering layer `first` (T * H) | attention mask (T) | labels (T) ]
 
-- ``pooled``: the mean over real tokens of the frozen LM's last (final-norm) hidden states for
-  the whole chat-templated conversation. It is what the dataset encoder conditions on: a
-  task is described by the embeddings of its (prompt, response) examples.
+- ``pooled``: what the dataset encoder conditions on (a task is described by the embeddings of
+  its (prompt, response) examples), by the architecture's ``pooling`` (`POOLINGS`):
+  ``"prompt-response"`` (new zoos) is the unit-norm mean of the prompt's hidden states entering
+  layer ``first`` plus that of the response's, so the answer's format counts as much as the
+  question's, however long the chat template makes the prompt; ``"final-mean"`` (zoos built
+  before it) is the mean over every real token of the last (final-norm) hidden states, which
+  the prompt and template dominate.
 - ``hidden``, ``mask``: the conversation, **left-padded** to T tokens, as it enters layer
   ``first``. Left padding puts every response at the end of the row, so the tokens that carry
   a loss always sit in the last ``response_window`` positions and the LM head (a 49k-way
@@ -53,6 +57,10 @@ from d2nwg.text_classifier import (
 
 ARCHITECTURE_NAME = "causal-lm-adapter"
 DEFAULT_BASE = "smollm2-135m-instruct"
+POOLINGS = ("final-mean", "prompt-response")
+"""How a conversation's ``pooled`` embedding is made (module docstring); architectures without one: ``"final-mean"``."""
+NEW_ZOO_POOLING = "prompt-response"
+"""The pooling new zoos are built with (recipes and `zoo ingest`)."""
 
 
 # ----------------------------------------------------------------------------- features
@@ -86,6 +94,7 @@ def conversation_features(
     batch_size: int = 32,
     encoder: nn.Module | None = None,
     tokenizer=None,
+    pooling: str = "final-mean",
 ) -> torch.Tensor:
     """Per-conversation feature vectors ``[n, H + T*H + 2T]`` (T = ``max_length``; see the module docstring).
 
@@ -95,11 +104,14 @@ def conversation_features(
         max_length: tokens per conversation (T) after the chat template.
         response_window: the last positions that may hold response tokens (the LM head runs there only).
         base: the causal LM (a base name, local folder or Hub id).
+        pooling: how ``pooled`` is made (`POOLINGS`, module docstring).
 
     Raises:
         ValueError: (one line) a conversation longer than ``max_length``, or whose response (with the tokens the
-            template adds after it) is longer than ``response_window``.
+            template adds after it) is longer than ``response_window``; an unknown ``pooling``.
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {list(POOLINGS)}")
     encoder = encoder if encoder is not None else load_encoder(base)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base)
     batch = encode_conversations(tokenizer, list(conversations), max_length=max_length, last_turn_only=True)
@@ -119,9 +131,15 @@ def conversation_features(
     for i in range(0, len(conversations), batch_size):
         ids, mask = batch["input_ids"][i : i + batch_size].to(device), batch["attention_mask"][i : i + batch_size].to(device)
         result = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True)
-        pooled = mean_pool(result.hidden_states[-1], mask.float())  # (n, H): after the final norm
         hidden = result.hidden_states[first_layer]  # (n, T, H): the input of layer `first_layer`
         labels = batch["labels"][i : i + batch_size].to(device).float()
+        if pooling == "final-mean":
+            pooled = mean_pool(result.hidden_states[-1], mask.float())  # (n, H): after the final norm
+        else:
+            response = (labels != IGNORE_INDEX).float()
+            pooled = sum(
+                nn.functional.normalize(mean_pool(hidden.float(), part), dim=-1) for part in (mask.float() - response, response)
+            ).to(hidden.dtype)
         out.append(torch.cat([pooled, hidden.flatten(1), mask.float(), labels], dim=1).cpu())
     return torch.cat(out)
 
@@ -149,6 +167,7 @@ class CausalLMAdapter(nn.Module):
         response_window: last positions that may carry response tokens.
         options: extra adapter config fields (e.g. ``{"lora_alpha": 16}``).
         system: the system message the zoo's conversations carry (``None``: whatever each record has).
+        pooling: how a conversation's conditioning embedding is made (`POOLINGS`; `conversation_features`).
 
     ``forward(x [n, H + T*H + 2T]) -> [n]``: the mean log-likelihood (nats per token) of each sample's
     response tokens under the adapted LM, teacher-forced.
@@ -171,9 +190,13 @@ class CausalLMAdapter(nn.Module):
         response_window: int = 24,
         options: Mapping | None = None,
         system: str | None = None,
+        pooling: str = "final-mean",
     ):
         super().__init__()
         self.system = system  # recorded for generation (`d2nwg.generate_adapter`); the score does not use it
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {pooling!r}; expected one of {list(POOLINGS)}")
+        self.pooling = pooling  # how samples are made (`conversation_features`); the score does not use it
         from d2nwg.adapters import block_list, build_peft_model
 
         lm = load_encoder(base)
@@ -352,14 +375,11 @@ class AdapterGenerator:
         """
         max_new_tokens = max_new_tokens or int(self.config["response_window"])
         prompts = encode_prompts(self.tokenizer, list(conversations))
-        pad = int(self.tokenizer.pad_token_id)
         answers: list[str] = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            width = max(len(p) for p in chunk)
-            # Left padding: every row's next token is at the same column; generate() derives positions from the mask.
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids, mask = self._left_padded(chunk)
+            width = ids.shape[1]
             if self.adapter_on:
                 out = self._generate(ids, mask, max_new_tokens)
             else:
@@ -368,10 +388,67 @@ class AdapterGenerator:
             answers += [decode_response(self.tokenizer, row[width:], self.stops) for row in out]  # stops: found once
         return answers
 
-    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    @torch.no_grad()
+    def answer_many(
+        self,
+        states: Sequence[Mapping[str, torch.Tensor]],
+        conversations: Sequence[Sequence[Mapping]],
+        max_new_tokens: int | None = None,
+        batch_size: int = 16,
+    ) -> list[list[str]]:
+        """`answer` for each of ``states`` (members or generated adapters): ``answers[i][j]`` is adapter i's
+        greedy response to conversation j.
+
+        LoRA adapters answer together, ``len(states) * batch_size`` rows per ``generate()`` call, through peft's
+        mixed adapter batches (each row routed to its own adapter): the frozen base runs one large batch instead
+        of one small batch per adapter, which is what costs on a CPU. Other kinds answer one adapter at a time.
+        The answers are `answer`'s, up to the rounding of a different batch size.
+        """
+        if not states:
+            return []
+        if self.config.get("kind", "lora") != "lora" or len(states) == 1:
+            out = []
+            for state in states:
+                self.set_adapter(state)
+                out.append(self.answer(conversations, max_new_tokens, batch_size))
+            return out
+        from peft import set_peft_model_state_dict
+
+        names = [f"d2nwg_{i}" for i in range(len(states))]
+        for name, state in zip(names, states):
+            if name not in self.model.peft_config:
+                self.model.add_adapter(name, self.model.peft_config["default"])
+            peft_keys = to_peft_state_dict(state) if any(k.startswith("peft.") for k in state) else dict(state)
+            result = set_peft_model_state_dict(self.model, peft_keys, adapter_name=name)
+            if [k for k in getattr(result, "unexpected_keys", []) if k]:
+                raise ValueError(f"peft did not load adapter keys {result.unexpected_keys}")
+        self.model.eval()
+        max_new_tokens = max_new_tokens or int(self.config["response_window"])
+        prompts = encode_prompts(self.tokenizer, list(conversations))
+        answers: list[list[str]] = [[] for _ in states]
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i : i + batch_size]
+            ids, mask = self._left_padded(chunk)
+            width = ids.shape[1]
+            n = len(states)
+            out = self._generate(ids.repeat(n, 1), mask.repeat(n, 1), max_new_tokens, adapter_names=[a for a in names for _ in chunk])
+            for a in range(n):
+                rows = out[a * len(chunk) : (a + 1) * len(chunk)]
+                answers[a] += [decode_response(self.tokenizer, row[width:], self.stops) for row in rows]
+        return answers
+
+    def _left_padded(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask)`` ``[n, width]``, left-padded: every row's next token is at the same
+        column, and generate() derives positions from the mask."""
+        pad, width = int(self.tokenizer.pad_token_id), max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        return ids, mask
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         return self.model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=self.stops, pad_token_id=int(self.tokenizer.pad_token_id),
+            eos_token_id=self.stops, pad_token_id=int(self.tokenizer.pad_token_id), **kwargs,
         )
 
 
@@ -418,16 +495,19 @@ def save_causal_lm_adapter(member: Mapping[str, torch.Tensor], architecture: Map
 
 def architecture_spec(
     base: str, kind: str, target_modules: Sequence[str], layers: Sequence[int], r: int, max_length: int,
-    response_window: int, options: Mapping | None = None, system: str | None = None,
+    response_window: int, options: Mapping | None = None, system: str | None = None, pooling: str = "final-mean",
 ) -> dict:
     """The JSON spec zoos and pipelines store for this architecture (``system``: the system message the zoo's tasks
-    were written with, given to user records without one; ``None``: records are used as they are).
+    were written with, given to user records without one; ``None``: records are used as they are; ``pooling``: how
+    conversations are embedded for conditioning, `POOLINGS`, written only when not ``"final-mean"``).
 
     Raises:
-        ValueError: ``response_window`` not in ``[1, max_length)``.
+        ValueError: ``response_window`` not in ``[1, max_length)``; an unknown ``pooling``.
     """
     if not 1 <= int(response_window) < int(max_length):
         raise ValueError(f"response_window must be at least 1 and below max_length={max_length}, got {response_window}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {list(POOLINGS)}")
     config = {
         "base": canonical_base(base), "kind": kind, "target_modules": list(target_modules), "layers": [int(i) for i in layers],
         "r": int(r), "max_length": int(max_length), "response_window": int(response_window),
@@ -436,6 +516,8 @@ def architecture_spec(
         config["options"] = dict(options)
     if system is not None:
         config["system"] = system
+    if pooling != "final-mean":
+        config["pooling"] = pooling
     return {"name": ARCHITECTURE_NAME, "config": config}
 
 

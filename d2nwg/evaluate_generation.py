@@ -116,7 +116,7 @@ def multitask_adapter(zoo: ModelZoo, k: int, per_task: int, steps: int, lr: floa
             conversations.append(with_examples(items[j], examples[j:] + examples[:j], k))
     init = zoo.init_state() or long.state_dict()  # the members' shared initialisation (their warm start): the same start
     with precision_context(precision, "cpu"):
-        x = conversation_features(conversations, long.first, long.max_length, long.response_window, cfg["base"])
+        x = conversation_features(conversations, long.first, long.max_length, long.response_window, cfg["base"], pooling=long.pooling)
         trained = train_adapters(long, init, x[None], steps=steps, lr=lr, batch_size=16, seed=seed)
     state = {n: v[0].contiguous() for n, v in trained.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,14 +198,10 @@ def evaluate_generation(
     spacing = zoo_spacing(zoo_tokens, seed)
     multitask = multitask_adapter(zoo, k_shot, multitask_per_task, multitask_steps, multitask_lr, seed)
 
-    def judge(state, prompts, refs, x_test=None, long_prompts=False) -> tuple[float, float]:
+    def judge(state, prompts, refs) -> tuple[float, float]:
+        """Exact match and log-likelihood through the whole LM (the base, or prompts with in-context examples)."""
         generator.set_adapter(state)
-        em = exact_match(generator.answer(prompts, max_new_tokens=max_new_tokens), refs)
-        if x_test is not None and state is not None and not long_prompts:
-            loglik = float(adapter_scores(module, stack_state_dicts([state]), x_test)[0])
-        else:
-            loglik = full_model_loglik(generator, prompts)
-        return em, loglik
+        return exact_match(generator.answer(prompts, max_new_tokens=max_new_tokens), refs), full_model_loglik(generator, prompts)
 
     pipeline.set_progress_bar_config(disable=True)
     rows = []
@@ -218,26 +214,22 @@ def evaluate_generation(
         order = sims.argsort(descending=True).tolist()
         nearest = [zoo.load_member(train[j]) for j in order[:knn]]
         row: dict = {"task": task, "kind": zoo.task_kind(task), "retrieved": train[order[0]].task}
-        for name, state, prompts in (
-            ("base", None, test),
-            ("icl", None, icl_prompts),
-            ("retrieval", nearest[0], test),
-            ("knn_ensemble", mean_state_dict(nearest), test),
-            ("multitask", multitask, icl_prompts),
-            ("oracle", zoo.load_member(members[task]), test),
-        ):
-            row[f"{name}_em"], row[f"{name}_loglik"] = judge(state, prompts, refs, x_test, long_prompts=prompts is icl_prompts)
+        for name, state, prompts in (("base", None, test), ("icl", None, icl_prompts), ("multitask", multitask, icl_prompts)):
+            row[f"{name}_em"], row[f"{name}_loglik"] = judge(state, prompts, refs)
         output = pipeline(
             dataset=[x_support], num_samples=num_samples, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + i),
         )
-        stacked = stack_state_dicts(output.weights)
-        support_ll = adapter_scores(module, stacked, x_support)
-        test_ll = adapter_scores(module, stacked, x_test)
-        ems = []
-        for state in output.weights:
-            generator.set_adapter(state)
-            ems.append(exact_match(generator.answer(test, max_new_tokens=max_new_tokens), refs))
+        # Every adapter that answers the bare test prompts answers in one batch (`AdapterGenerator.answer_many`);
+        # their log-likelihoods come from the cached features.
+        adapters = {"retrieval": nearest[0], "knn_ensemble": mean_state_dict(nearest), "oracle": zoo.load_member(members[task])}
+        states = [*adapters.values(), *output.weights]
+        ems = [exact_match(a, refs) for a in generator.answer_many(states, test, max_new_tokens=max_new_tokens)]
+        test_ll = adapter_scores(module, stack_state_dicts(states), x_test)
+        for j, name in enumerate(adapters):
+            row[f"{name}_em"], row[f"{name}_loglik"] = ems[j], float(test_ll[j])
+        ems, test_ll = ems[len(adapters) :], test_ll[len(adapters) :]
+        support_ll = adapter_scores(module, stack_state_dicts(output.weights), x_support)
         best = int(support_ll.argmax())
         row.update(sample_diversity([flat_tokens(pipeline.layout, output.weights)], zoo_tokens, [m.id for m in train], spacing)[0])
         row.update({

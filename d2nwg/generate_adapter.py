@@ -86,7 +86,9 @@ def generate_adapter_folder(
     conversations = with_default_system(conversations, cfg.get("system"))
     module = build_model(arch).eval()
     try:
-        x = conversation_features(conversations, module.first, module.max_length, module.response_window, cfg["base"])
+        x = conversation_features(
+            conversations, module.first, module.max_length, module.response_window, cfg["base"], pooling=module.pooling
+        )
     except ValueError as err:  # "conversation 5 has ..." -> the record the user can find in the file
         raise ValueError(re.sub(r"conversation (\d+)", lambda m: f"record {int(m.group(1)) + 1} of {source}", str(err))) from None
     output = pipe(

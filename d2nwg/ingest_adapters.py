@@ -151,7 +151,7 @@ def ingest_adapters(
         ValueError: (one line) mismatched adapters, unknown adapters or datasets, too few conversations.
     """
     from d2nwg.architectures import build_model
-    from d2nwg.causal_lm import architecture_spec, conversation_features
+    from d2nwg.causal_lm import NEW_ZOO_POOLING, architecture_spec, conversation_features
     from d2nwg.evaluate_generation import write_conversations
     from d2nwg.ingest import IngestTask, check_new_folder, parse_split_fractions, read_mapping, split_tasks
     from d2nwg.instructions import read_instructions
@@ -213,12 +213,14 @@ def ingest_adapters(
     if limit and max_length > limit:
         raise ValueError(f"the longest conversation has {longest} tokens; with headroom {max_length}, more than the base's {limit} positions")
     options = {"lora_alpha": shape.lora_alpha} if shape.kind == "lora" else None
-    arch = architecture_spec(base_name, shape.kind, shape.target_modules, shape.layers, shape.r, max_length, window, options)
+    arch = architecture_spec(
+        base_name, shape.kind, shape.target_modules, shape.layers, shape.r, max_length, window, options, pooling=NEW_ZOO_POOLING
+    )
     module = build_model(arch)
 
     # 3. the zoo: cached base states, conversations, one member per adapter
     classes = {
-        task: {s: conversation_features(items, module.first, max_length, window, base_name, encoder=encoder, tokenizer=tokenizer) for s, items in p.items()}
+        task: {s: conversation_features(items, module.first, max_length, window, base_name, encoder=encoder, tokenizer=tokenizer, pooling=module.pooling) for s, items in p.items()}
         for task, p in parts.items()
     }
     members = {task: to_member(module, weights, name) for task, (name, weights, _) in adapters.items()}

@@ -39,6 +39,8 @@ POSITIVE_TENSORS = ("*running_var",)
 POSITIVE_FLOOR = 1e-30
 """What a zero in a log-space tensor is stored as (below any ``eps`` a normalisation layer adds)."""
 TRANSFORMS = ("identity", "log")
+FIT_SCALES = ("tensor", "residual")
+"""What `WeightLayout.fit_stats` may scale a tensor by: its spread over the zoo, or around the element-wise zoo mean."""
 
 _DTYPES = {
     "float64": torch.float64,
@@ -93,6 +95,7 @@ class WeightLayout:
     Args:
         tensors: the selected tensors in token order.
         chunk_size: numbers per token.
+        scale: how `fit_stats` measures each tensor's std (`FIT_SCALES`); refits keep it.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
@@ -107,11 +110,14 @@ class WeightLayout:
 
     tensors: list[TensorSpec]
     chunk_size: int = 32
+    scale: str = "tensor"
     _token_layer: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
+        if self.scale not in FIT_SCALES:
+            raise ValueError(f"unknown scale {self.scale!r}; expected one of {list(FIT_SCALES)}")
         if not self.tensors:
             raise ValueError("a WeightLayout needs at least one tensor; the include patterns matched nothing")
         names = [t.name for t in self.tensors]
@@ -247,10 +253,28 @@ class WeightLayout:
         return {name: state_dict[name] for name in self.names}
 
     # ------------------------------------------------------------------ statistics
-    def fit_stats(self, state_dicts: Iterable[Mapping[str, torch.Tensor]]) -> WeightLayout:
-        """Fit per-tensor mean and std over a zoo (float64 running sums); returns ``self``."""
+    def fit_stats(self, state_dicts: Iterable[Mapping[str, torch.Tensor]], *, scale: str | None = None) -> WeightLayout:
+        """Fit per-tensor mean and std over a zoo (float64 running sums); returns ``self``.
+
+        Args:
+            state_dicts: the zoo's members (read once, one at a time).
+            scale: what the std measures, kept as the layout's ``scale`` (``None``: the layout's). ``"tensor"``: the spread of the tensor's values over all members.
+                ``"residual"``: the spread of each value around its element-wise zoo mean, for zoos whose members
+                share an initialisation (LoRA members from one warm start differ from it by a few percent of its
+                scale). The weight VAE subtracts that element-wise mean (`d2nwg.models.WeightVAE.mean_tokens`), so
+                with ``"residual"`` what it encodes, the task-specific part, has unit scale instead of a small
+                fraction of it (measured on the default ``llm-lora`` zoo: 4.2% of the per-tensor variance).
+
+        Raises:
+            ValueError: no state_dicts, an unknown ``scale``, or a member that does not fit the layout.
+        """
+        scale = self.scale if scale is None else scale
+        if scale not in FIT_SCALES:
+            raise ValueError(f"unknown scale {scale!r}; expected one of {list(FIT_SCALES)}")
         total = [0.0] * len(self.tensors)
         total_sq = [0.0] * len(self.tensors)
+        # Element-wise sums, only for "residual" (float64, the size of one member twice).
+        sums: list[torch.Tensor | None] = [None] * len(self.tensors)
         count = 0
         for sd in state_dicts:
             self.validate(sd)
@@ -258,13 +282,20 @@ class WeightLayout:
                 v = spec_forward(spec, sd[spec.name].detach().to(torch.float64))
                 total[i] += v.sum().item()
                 total_sq[i] += (v * v).sum().item()
+                if scale == "residual":
+                    sums[i] = v.clone() if sums[i] is None else sums[i].add_(v)
             count += 1
         if count == 0:
             raise ValueError("fit_stats needs at least one state_dict")
         for i, spec in enumerate(self.tensors):
             n = count * spec.numel
             mean = total[i] / n if n else 0.0
-            var = max(total_sq[i] / n - mean * mean, 0.0) if n else 0.0
+            if scale == "residual":
+                # sum over members of (v - mean_e)^2 = total_sq - count * sum_e mean_e^2
+                element_mean = sums[i] / count
+                var = max(total_sq[i] / n - float((element_mean * element_mean).sum()) / spec.numel, 0.0) if n else 0.0
+            else:
+                var = max(total_sq[i] / n - mean * mean, 0.0) if n else 0.0
             # Rounded so that normalisation is exactly invertible: a power-of-two std makes
             # ``/ std`` and ``* std`` exact, and a float32 mean makes ``0 - mean`` exact even in
             # float32 tokens (otherwise zeros come back as ~1e-17 and bf16 values drift).
@@ -272,6 +303,7 @@ class WeightLayout:
             spec.mean = mean32 if math.isfinite(mean32) else mean
             # A constant tensor (e.g. never-trained bias) keeps unit scale instead of blowing up.
             spec.std = 2.0 ** round(math.log2(math.sqrt(var))) if var > 1e-20 else 1.0
+        self.scale = scale
         return self
 
     # ------------------------------------------------------------------ tokens
@@ -354,20 +386,24 @@ class WeightLayout:
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict:
-        """JSON-ready; ``transform`` is written only where it is not ``"identity"`` (older readers stay happy)."""
+        """JSON-ready; ``transform`` and ``scale`` are written only where they are not the default (older readers
+        stay happy)."""
         tensors = []
         for t in self.tensors:
             item = {**asdict(t), "shape": list(t.shape)}
             if t.transform == "identity":
                 del item["transform"]
             tensors.append(item)
-        return {"chunk_size": self.chunk_size, "tensors": tensors}
+        out = {"chunk_size": self.chunk_size, "tensors": tensors}
+        if self.scale != "tensor":
+            out["scale"] = self.scale
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping) -> WeightLayout:
         try:
             specs = [TensorSpec(**t) for t in data["tensors"]]
-            return cls(specs, int(data["chunk_size"]))
+            return cls(specs, int(data["chunk_size"]), str(data.get("scale", "tensor")))
         except (KeyError, TypeError) as err:
             raise ValueError(f"invalid layout description: {err}") from None
 

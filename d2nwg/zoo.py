@@ -306,9 +306,12 @@ class ModelZoo:
         """Bytes of the float32 tokens ``[count, T, chunk]`` that training reads for ``count`` members."""
         return count * self.layout.num_tokens * self.layout.chunk_size * 4
 
-    def fit_layout(self, split: str = "train") -> WeightLayout:
-        """Fit the layout's normalisation on ``split`` members (read one at a time) and save it."""
-        self.layout.fit_stats(self.load_member(m) for m in self.members(split))
+    def fit_layout(self, split: str = "train", scale: str | None = None) -> WeightLayout:
+        """Fit the layout's normalisation on ``split`` members (read one at a time) and save it.
+
+        ``scale``: `WeightLayout.fit_stats`'s (``None`` keeps the layout's, so a refit after alignment or ingest
+        normalises as the recipe chose)."""
+        self.layout.fit_stats((self.load_member(m) for m in self.members(split)), scale=scale)
         self.layout.save(self.root / "layout.json")
         return self.layout
 

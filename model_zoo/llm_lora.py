@@ -113,14 +113,16 @@ class LLMAdapterRecipe:
 
 def architecture(recipe: LLMAdapterRecipe) -> dict:
     from d2nwg.adapters import parse_layers
-    from d2nwg.causal_lm import architecture_spec
+    from d2nwg.causal_lm import NEW_ZOO_POOLING, architecture_spec
     from d2nwg.text_classifier import cached_encoder, canonical_base
 
     targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
     layers = parse_layers(cached_encoder(canonical_base(recipe.base)), str(recipe.layers), targets)
     # system="": the family's conversations carry an empty system message (date_formats.conversations), and
     # user records without one get it too, not the chat template's default persona.
-    return architecture_spec(recipe.base, recipe.kind, targets, layers, recipe.r, recipe.max_length, recipe.response_window, system="")
+    return architecture_spec(
+        recipe.base, recipe.kind, targets, layers, recipe.r, recipe.max_length, recipe.response_window, system="", pooling=NEW_ZOO_POOLING
+    )
 
 
 def build(out: str | Path, **settings) -> ModelZoo:
@@ -175,7 +177,8 @@ def build(out: str | Path, **settings) -> ModelZoo:
                     write_conversations(out, task, split, part)
                     with precision():
                         classes[task][split] = conversation_features(
-                            part, model.first, recipe.max_length, recipe.response_window, base, encoder=encoder, tokenizer=tokenizer
+                            part, model.first, recipe.max_length, recipe.response_window, base, encoder=encoder, tokenizer=tokenizer,
+                            pooling=model.pooling,
                         )
                 progress.advance(bar)
         del encoder
@@ -234,7 +237,8 @@ def build(out: str | Path, **settings) -> ModelZoo:
                 zoo.add(sd, task, metrics, seed=recipe.seed, flush=False)
             zoo.flush()
             progress.advance(bar, len(group))
-    zoo.fit_layout("train" if zoo.members("train") else None)
+    # Members are the warm start plus a small task delta: scale tokens by that delta (see `fit_stats`).
+    zoo.fit_layout("train" if zoo.members("train") else None, scale="residual")
     timing = {"features_s": features_s, "members_s": time.perf_counter() - started - features_s, "members": len(zoo)}
     atomic_write_text(zoo.root / "build_time.json", json.dumps(timing, indent=2))
     return zoo

@@ -57,6 +57,35 @@ def test_cached_features_score_like_the_full_peft_model(chat_llama_dir):
     assert not torch.allclose(net(x), score, atol=1e-3)
 
 
+def test_prompt_response_pooling_weighs_the_answer_like_the_question(chat_llama_dir):
+    from d2nwg.causal_lm import CausalLMAdapter, architecture_spec, conversation_features
+
+    base, t, h = str(chat_llama_dir), 160, 32
+    arch = architecture_spec(base, "lora", ["q_proj", "v_proj"], [2, 3], 2, t, 16, pooling="prompt-response")
+    net = CausalLMAdapter(**arch["config"])
+    assert net.pooling == "prompt-response"
+    x = conversation_features(CONVERSATIONS, net.first, t, 16, base, pooling=net.pooling)
+    old = conversation_features(CONVERSATIONS, net.first, t, 16, base)
+    torch.testing.assert_close(x[:, h:], old[:, h:])  # only the conditioning part differs
+    hidden, mask, labels = x[:, h : h + t * h].view(-1, t, h), x[:, h + t * h : h + t * h + t], x[:, h + t * h + t :]
+    response = (labels != -100).float()
+    prompt = mask - response
+    assert (prompt.sum(1) > 3 * response.sum(1)).all()  # the template makes prompts long: a plain mean is theirs
+    unit = lambda w: torch.nn.functional.normalize((hidden * w[..., None]).sum(1) / w.sum(1, keepdim=True), dim=-1)  # noqa: E731
+    torch.testing.assert_close(x[:, :h], unit(prompt) + unit(response), atol=1e-5, rtol=1e-5)
+    # The same prompt with another answer moves the embedding by a whole unit-norm term, not a few tokens' share.
+    other = [[*CONVERSATIONS[0][:-1], {"role": "assistant", "content": "April 17, 2023"}]]
+    y = conversation_features(other, net.first, t, 16, base, pooling=net.pooling)
+    z = conversation_features(other, net.first, t, 16, base)
+    moved = lambda a, b: float(torch.nn.functional.cosine_similarity(a[0, :h], b[0, :h], dim=0))  # noqa: E731
+    assert moved(y, x) < moved(z, old)
+    with pytest.raises(ValueError, match="unknown pooling 'max'"):
+        conversation_features(CONVERSATIONS, net.first, t, 16, base, pooling="max")
+    with pytest.raises(ValueError, match="unknown pooling"):
+        architecture_spec(base, "lora", ["q_proj"], [2], 2, t, 16, pooling="max")
+    assert "pooling" not in architecture_spec(base, "lora", ["q_proj"], [2], 2, t, 16)["config"]  # old zoos read as final-mean
+
+
 def test_response_longer_than_the_window_is_one_line(chat_llama_dir):
     from d2nwg.causal_lm import conversation_features
 
@@ -93,6 +122,24 @@ def test_generator_export_and_autopeft_reload_agree(chat_llama_dir, tmp_path):
         assert decode_response(tokenizer, out[0, ids.shape[1]:]) == answer
     assert exact_match(adapted, adapted) == 1.0
     assert exact_match([" 17/04/2023 ", "x", "y"], references(CONVERSATIONS)) == pytest.approx(1 / 3)
+
+
+def test_answer_many_gives_each_adapter_its_own_answers(chat_llama_dir):
+    from d2nwg.causal_lm import AdapterGenerator, CausalLMAdapter, architecture_spec
+
+    arch = architecture_spec(str(chat_llama_dir), "lora", ["q_proj", "v_proj"], [2, 3], 2, 160, 16)
+    net = CausalLMAdapter(**arch["config"])
+    states = [random_adapter(net, seed=s, scale=1.0) for s in (4, 5, 6)]
+    gen = AdapterGenerator(arch)
+    one_by_one = []
+    for state in states:
+        gen.set_adapter(state)
+        one_by_one.append(gen.answer(CONVERSATIONS, max_new_tokens=8, batch_size=2))
+    assert len({tuple(a) for a in one_by_one}) > 1  # the adapters differ, so routing rows to them matters
+    assert gen.answer_many(states, CONVERSATIONS, max_new_tokens=8, batch_size=2) == one_by_one
+    assert gen.answer_many(states[::-1], CONVERSATIONS, max_new_tokens=8, batch_size=2) == one_by_one[::-1]  # reloaded
+    gen.set_adapter(states[0])
+    assert gen.answer(CONVERSATIONS, max_new_tokens=8, batch_size=2) == one_by_one[0]  # the default adapter is untouched
 
 
 def test_precision_context_autocasts_bf16_and_refuses_unknown_names():

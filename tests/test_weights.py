@@ -228,6 +228,38 @@ def test_fit_stats_validates_and_needs_members():
         layout.fit_stats([sd, bad])
 
 
+def test_residual_scale_measures_the_spread_around_the_element_wise_mean():
+    # Members share a large initialisation and differ by small deltas (an adapter zoo from one warm start).
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(30, 20, generator=g)
+    zoo = [{"w": init + 0.01 * torch.randn(30, 20, generator=g)} for _ in range(6)]
+    tensor = WeightLayout.from_state_dict(zoo[0]).fit_stats(zoo)
+    residual = WeightLayout.from_state_dict(zoo[0]).fit_stats(zoo, scale="residual")
+    stacked = torch.stack([sd["w"].double() for sd in zoo])
+    delta_std = (stacked - stacked.mean(0)).pow(2).mean().sqrt().item()
+    assert 2**-0.5 <= residual.tensors[0].std / delta_std <= 2**0.5
+    assert tensor.tensors[0].std / residual.tensors[0].std >= 32  # about 1 / 0.01
+    assert residual.tensors[0].mean == tensor.tensors[0].mean
+    # what the VAE encodes (tokens minus their element-wise mean) has unit scale only with "residual"
+    tokens = residual.tokenize(zoo, dtype=torch.float64)
+    assert 0.6 < (tokens - tokens.mean(0)).std().item() < 1.5
+    for got, want in zip(roundtrip(residual, zoo, dtype=torch.float64), zoo):
+        assert_sd_equal(got, want)
+
+
+def test_scale_is_kept_by_refits_and_serialisation():
+    zoo = make_zoo({"w": (8, 4)}, torch.float32, n=3, mean=0.0, std=1.0)
+    layout = WeightLayout.from_state_dict(zoo[0]).fit_stats(zoo, scale="residual")
+    clone = WeightLayout.from_json(layout.to_json())
+    assert clone.scale == "residual" and clone == layout
+    assert clone.fit_stats(zoo).scale == "residual"  # a refit without a scale keeps the layout's
+    assert "scale" not in WeightLayout.from_state_dict(zoo[0]).to_dict()  # the default is not written
+    with pytest.raises(ValueError, match="unknown scale 'element'"):
+        layout.fit_stats(zoo, scale="element")
+    with pytest.raises(ValueError, match="unknown scale"):
+        WeightLayout.from_dict({**layout.to_dict(), "scale": "element"})
+
+
 # ----------------------------------------------------------------------------- geometry
 GEOMETRY = [
     pytest.param({"s": ()}, 4, id="scalar"),
