@@ -78,9 +78,6 @@ class EncoderSettings:
     heads: int = 4
     num_inducing: int = 8
     depth: int = 2
-    standardize: bool = False
-    """Standardise each conditioning feature by its mean and std over the zoo's training samples
-    (`d2nwg.models.DatasetEncoder`)."""
 
 
 @dataclass
@@ -203,9 +200,6 @@ class D2NWGModule(L.LightningModule):
         self.build(dm.zoo.layout.num_tokens, dm.zoo.layout.chunk_size, dm.feature_dim, dm.num_classes)
         with torch.no_grad():
             self.vae.mean_tokens.copy_(self.zoo_mean_tokens(dm.tokens))
-        if self.encoder_settings.standardize:  # the same samples on every rank: the same statistics
-            n = dm.condition_features
-            self.dataset_encoder.fit_standardization(torch.cat([x[:, :n] for classes in dm.class_samples for x in classes]))
         self.check_head_solver(dm)
         self.register_buffer("padding_mask", dm.zoo.layout.padding_mask(), persistent=False)
         self.layout = dm.zoo.layout
