@@ -96,6 +96,12 @@ def test_zoo_splits_data_and_trained_members(llm_zoo):
         x = llm_zoo.class_samples(m.task, "train")[0]
         before = adapter_scores(model, stack_state_dicts([init]), x)[0]
         assert m.metrics["train_loglik"] > float(before) + 0.03
+    # Tokens carry the task deltas at unit scale: the spread around the element-wise mean, which the VAE removes.
+    tokens = llm_zoo.tokens("train").double()
+    residual = (tokens - tokens.mean(0)).pow(2).sum((0, 2)) / (llm_zoo.layout.padding_mask().sum(1) * len(tokens))
+    per_tensor = torch.zeros(len(llm_zoo.layout.tensors), dtype=torch.float64).index_add_(0, llm_zoo.layout.token_layer, residual)
+    per_tensor /= torch.bincount(llm_zoo.layout.token_layer)
+    assert ((per_tensor.sqrt() > 2**-0.6) & (per_tensor.sqrt() < 2**0.6)).all(), per_tensor.sqrt()
 
 
 def test_rebuild_resumes_without_retraining(llm_zoo, chat_llama):
