@@ -38,7 +38,7 @@ per-token probability of the reference over the members') was 0.656; with the re
 zoo, same 500 steps). Conversations are embedded for conditioning
 with ``pooling="prompt-response"`` (`d2nwg.causal_lm.conversation_features`): the prompt and the
 response count equally, so the nearest training tasks share the held-out task's output format more
-often (25 of the 60 top-5 neighbours of the 12 ``new_combination`` tasks, against 5 of 60 when the
+often (24 of the 60 top-5 neighbours of the 12 ``new_combination`` tasks, against 5 of 60 when the
 template-heavy prompt dominates the mean).
 
 **Splits.** Tasks whose output format is in ``unseen_outputs`` are held out as ``unseen_output``
