@@ -287,8 +287,9 @@ def adapter_state_dict(peft_model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model).items()}
 
 
-def inject_adapter(peft_model, state_dict: Mapping[str, torch.Tensor]):
-    """Load adapter tensors into ``peft_model`` after checking keys and shapes; returns the model.
+def inject_adapter(peft_model, state_dict: Mapping[str, torch.Tensor], adapter_name: str = "default"):
+    """Load adapter tensors into ``peft_model`` (its adapter ``adapter_name``, one of the same config as
+    ``"default"``) after checking keys and shapes against ``"default"``; returns the model.
 
     Raises ``ValueError`` naming missing keys (adapter tensors the model has but
     ``state_dict`` lacks), unexpected keys (the reverse), or mismatched shapes.
@@ -303,7 +304,9 @@ def inject_adapter(peft_model, state_dict: Mapping[str, torch.Tensor]):
     for k, v in expected.items():
         if tuple(state_dict[k].shape) != tuple(v.shape):
             raise ValueError(f"adapter tensor '{k}' has shape {list(state_dict[k].shape)}, expected {list(v.shape)}")
-    result = set_peft_model_state_dict(peft_model, {k: v.to(expected[k].dtype) for k, v in state_dict.items()})
+    result = set_peft_model_state_dict(
+        peft_model, {k: v.to(expected[k].dtype) for k, v in state_dict.items()}, adapter_name=adapter_name
+    )
     leftover = [k for k in getattr(result, "unexpected_keys", []) if k]
     if leftover:  # peft renamed a key we thought valid: never fail silently.
         raise ValueError(f"peft did not load adapter keys {leftover}")

@@ -363,8 +363,7 @@ class AdapterGenerator:
 
         self.adapter_on = state is not None
         if state is not None:
-            peft_keys = to_peft_state_dict(state) if any(k.startswith("peft.") for k in state) else dict(state)
-            inject_adapter(self.model, peft_keys)
+            inject_adapter(self.model, peft_keys(state))
 
     @torch.no_grad()
     def answer(self, conversations: Sequence[Sequence[Mapping]], max_new_tokens: int | None = None, batch_size: int = 16) -> list[str]:
@@ -412,16 +411,13 @@ class AdapterGenerator:
                 self.set_adapter(state)
                 out.append(self.answer(conversations, max_new_tokens, batch_size))
             return out
-        from peft import set_peft_model_state_dict
+        from d2nwg.adapters import inject_adapter
 
         names = [f"d2nwg_{i}" for i in range(len(states))]
         for name, state in zip(names, states):
             if name not in self.model.peft_config:
                 self.model.add_adapter(name, self.model.peft_config["default"])
-            peft_keys = to_peft_state_dict(state) if any(k.startswith("peft.") for k in state) else dict(state)
-            result = set_peft_model_state_dict(self.model, peft_keys, adapter_name=name)
-            if [k for k in getattr(result, "unexpected_keys", []) if k]:
-                raise ValueError(f"peft did not load adapter keys {result.unexpected_keys}")
+            inject_adapter(self.model, peft_keys(state), adapter_name=name)
         self.model.eval()
         max_new_tokens = max_new_tokens or int(self.config["response_window"])
         prompts = encode_prompts(self.tokenizer, list(conversations))
@@ -450,6 +446,11 @@ class AdapterGenerator:
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=self.stops, pad_token_id=int(self.tokenizer.pad_token_id), **kwargs,
         )
+
+
+def peft_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A member's tensors under standard PEFT keys (zoo keys start with ``peft.``; PEFT keys pass through)."""
+    return to_peft_state_dict(state) if any(k.startswith("peft.") for k in state) else dict(state)
 
 
 def exact_match(answers: Sequence[str], references: Sequence[str]) -> float:
