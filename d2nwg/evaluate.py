@@ -367,11 +367,14 @@ def _vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, module: nn.Modul
     layout, vae = pipeline.layout, pipeline.vae
     originals = [zoo.load_member(m) for m in members]
     tokens = layout.tokenize(originals)  # (M, T, chunk), normalised as the VAE saw them in training
+    # With a conditional mean the VAE encodes each member's residual from it (its task's training split).
+    priors = [pipeline.prior_tokens(zoo.class_samples(m.task, "train")) for m in members]
+    prior = torch.cat(priors) if pipeline.conditional_mean is not None else torch.zeros_like(tokens)
     recon = []
     for s in range(0, len(tokens), 64):
-        mean, _ = vae.encode(tokens[s : s + 64].to(device=vae.device, dtype=vae.dtype))
+        mean, _ = vae.encode((tokens - prior)[s : s + 64].to(device=vae.device, dtype=vae.dtype))
         recon.append(vae.decode(mean).float().cpu())  # the posterior mean is unscaled: decode it directly
-    recon_sds = [{**orig, **rec} for orig, rec in zip(originals, layout.detokenize(torch.cat(recon)))]
+    recon_sds = [{**orig, **rec} for orig, rec in zip(originals, layout.detokenize(torch.cat(recon) + prior))]
     device = next(module.parameters()).device
     test = [tuple(t.to(device) for t in zoo.task_data(m.task, "test")) for m in members]
     orig = paired_accuracy(module, originals, test)

@@ -10,11 +10,14 @@ method              adapter and prompt
 base                no adapter; the test prompt alone (zero-shot)
 icl                 no adapter; k support examples as earlier chat turns (k-shot)
 retrieval           the training member whose task's conversations embed nearest to the
-                    support set's (mean pooled embedding, cosine)
+                    support set's (mean pooled embedding, cosine after subtracting the training
+                    tasks' mean embedding, which all tasks share)
 knn_ensemble        the element-wise mean of the k nearest training members
 multitask           one adapter of the same shape trained on the union of the training
                     tasks, with k in-context examples in every training and test prompt
                     (so it can tell the tasks apart), as Text-to-LoRA's baseline
+conditional_mean    the pipeline's regression mean alone (`d2nwg.models.ConditionalMean`), without
+                    the diffusion residual; n/a for pipelines without one
 generated_mean      the pipeline's N adapters for the support set, mean over the N
 generated_best      the one of the N with the highest support log-likelihood
 oracle              the task's own zoo member (trained on its training conversations)
@@ -39,7 +42,7 @@ import torch
 
 from d2nwg.zoo import ModelZoo
 
-METHODS = ("base", "icl", "retrieval", "knn_ensemble", "multitask", "generated_mean", "generated_best", "oracle")
+METHODS = ("base", "icl", "retrieval", "knn_ensemble", "multitask", "conditional_mean", "generated_mean", "generated_best", "oracle")
 
 
 def read_split(zoo: ModelZoo, task: str, split: str) -> list:
@@ -184,8 +187,11 @@ def evaluate_generation(
     train = [m for m in zoo.members("train")]
     hidden = module.hidden
 
+    raw = torch.stack([zoo.class_samples(m.task, "train")[0][:, :hidden].mean(0) for m in train])  # (M, H)
+    center = raw.mean(0)  # every task's embedding shares this component (mean cosine 0.98 on llm-lora)
+
     def task_embedding(task: str, split: str) -> torch.Tensor:
-        return torch.nn.functional.normalize(zoo.class_samples(task, split)[0][:, :hidden].mean(0), dim=0)
+        return torch.nn.functional.normalize(zoo.class_samples(task, split)[0][:, :hidden].mean(0) - center, dim=0)
 
     train_emb = torch.stack([task_embedding(m.task, "train") for m in train])  # (M, H)
     heldout = [t for t, r in zoo.tasks.items() if r["split"] != "train" and t in members]
@@ -223,6 +229,11 @@ def evaluate_generation(
         # Every adapter that answers the bare test prompts answers in one batch (`AdapterGenerator.answer_many`);
         # their log-likelihoods come from the cached features.
         adapters = {"retrieval": nearest[0], "knn_ensemble": mean_state_dict(nearest), "oracle": zoo.load_member(members[task])}
+        prior = pipeline.prior_tokens([x_support])
+        if prior is not None:
+            adapters["conditional_mean"] = pipeline.layout.detokenize(prior)[0]
+        else:
+            row["conditional_mean_em"] = row["conditional_mean_loglik"] = None
         states = [*adapters.values(), *output.weights]
         ems = [exact_match(a, refs) for a in generator.answer_many(states, test, max_new_tokens=max_new_tokens)]
         test_ll = adapter_scores(module, stack_state_dicts(states), x_test)
@@ -266,11 +277,11 @@ def evaluate_generation(
 
 
 def summarize_generation(rows: Sequence[Mapping]) -> dict:
-    """Mean of every ``<method>_em`` / ``<method>_loglik`` over ``rows`` (``None`` when there are no rows)."""
+    """Mean of every ``<method>_em`` / ``<method>_loglik`` over ``rows`` (``None`` when no row has it)."""
     out = {}
     for method in METHODS:
         for metric in ("em", "loglik"):
-            values = [r[f"{method}_{metric}"] for r in rows]
+            values = [r[f"{method}_{metric}"] for r in rows if r.get(f"{method}_{metric}") is not None]
             out[f"{method}_{metric}"] = sum(values) / len(values) if values else None
     return out
 

@@ -55,7 +55,7 @@ def pipeline_from_module(module: D2NWGModule, datamodule: ZooDataModule) -> D2NW
     scheduler = module.make_sample_scheduler()
     pipe = D2NWGPipeline(
         vae=vae, dataset_encoder=encoder, denoiser=denoiser, scheduler=scheduler, target=target,
-        head_solver=module.hparams.head_solver,
+        head_solver=module.hparams.head_solver, conditional_mean=module.export_conditional_mean(),
     )
     pipe.set_progress_bar_config(disable=True)
     # What `d2nwg generate` compares a user's dataset with: the training tasks' feature range and embeddings.

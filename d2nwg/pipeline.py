@@ -31,11 +31,12 @@ from torch import nn
 from d2nwg.architectures import build_model
 from d2nwg.datasets import to_xy
 from d2nwg.heads import HEAD_SOLVERS, check_head_solver, head_inputs, head_module_name, with_head
-from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
+from d2nwg.models import ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
 from d2nwg.specs import TargetSpec
 from d2nwg.weights import WeightLayout
 
 PIPELINE_COMPONENTS = ("vae", "dataset_encoder", "denoiser", "scheduler")
+"""The components every pipeline folder holds; ``conditional_mean`` is optional."""
 
 
 @dataclass
@@ -77,6 +78,9 @@ class D2NWGPipeline(DiffusionPipeline):
         head_solver: ``"generated"`` keeps the decoded head; ``"lda"`` or ``"class_mean"`` rewrites it
             from the dataset in each generated body's feature space (`d2nwg.heads.HEAD_SOLVERS`).
             Pipelines saved before this option existed load as ``"generated"``.
+        conditional_mean: optional `d2nwg.models.ConditionalMean`; when present, the VAE decodes a residual and
+            every sample is that residual plus the regression's tokens for the dataset (CorrDiff's split).
+            Pipelines without it (all those saved before it existed) decode whole weights.
         provenance: where the pipeline came from (`d2nwg.provenance.training_provenance`: training config,
             steps per stage, the zoo's name, member count and fingerprint, the d2nwg version, and the VAE
             reconstruction ratio and zoo spacing measured at export). Stored in ``model_index.json``; read it
@@ -90,6 +94,7 @@ class D2NWGPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "dataset_encoder->denoiser->vae"
+    _optional_components = ["conditional_mean"]
 
     def __init__(
         self,
@@ -100,12 +105,15 @@ class D2NWGPipeline(DiffusionPipeline):
         target: TargetSpec | dict | None = None,
         head_solver: str = "generated",
         provenance: dict | None = None,
+        conditional_mean: ConditionalMean | None = None,
     ):
         super().__init__()
         check_head_solver(head_solver)
         if isinstance(target, TargetSpec):
             target = target.to_dict()  # diffusers stores init kwargs as JSON
-        self.register_modules(vae=vae, dataset_encoder=dataset_encoder, denoiser=denoiser, scheduler=scheduler)
+        self.register_modules(
+            vae=vae, dataset_encoder=dataset_encoder, denoiser=denoiser, scheduler=scheduler, conditional_mean=conditional_mean
+        )
         self.register_to_config(target=target, head_solver=head_solver, provenance=provenance)
         self._layout = WeightLayout.from_dict(target["layout"]) if target else None
 
@@ -143,6 +151,15 @@ class D2NWGPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_dataset(self, dataset: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class features (label order) -> ``(class_tokens [1, K, D], pooled [1, D])``."""
+        x, mask = self.padded_dataset(dataset)
+        return self.dataset_encoder(x.to(self.device), mask.to(self.device))
+
+    def padded_dataset(self, dataset: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-class features -> the conditioning features as ``x [1, K, S, D]`` and ``mask [1, K, S]`` (`pad_class_sets`).
+
+        Raises:
+            ValueError: a class count or feature width that does not match the pipeline.
+        """
         if len(dataset) != self.num_classes:
             raise ValueError(
                 f"the dataset has {len(dataset)} classes but this pipeline generates {self.num_classes}-class models"
@@ -152,7 +169,16 @@ class D2NWGPipeline(DiffusionPipeline):
         expected = self.dataset_encoder.config.feature_dim
         if x.shape[-1] != expected:
             raise ValueError(f"samples have {x.shape[-1]} features, the pipeline expects {expected}")
-        return self.dataset_encoder(x.to(self.device), mask.to(self.device))
+        return x, mask
+
+    @torch.no_grad()
+    def prior_tokens(self, dataset: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """The conditional mean's tokens ``[1, T, chunk]`` for ``dataset`` (per-class ``[n_c, D]``), or ``None``
+        for a pipeline without one."""
+        if self.conditional_mean is None:
+            return None
+        x, mask = self.padded_dataset(dataset)
+        return self.conditional_mean(x.to(self.device), mask.to(self.device)).float().cpu()
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -210,8 +236,11 @@ class D2NWGPipeline(DiffusionPipeline):
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(pred, t, latents).prev_sample
-        # 4. Decode latents into weight tokens, then into state_dicts.
+        # 4. Decode latents into weight tokens (a residual, if there is a conditional mean), then into state_dicts.
         tokens = self.vae.decode(latents / self.vae.config.scaling_factor).cpu()
+        prior = self.prior_tokens(dataset)
+        if prior is not None:
+            tokens = tokens + prior
         weights = self.layout.detokenize(tokens)
         # 5. Rewrite each head from the dataset in its generated body's feature space.
         if self.config.head_solver != "generated":
@@ -299,8 +328,10 @@ class D2NWGPipeline(DiffusionPipeline):
         # such unaligned memory, so copy them into fresh (aligned) storage: the loaded pipeline then samples
         # bit-identically to the one that was saved.
         with torch.no_grad():
-            for name in ("vae", "dataset_encoder", "denoiser"):
-                for tensor in (*getattr(pipe, name).parameters(), *getattr(pipe, name).buffers()):
+            for net in (pipe.vae, pipe.dataset_encoder, pipe.denoiser, pipe.conditional_mean):
+                if net is None:
+                    continue
+                for tensor in (*net.parameters(), *net.buffers()):
                     tensor.data = tensor.data.clone()
         pipe.set_progress_bar_config(disable=True)
         return pipe

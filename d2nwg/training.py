@@ -41,7 +41,8 @@ from d2nwg.architectures import build_model
 from d2nwg.distributed import assert_same_on_ranks, fork_rank_rng, gather_rank_states, own_rank_state
 from d2nwg.ensemble import ensemble_logits
 from d2nwg.heads import check_head_solver, head_inputs, head_module_name
-from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
+from d2nwg.models import ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
+from d2nwg.models.conditional_mean import dataset_embedding
 
 
 @dataclass
@@ -125,6 +126,12 @@ class D2NWGModule(L.LightningModule):
             generalises to classes no zoo member saw (digits unseen-class tasks: 0.76 with the decoded
             head, 0.96 with LDA; unseen orders unchanged); ``"generated"`` keeps the decoded head.
             Only the export reads it: the networks train the same either way.
+        conditional_mean: fit a `d2nwg.models.ConditionalMean` (kernel ridge regression of the members' weight
+            tokens on their dataset's mean conditioning feature) before training; the VAE and the diffusion model
+            then learn each member's residual from it, and the pipeline adds the regression back. For zoos with
+            one noisy member per task (`llm-lora`: generated best exact match 0.052 -> see README "LLM
+            adapters"). Needs the zoo's tokens in memory (``data.memory_limit_mb``).
+        conditional_mean_ridge: its ridge strength; ``None`` picks it by leave-one-out error on the members.
 
     Attributes:
         fit_stage: which stage the next fit runs, set by `d2nwg.stages.fit_stages`: ``"vae"`` or
@@ -146,6 +153,8 @@ class D2NWGModule(L.LightningModule):
         diffusion_lr: float = 3e-4,
         weight_decay: float = 0.0,
         head_solver: str = "lda",
+        conditional_mean: bool = False,
+        conditional_mean_ridge: float | None = None,
     ):
         super().__init__()
         check_head_solver(head_solver)  # fail before any training step, not at export
@@ -158,6 +167,7 @@ class D2NWGModule(L.LightningModule):
         self.vae: WeightVAE | None = None
         self.dataset_encoder: DatasetEncoder | None = None
         self.denoiser: Denoiser | None = None
+        self.conditional_mean: ConditionalMean | None = None
         self.ema: EMAModel | None = None
         self.fit_stage: str | None = None
         self.register_buffer("latent_scale", torch.ones(()))
@@ -198,13 +208,38 @@ class D2NWGModule(L.LightningModule):
     def setup_networks(self, dm) -> None:
         """Build the networks for ``dm``'s zoo and set the VAE's zoo-mean token offset."""
         self.build(dm.zoo.layout.num_tokens, dm.zoo.layout.chunk_size, dm.feature_dim, dm.num_classes)
+        # Fitted in closed form before any step (and refitted identically when a run resumes): the VAE and the
+        # diffusion model learn the residual from it.
+        self.register_buffer("prior_tokens", self.fit_conditional_mean(dm), persistent=False)
         with torch.no_grad():
-            self.vae.mean_tokens.copy_(self.zoo_mean_tokens(dm.tokens))
+            self.vae.mean_tokens.copy_(self.zoo_mean_tokens(self.residual(dm.tokens)))
         self.check_head_solver(dm)
         self.register_buffer("padding_mask", dm.zoo.layout.padding_mask(), persistent=False)
         self.layout = dm.zoo.layout
         self.condition_features = dm.condition_features
         self.architecture = dm.zoo.architecture
+
+    def fit_conditional_mean(self, dm) -> torch.Tensor | None:
+        """Fit `conditional_mean` on ``dm``'s members if enabled; returns its in-sample tokens ``[N, T, chunk]``."""
+        if not self.hparams.conditional_mean:
+            return None
+        if not isinstance(dm.tokens, torch.Tensor):
+            raise ValueError(
+                "model.conditional_mean needs the zoo's tokens in memory; raise data.memory_limit_mb above "
+                f"{dm.zoo.token_bytes(len(dm.tokens)) / 2**20:.0f}"
+            )
+        # Each member's whole training split, as the dataset encoder sees it (the leading conditioning features).
+        per_member = [torch.cat(per_class)[None, None, :, : dm.condition_features] for per_class in dm.class_samples]
+        embeddings = torch.cat([dataset_embedding(x) for x in per_member])
+        self.conditional_mean, fitted = ConditionalMean.fit(embeddings, dm.tokens, self.hparams.conditional_mean_ridge)
+        return fitted
+
+    def residual(self, tokens, index: torch.Tensor | None = None):
+        """``tokens`` minus the conditional mean's fit for those members (``index``: their rows; all if None)."""
+        if getattr(self, "prior_tokens", None) is None:
+            return tokens
+        prior = self.prior_tokens if index is None else self.prior_tokens[index]
+        return tokens - prior.to(tokens.device)
 
     def zoo_mean_tokens(self, tokens) -> torch.Tensor:
         """``[1, T, chunk]`` mean of the members' tokens (in memory, or streamed from disk a share per rank)."""
@@ -275,7 +310,7 @@ class D2NWGModule(L.LightningModule):
         vae_sched, diff_sched = self.lr_schedulers()
         vae_stage = self.in_vae_stage
         if vae_stage:
-            losses = self.vae_loss(tokens, samples)
+            losses = self.vae_loss(tokens, samples, index)
             opt, sched = vae_opt, vae_sched
             self.log_dict({f"vae/{k}": v for k, v in losses.items()}, prog_bar=True, sync_dist=True)
         else:
@@ -293,10 +328,12 @@ class D2NWGModule(L.LightningModule):
             self.ema.step(self.diffusion_parameters())
         return losses["loss"]
 
-    def vae_loss(self, tokens: torch.Tensor, samples: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Weight-space VAE loss plus, if enabled, the function-space KL on the members' samples ``[B, K, S, D]``."""
-        output = self.vae(tokens)
-        losses = self.vae.loss(tokens, self.padding_mask, output=output)
+    def vae_loss(self, tokens: torch.Tensor, samples: torch.Tensor, index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Weight-space VAE loss plus, if enabled, the function-space KL on the members' samples ``[B, K, S, D]``.
+        With a conditional mean the VAE sees the members' residuals (``index``: their rows in the zoo)."""
+        residual = self.residual(tokens, index)
+        output = self.vae(residual)
+        losses = self.vae.loss(residual, self.padding_mask, output=output)
         weight = self.vae_settings.function_weight
         if weight > 0:
             if getattr(self, "target", None) is None:
@@ -310,7 +347,8 @@ class D2NWGModule(L.LightningModule):
             inputs = samples[:, :, :per_class].flatten(1, 2)  # (B, K*S, D); samples are drawn in random order
             with torch.no_grad():
                 reference = ensemble_logits(self.target, self.layout.unflatten(tokens), inputs).log_softmax(-1)
-            predicted = ensemble_logits(self.target, self.layout.unflatten(output[0]), inputs).log_softmax(-1)
+            predicted = output[0] + (tokens - residual)  # the conditional mean added back (zero without one)
+            predicted = ensemble_logits(self.target, self.layout.unflatten(predicted), inputs).log_softmax(-1)
             kl = torch.nn.functional.kl_div(predicted.flatten(0, 1), reference.flatten(0, 1), log_target=True, reduction="batchmean")
             losses["function_kl"] = kl
             losses["loss"] = losses["loss"] + weight * kl
@@ -320,7 +358,7 @@ class D2NWGModule(L.LightningModule):
     def freeze_vae(self) -> None:
         """End of the VAE stage: freeze it, encode the zoo once and scale latents to unit std."""
         self.vae.eval().requires_grad_(False)
-        latents = self.encode_zoo(self.trainer.datamodule.tokens)  # (N, L, C) means, the same on every rank
+        latents = self.encode_zoo(self.residual(self.trainer.datamodule.tokens))  # (N, L, C) means, the same on every rank
         if self.latent_scale.item() == 1.0:  # a resumed run keeps the scale it trained with
             self.latent_scale.fill_(1.0 / latents.std().clamp_min(1e-6).item())
         self.latents = latents * self.latent_scale
@@ -424,6 +462,12 @@ class D2NWGModule(L.LightningModule):
         assert_same_on_ranks(torch.stack([p.double().sum() for p in self.ema.shadow_params]), "the EMA weights")
         if getattr(self, "latents", None) is not None:
             assert_same_on_ranks(self.latents.double().sum((1, 2)), "the cached VAE latents")
+
+    def export_conditional_mean(self) -> ConditionalMean | None:
+        """A copy of the fitted `ConditionalMean` for a pipeline, or ``None`` when it is off."""
+        import copy
+
+        return None if self.conditional_mean is None else copy.deepcopy(self.conditional_mean).eval().requires_grad_(False)
 
     def export_networks(self) -> tuple[WeightVAE, DatasetEncoder, Denoiser]:
         """The VAE (with its latent scale) and EMA copies of the encoder and denoiser, for a pipeline."""

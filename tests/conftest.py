@@ -27,8 +27,9 @@ TINY_NETS = {"latent_channels": 4, "merge": 4, "dim": 16, "heads": 2}
 """Sizes of the untrained session pipeline's networks (widths 16, one block each)."""
 
 
-def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated"):
-    """An untrained `D2NWGPipeline` for ``zoo`` built directly from tiny networks (no Lightning).
+def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated", conditional_mean: bool = False):
+    """An untrained `D2NWGPipeline` for ``zoo`` built directly from tiny networks (no Lightning); with
+    ``conditional_mean`` it also holds a `d2nwg.models.ConditionalMean` fitted on the zoo's training members.
 
     The denoiser's adaLN-Zero / zero-output layers are re-drawn at random: with them at
     zero an untrained denoiser predicts 0 for every condition, which would hide guidance
@@ -37,7 +38,8 @@ def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated"):
     import torch
     from diffusers import DDIMScheduler
 
-    from d2nwg.models import DatasetEncoder, Denoiser, WeightVAE
+    from d2nwg.models import ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
+    from d2nwg.models.conditional_mean import dataset_embedding
     from d2nwg.pipeline import D2NWGPipeline
     from d2nwg.specs import TargetSpec
 
@@ -67,9 +69,14 @@ def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated"):
     target = TargetSpec(
         architecture=zoo.architecture, layout=zoo.layout.to_dict(), num_classes=num_classes, input=zoo.input_spec
     )
+    prior = None
+    if conditional_mean:
+        members = zoo.members("train")
+        x = [torch.cat(zoo.class_samples(m.task, "train"))[None, None, :, :feature_dim] for m in members]
+        prior, _ = ConditionalMean.fit(torch.cat([dataset_embedding(e) for e in x]), zoo.tokens("train"))
     pipe = D2NWGPipeline(
         vae=vae.eval(), dataset_encoder=encoder.eval(), denoiser=denoiser.eval(),
-        scheduler=DDIMScheduler(clip_sample=False), target=target, head_solver=head_solver,
+        scheduler=DDIMScheduler(clip_sample=False), target=target, head_solver=head_solver, conditional_mean=prior,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

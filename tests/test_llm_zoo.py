@@ -117,7 +117,7 @@ def test_rebuild_resumes_without_retraining(llm_zoo, chat_llama):
 @pytest.fixture(scope="module")
 def llm_pipeline_dir(tmp_path_factory, llm_zoo, make_tiny_pipeline):
     folder = tmp_path_factory.mktemp("llm_pipeline") / "pipeline"
-    make_tiny_pipeline(llm_zoo).save_pretrained(folder)
+    make_tiny_pipeline(llm_zoo, conditional_mean=True).save_pretrained(folder)
     return folder
 
 

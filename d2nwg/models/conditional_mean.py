@@ -1,0 +1,118 @@
+"""`ConditionalMean`: the members' expected weight tokens given a dataset, by kernel ridge regression.
+
+The diffusion model then only has to generate what a member adds to this mean (CorrDiff's split of a
+regression mean and a diffusion residual, Mardani et al. 2023, "Residual corrective diffusion modeling").
+
+Why: in a zoo with one member per task, each member's weights hold the task's signal plus the noise of its
+own short training run. On the `llm-lora` zoo the top 8 principal directions of the members hold 19.5% of
+their variance, and a diffusion model trained on 192 such members ignored its conditioning (generated
+adapters wrote the wrong format even for training tasks). A linear map from the dataset embedding to the
+weights, fitted in closed form, averages that noise away: on the 24 held-out tasks of that zoo it raised
+exact match from 0.052 (diffusion alone, best of 10) to 0.539, against 0.362 for retrieval (README, "LLM
+adapters").
+
+The regression is in the dual (kernel) form, so its size grows with the number of training members M, not
+with the embedding width: ``coef [M, T, chunk]`` beside the ``member_embeddings [M, D]`` that weigh them.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+RIDGE_GRID = tuple(10.0 ** (k / 4) for k in range(-12, 5))
+"""Ridge strengths tried by `ConditionalMean.fit` (1e-3 .. 10), relative to the mean kernel eigenvalue (1 here:
+keys have unit norm)."""
+
+
+def dataset_embedding(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean feature of a dataset: ``x [B, K, S, D]`` (``mask [B, K, S]``, True = real sample) -> ``[B, D]``."""
+    if mask is None:
+        return x.mean((1, 2))
+    w = mask.to(x.dtype)[..., None]
+    return (x * w).sum((1, 2)) / w.sum((1, 2)).clamp_min(1)
+
+
+class ConditionalMean(ModelMixin, ConfigMixin):
+    """Kernel ridge regression of weight tokens ``[T, chunk]`` on a dataset's mean feature ``[D]``.
+
+    The kernel is the cosine similarity of embeddings after subtracting the training members' mean
+    embedding (``center``): raw embeddings of related datasets share one large common component (mean
+    cosine 0.98 between the tasks of the `llm-lora` zoo), which hides what tells them apart.
+
+    Args:
+        num_members: M, the training members the regression was fitted on.
+        feature_dim: D, features per sample (the conditioning features the dataset encoder sees).
+        num_tokens, chunk_size: the weight layout's token grid ``[T, chunk]``.
+        ridge: the ridge strength the fit chose (recorded; the coefficients already include it).
+
+    Buffers (all float32): ``center [D]``, ``member_embeddings [M, D]`` (centered, unit norm), ``coef [M, T, chunk]``, ``bias [T, chunk]``.
+    """
+
+    @register_to_config
+    def __init__(self, num_members: int = 1, feature_dim: int = 1, num_tokens: int = 1, chunk_size: int = 1, ridge: float = 0.1):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(feature_dim))
+        self.register_buffer("member_embeddings", torch.zeros(num_members, feature_dim))
+        self.register_buffer("coef", torch.zeros(num_members, num_tokens, chunk_size))
+        self.register_buffer("bias", torch.zeros(num_tokens, chunk_size))
+
+    def similarity(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` mean features -> ``[B, M]`` cosine similarity to each training member's, after centering."""
+        query = nn.functional.normalize(embedding.to(self.member_embeddings.dtype) - self.center, dim=-1)
+        return query @ self.member_embeddings.T
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Expected tokens ``[B, T, chunk]`` for datasets ``x [B, K, S, D]`` (``mask [B, K, S]``)."""
+        k = self.similarity(dataset_embedding(x, mask))
+        return self.bias + torch.einsum("bm,mtc->btc", k, self.coef)
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, embeddings: torch.Tensor, tokens: torch.Tensor, ridge: float | None = None) -> tuple[ConditionalMean, torch.Tensor]:
+        """Fit on ``embeddings [M, D]`` (each member's dataset mean feature) and ``tokens [M, T, chunk]``.
+
+        Args:
+            ridge: the ridge strength; ``None`` picks the one of `RIDGE_GRID` with the lowest leave-one-out
+                squared error (closed form, Hastie et al., "Elements of Statistical Learning", eq. 7.52; exact for
+                ridge without intercept, here the token mean is the intercept).
+
+        Returns:
+            ``(module, fitted)``: the regression and its in-sample predictions ``[M, T, chunk]`` (float32), whose
+            residuals ``tokens - fitted`` are what the VAE and the diffusion model learn.
+
+        Raises:
+            ValueError: fewer than 2 members, mismatched counts, or non-finite inputs.
+        """
+        m = len(tokens)
+        if m < 2 or len(embeddings) != m:
+            raise ValueError(f"the conditional mean needs >= 2 members with one embedding each, got {len(embeddings)} embeddings for {m} members")
+        if not (torch.isfinite(embeddings).all() and torch.isfinite(tokens).all()):
+            raise ValueError("the conditional mean got non-finite embeddings or weight tokens")
+        e, y = embeddings.double(), tokens.double().flatten(1)
+        center = e.mean(0)
+        keys = nn.functional.normalize(e - center, dim=-1)
+        bias = y.mean(0)
+        yc = y - bias
+        s, u = torch.linalg.eigh(keys @ keys.T)
+        s = s.clamp_min(0)
+        if ridge is None:
+            gram = u.T @ (yc @ yc.T) @ u  # Y Y^T in the eigenbasis: every LOO error below is M x M work
+
+            def loo_error(lam: float) -> float:
+                shrink = lam / (s + lam)  # I - H in the eigenbasis, H = K (K + lam I)^-1
+                residual = (u * shrink) @ gram @ (u * shrink).T  # (I-H) Y Y^T (I-H)
+                leverage = (u**2 * (s / (s + lam))).sum(1)
+                return float((residual.diagonal() / (1 - leverage).clamp_min(1e-9) ** 2).sum())
+
+            ridge = min(RIDGE_GRID, key=loo_error)
+        alpha = (u / (s + ridge)) @ (u.T @ yc)  # (K + ridge I)^-1 Yc
+        fitted = bias + (keys @ keys.T) @ alpha
+        module = cls(num_members=m, feature_dim=e.shape[1], num_tokens=tokens.shape[1], chunk_size=tokens.shape[2], ridge=float(ridge))
+        module.center.copy_(center)
+        module.member_embeddings.copy_(keys)
+        module.coef.copy_(alpha.view_as(tokens))
+        module.bias.copy_(bias.view(tokens.shape[1:]))
+        return module, fitted.view_as(tokens).float()

@@ -1,0 +1,125 @@
+"""`ConditionalMean`: kernel ridge regression of weight tokens on the dataset embedding, and its place in training
+(residual targets) and sampling (added back to every decoded sample)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from d2nwg.cli import main
+from d2nwg.models import ConditionalMean
+from d2nwg.models.conditional_mean import RIDGE_GRID, dataset_embedding
+from d2nwg.pipeline import D2NWGPipeline
+
+
+def linear_zoo(m: int, d: int = 6, t: int = 3, c: int = 4, noise: float = 0.0, seed: int = 0):
+    """Embeddings ``[m, d]`` around a shared offset, and tokens that depend linearly on their direction."""
+    g = torch.Generator().manual_seed(seed)
+    offset = 10 * torch.randn(d, generator=g)  # what every dataset shares: must not drive the kernel
+    directions = torch.randn(m + 8, d, generator=g)
+    mix = torch.randn(d, t * c, generator=g)
+    signal = torch.nn.functional.normalize(directions, dim=-1) @ mix
+    tokens = (signal + noise * torch.randn(signal.shape, generator=g)).view(-1, t, c) + 3.0
+    embeddings = offset + directions
+    return embeddings[:m], tokens[:m], embeddings[m:], tokens[m:]
+
+
+def test_recovers_a_linear_dependence_on_new_datasets_better_than_the_mean():
+    e, y, e_new, y_new = linear_zoo(m=64)
+    module, fitted = ConditionalMean.fit(e, y)
+    assert module.config.ridge in RIDGE_GRID
+    predicted = module(e_new[:, None, None, :])  # each new dataset as one class of one sample
+    mean_error = (y_new - y.mean(0)).pow(2).mean()
+    assert (predicted - y_new).pow(2).mean() < 0.05 * mean_error
+    # The in-sample fit it returns is the module's own prediction for the training datasets.
+    assert torch.allclose(module(e[:, None, None, :]), fitted, atol=1e-5)
+
+
+def test_leave_one_out_shrinks_to_the_mean_when_the_weights_do_not_depend_on_the_data():
+    g = torch.Generator().manual_seed(1)
+    e, y = torch.randn(40, 6, generator=g), torch.randn(40, 3, 4, generator=g)
+    module, _ = ConditionalMean.fit(e, y)
+    assert module.config.ridge == max(RIDGE_GRID)
+    informative, _ = ConditionalMean.fit(*linear_zoo(m=40)[:2])
+    assert informative.config.ridge < max(RIDGE_GRID)
+    # A fixed ridge is used as given.
+    assert ConditionalMean.fit(e, y, ridge=0.5)[0].config.ridge == 0.5
+
+
+def test_bad_fits_are_refused():
+    e, y = linear_zoo(m=8)[:2]
+    with pytest.raises(ValueError, match=">= 2 members"):
+        ConditionalMean.fit(e[:1], y[:1])
+    with pytest.raises(ValueError, match="one embedding each"):
+        ConditionalMean.fit(e[:5], y)
+    with pytest.raises(ValueError, match="non-finite"):
+        ConditionalMean.fit(e, y.clone().fill_(float("nan")))
+
+
+def test_dataset_embedding_ignores_padding():
+    x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [100.0, 100.0]]]])  # 2 classes, the last sample padding
+    mask = torch.tensor([[[True, True], [True, False]]])
+    assert torch.equal(dataset_embedding(x, mask), torch.tensor([[3.0, 4.0]]))
+
+
+def test_pipeline_adds_the_conditional_mean_to_each_decoded_sample(tiny_digits_zoo, make_tiny_pipeline, tmp_path):
+    with_mean = make_tiny_pipeline(tiny_digits_zoo, conditional_mean=True)
+    without = make_tiny_pipeline(tiny_digits_zoo)  # the same seed: the same networks
+    dataset = tiny_digits_zoo.class_samples(tiny_digits_zoo.members("heldout")[0].task, "support")
+    a = with_mean(dataset, num_samples=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    b = without(dataset, num_samples=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    prior = with_mean.prior_tokens(dataset)
+    assert without.prior_tokens(dataset) is None
+    assert torch.allclose(a.tokens, b.tokens + prior, atol=1e-6)
+    # Saved and loaded, it samples the same weights bit for bit; a pipeline saved without it loads without it.
+    with_mean.save_pretrained(tmp_path / "with")
+    without.save_pretrained(tmp_path / "without")
+    loaded = D2NWGPipeline.from_pretrained(tmp_path / "with")
+    again = loaded(dataset, num_samples=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(x, y) for w, v in zip(a.weights, again.weights) for x, y in zip(w.values(), v.values()))
+    assert D2NWGPipeline.from_pretrained(tmp_path / "without").conditional_mean is None
+
+
+@pytest.mark.slow
+def test_training_learns_residuals_and_exports_the_fitted_mean(tiny_digits_zoo, tmp_path):
+    from d2nwg.datamodule import ZooDataModule
+    from d2nwg.lightning_cli import make_cli
+
+    tiny = {"model.vae.hidden_dim": "16", "model.vae.latent_channels": "8", "model.encoder.dim": "16",
+            "model.denoiser.dim": "16", "model.denoiser.depth": "1", "data.batch_size": "4",
+            "trainer.enable_progress_bar": "false", "model.vae_steps": "3", "model.diffusion_steps": "3",
+            "model.conditional_mean": "true"}  # fmt: skip
+    sets = [a for k, v in tiny.items() for a in ("--set", f"{k}={v}")]
+    assert main(["train", "--zoo", str(tiny_digits_zoo.root), "--out", str(tmp_path / "run"), *sets]) == 0
+    pipe = D2NWGPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    assert isinstance(pipe.conditional_mean, ConditionalMean)
+    dm = ZooDataModule(zoo=str(tiny_digits_zoo.root))
+    # The exported regression is the closed-form fit on the zoo's training members.
+    members = [torch.cat(c)[None, None] for c in dm.class_samples]
+    expected, fitted = ConditionalMean.fit(torch.cat([dataset_embedding(x) for x in members]), dm.tokens)
+    assert torch.equal(pipe.conditional_mean.coef, expected.coef)
+    # The VAE's mean offset is that of the residuals, not of the weights.
+    cli = make_cli(args=["--data.zoo", str(tiny_digits_zoo.root), *[f"--{k}={v}" for k, v in tiny.items()]], run=False, out=str(tmp_path / "x"))
+    cli.model.setup_networks(cli.datamodule)
+    assert torch.allclose(cli.model.vae.mean_tokens[0], (dm.tokens - fitted).mean(0), atol=1e-5)
+
+
+def test_conditional_mean_refuses_a_zoo_streamed_from_disk(tiny_digits_zoo, tmp_path, capsys):
+    sets = ["--set", "model.conditional_mean=true", "--set", "data.memory_limit_mb=0", "--set", "model.vae_steps=1",
+            "--set", "model.diffusion_steps=1", "--set", "trainer.enable_progress_bar=false"]  # fmt: skip
+    code = main(["train", "--zoo", str(tiny_digits_zoo.root), "--out", str(tmp_path / "run"), *sets])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err
+    assert "conditional_mean needs the zoo's tokens in memory" in err
+
+
+def test_generation_summary_leaves_out_a_method_the_pipeline_does_not_have():
+    from d2nwg.evaluate_generation import METHODS, generation_table, summarize_generation
+
+    rows = [{f"{m}_{k}": 0.5 for m in METHODS for k in ("em", "loglik")} for _ in range(2)]
+    rows[0]["generated_best_em"] = 1.0
+    for row in rows:
+        row["conditional_mean_em"] = row["conditional_mean_loglik"] = None
+    summary = summarize_generation(rows)
+    assert summary["generated_best_em"] == 0.75 and summary["conditional_mean_em"] is None
+    assert ("conditional_mean", "n/a", "n/a") in generation_table(summary)
