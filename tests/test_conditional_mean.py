@@ -123,3 +123,20 @@ def test_generation_summary_leaves_out_a_method_the_pipeline_does_not_have():
     summary = summarize_generation(rows)
     assert summary["generated_best_em"] == 0.75 and summary["conditional_mean_em"] is None
     assert ("conditional_mean", "n/a", "n/a") in generation_table(summary)
+
+
+def test_leave_one_out_is_the_fit_without_that_member():
+    from d2nwg.models.conditional_mean import _kernel, leave_one_out
+
+    e, y = linear_zoo(m=12, noise=0.3)[:2]
+    loo = leave_one_out(e, y, ridge=0.2)
+    _, keys, _, _ = _kernel(e)  # the same centering for every fold, as the closed form keeps it
+    k, yc = keys @ keys.T, (y - y.mean(0)).double().flatten(1)
+    for i in (0, 5, 11):
+        rest = [j for j in range(12) if j != i]
+        alpha = torch.linalg.solve(k[rest][:, rest] + 0.2 * torch.eye(11, dtype=k.dtype), yc[rest])
+        explicit = y.mean(0).double().flatten() + k[i, rest] @ alpha
+        assert torch.allclose(loo[i].double().flatten(), explicit, atol=1e-5)
+    # Held out, a member is predicted worse than when it is in the fit.
+    _, fitted = ConditionalMean.fit(e, y, ridge=0.2)
+    assert (loo - y).pow(2).mean() > (fitted - y).pow(2).mean()
