@@ -18,45 +18,50 @@ import argparse
 import time
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--zoo", required=True, help="a causal-lm-adapter zoo (d2nwg zoo build llm-lora)")
-    parser.add_argument("--stride", type=int, default=1, help="score every STRIDE-th training task (speed)")
-    args = parser.parse_args()
-
+def ridge_scores(zoo, stride: int = 1) -> list[tuple[float, float, float]]:
+    """``(ridge, leave-one-out test log-likelihood, leave-one-out token MSE)`` for each ridge of `RIDGE_GRID`,
+    over every ``stride``-th training task of the causal-LM adapter ``zoo``."""
     import torch
 
     from d2nwg.architectures import build_model
     from d2nwg.causal_lm import adapter_scores
     from d2nwg.ensemble import stack_state_dicts
     from d2nwg.models.conditional_mean import RIDGE_GRID, dataset_embedding, leave_one_out
-    from d2nwg.zoo import ModelZoo
 
-    zoo = ModelZoo.open(args.zoo)
-    if zoo.architecture.get("name") != "causal-lm-adapter":
-        raise SystemExit(f"error: {args.zoo} is not a causal-LM adapter zoo")
     module = build_model(zoo.architecture).eval()
     train = zoo.members("train")
     tokens = zoo.tokens("train")
     cf = zoo.input_spec.condition_features  # what the dataset encoder and the regression see
     embeddings = torch.cat([dataset_embedding(torch.cat(zoo.class_samples(m.task, "train"))[None, None, :, :cf]) for m in train])
-    started = time.perf_counter()
-    rows = []
     predictions = {ridge: leave_one_out(embeddings, tokens, ridge) for ridge in RIDGE_GRID}
-    picked = range(0, len(train), args.stride)
-    scores = {ridge: 0.0 for ridge in RIDGE_GRID}
+    picked = range(0, len(train), stride)
+    scores = dict.fromkeys(RIDGE_GRID, 0.0)
     for i in picked:
         states = zoo.layout.detokenize(torch.stack([predictions[r][i] for r in RIDGE_GRID]))
         ll = adapter_scores(module, stack_state_dicts(states), zoo.class_samples(train[i].task, "test")[0])
         for j, ridge in enumerate(RIDGE_GRID):
             scores[ridge] += float(ll[j]) / len(picked)
-    for ridge in RIDGE_GRID:
-        error = float((predictions[ridge] - tokens).pow(2).mean())
-        rows.append((ridge, scores[ridge], error))
-        print(f"ridge {ridge:8.4f}   leave-one-out test log-likelihood {scores[ridge]:8.4f}   token MSE {error:.4f}")
-    best = max(rows, key=lambda r: r[1])
-    print(f"best by log-likelihood: {best[0]:.4f}; by token error: {min(rows, key=lambda r: r[2])[0]:.4f} "
-          f"({len(picked)} training tasks, {time.perf_counter() - started:.0f} s)")  # fmt: skip
+    return [(r, scores[r], float((predictions[r] - tokens).pow(2).mean())) for r in RIDGE_GRID]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", required=True, help="a causal-lm-adapter zoo (d2nwg zoo build llm-lora)")
+    parser.add_argument("--stride", type=int, default=1, help="score every STRIDE-th training task (speed)")
+    args = parser.parse_args()
+
+    from d2nwg.zoo import ModelZoo
+
+    zoo = ModelZoo.open(args.zoo)
+    if zoo.architecture.get("name") != "causal-lm-adapter":
+        raise SystemExit(f"error: {args.zoo} is not a causal-LM adapter zoo")
+    started = time.perf_counter()
+    rows = ridge_scores(zoo, args.stride)
+    for ridge, loglik, error in rows:
+        print(f"ridge {ridge:8.4f}   leave-one-out test log-likelihood {loglik:8.4f}   token MSE {error:.4f}")
+    tasks = len(range(0, len(zoo.members("train")), args.stride))
+    print(f"best by log-likelihood: {max(rows, key=lambda r: r[1])[0]:.4f}; by token error: {min(rows, key=lambda r: r[2])[0]:.4f} "
+          f"({tasks} training tasks, {time.perf_counter() - started:.0f} s)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -312,6 +312,12 @@ class D2NWGPipeline(DiffusionPipeline):
 
             path = download_pipeline(str(pretrained_model_name_or_path), revision=kwargs.pop("revision", None))
         missing = [c for c in (*PIPELINE_COMPONENTS, "model_index.json") if not (path / c).exists()]
+        if not missing:
+            try:  # an optional component the index names must be there too
+                index = json.loads((path / "model_index.json").read_text())
+            except (OSError, ValueError) as err:
+                raise ValueError(f"pipeline folder {path} has an unreadable model_index.json ({err})") from None
+            missing = [c for c in cls._optional_components if (index.get(c) or [None])[0] and not (path / c).exists()]
         if missing:
             raise ValueError(f"pipeline folder {path} is missing component(s): {', '.join(missing)}")
         from diffusers.utils import logging as diffusers_logging

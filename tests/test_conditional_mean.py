@@ -140,3 +140,12 @@ def test_leave_one_out_is_the_fit_without_that_member():
     # Held out, a member is predicted worse than when it is in the fit.
     _, fitted = ConditionalMean.fit(e, y, ridge=0.2)
     assert (loo - y).pow(2).mean() > (fitted - y).pow(2).mean()
+
+
+def test_a_pipeline_folder_missing_its_conditional_mean_is_refused(tiny_digits_zoo, make_tiny_pipeline, tmp_path):
+    import shutil
+
+    make_tiny_pipeline(tiny_digits_zoo, conditional_mean=True).save_pretrained(tmp_path / "p")
+    shutil.rmtree(tmp_path / "p" / "conditional_mean")
+    with pytest.raises(ValueError, match="missing component.*conditional_mean"):
+        D2NWGPipeline.from_pretrained(tmp_path / "p")

@@ -242,3 +242,27 @@ def test_base_option_points_a_causal_lm_pipeline_at_a_moved_base(llm_zoo, llm_pi
     import json
 
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(moved)
+
+
+def test_ridge_benchmark_scores_every_ridge_on_training_tasks(llm_zoo):
+    import importlib.util
+    from pathlib import Path
+
+    from d2nwg.models import ConditionalMean
+    from d2nwg.models.conditional_mean import RIDGE_GRID, dataset_embedding
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ridge.py"
+    spec = importlib.util.spec_from_file_location("bench_ridge", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.ridge_scores(llm_zoo, stride=2)
+    assert [r[0] for r in rows] == list(RIDGE_GRID)
+    assert all(torch.isfinite(torch.tensor(r[1])) and r[1] < 0 for r in rows)
+    # A member left out of the fit is predicted worse than when it is in it.
+    train = llm_zoo.members("train")
+    cf = llm_zoo.input_spec.condition_features
+    e = torch.cat([dataset_embedding(torch.cat(llm_zoo.class_samples(m.task, "train"))[None, None, :, :cf]) for m in train])
+    tokens = llm_zoo.tokens("train")
+    for ridge, _, loo_error in rows[::4]:
+        _, fitted = ConditionalMean.fit(e, tokens, ridge)
+        assert loo_error > float((fitted - tokens).pow(2).mean())
