@@ -26,13 +26,13 @@ def ridge_scores(zoo, stride: int = 1) -> list[tuple[float, float, float]]:
     from d2nwg.architectures import build_model
     from d2nwg.causal_lm import adapter_scores
     from d2nwg.ensemble import stack_state_dicts
-    from d2nwg.models.conditional_mean import RIDGE_GRID, dataset_embedding, leave_one_out
+    from d2nwg.models.conditional_mean import RIDGE_GRID, class_means, leave_one_out
 
     module = build_model(zoo.architecture).eval()
     train = zoo.members("train")
     tokens = zoo.tokens("train")
     cf = zoo.input_spec.condition_features  # what the dataset encoder and the regression see
-    embeddings = torch.cat([dataset_embedding(torch.cat(zoo.class_samples(m.task, "train"))[None, None, :, :cf]) for m in train])
+    embeddings = torch.stack([class_means(zoo.class_samples(m.task, "train"), cf) for m in train])
     predictions = {ridge: leave_one_out(embeddings, tokens, ridge) for ridge in RIDGE_GRID}
     picked = range(0, len(train), stride)
     scores = dict.fromkeys(RIDGE_GRID, 0.0)

@@ -24,6 +24,7 @@ from torch import nn
 
 from d2nwg.architectures import build_model
 from d2nwg.ensemble import mean_state_dict, paired_accuracy, shared_accuracy, train_ensemble
+from d2nwg.models.conditional_mean import class_means
 from d2nwg.heads import class_mean_head, head_inputs, head_module_name, lda_cv_head, with_head
 from d2nwg.registry import Registry
 from d2nwg.zoo import Member, ModelZoo
@@ -34,8 +35,8 @@ KNN_K = 5
 
 # ----------------------------------------------------------------------------- retrieval
 def dataset_embedding(per_class: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenated per-class mean features in label order, ``[K * D]``."""
-    return torch.cat([c.float().mean(0) for c in per_class])
+    """Concatenated per-class mean features in label order, ``[K * D]`` (the conditional mean's embedding too)."""
+    return class_means(list(per_class))
 
 
 def nearest_members(

@@ -368,8 +368,10 @@ def _vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, module: nn.Modul
     originals = [zoo.load_member(m) for m in members]
     tokens = layout.tokenize(originals)  # (M, T, chunk), normalised as the VAE saw them in training
     # With a conditional mean the VAE encodes each member's residual from it (its task's training split).
-    priors = [pipeline.prior_tokens(zoo.class_samples(m.task, "train")) for m in members]
-    prior = torch.cat(priors) if pipeline.conditional_mean is not None else torch.zeros_like(tokens)
+    if pipeline.conditional_mean is not None:
+        prior = torch.cat([pipeline.prior_tokens(zoo.class_samples(m.task, "train")) for m in members])
+    else:
+        prior = torch.zeros_like(tokens)
     recon = []
     for s in range(0, len(tokens), 64):
         mean, _ = vae.encode((tokens - prior)[s : s + 64].to(device=vae.device, dtype=vae.dtype))

@@ -167,6 +167,7 @@ def evaluate_generation(
     from d2nwg.instructions import with_examples
     from d2nwg.trust import (
         baseline_message,
+        residual_message,
         collapse_message,
         flat_tokens,
         median,
@@ -258,6 +259,7 @@ def evaluate_generation(
     provenance = getattr(pipeline, "provenance", None) or {}
     warnings = [
         baseline_message(summary["generated_best_em"], cheap, f"in exact match on the same {len(rows)} held-out task(s)", summary["generated_mean_em"]),
+        residual_message(summary["generated_best_em"], summary["conditional_mean_em"], f"in exact match on the same {len(rows)} held-out task(s)"),
         recon_message(provenance.get("vae_recon_ratio")),
         collapse_message([r["within_task_spread_ratio"] for r in rows]),
         near_copy_message(rows),

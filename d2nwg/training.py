@@ -42,7 +42,7 @@ from d2nwg.distributed import assert_same_on_ranks, fork_rank_rng, gather_rank_s
 from d2nwg.ensemble import ensemble_logits
 from d2nwg.heads import check_head_solver, head_inputs, head_module_name
 from d2nwg.models import ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
-from d2nwg.models.conditional_mean import dataset_embedding
+from d2nwg.models.conditional_mean import class_means
 
 
 @dataclass
@@ -131,7 +131,7 @@ class D2NWGModule(L.LightningModule):
             then learn each member's residual from it, and the pipeline adds the regression back. For zoos with
             one noisy member per task (`llm-lora`: generated best exact match 0.052 -> 0.544 on 24 held-out
             tasks; README "LLM adapters"). Needs the zoo's tokens in memory (``data.memory_limit_mb``).
-        conditional_mean_ridge: its ridge strength; ``None`` picks it by leave-one-out error on the members.
+        conditional_mean_ridge: its ridge strength (> 0); ``None`` picks it by leave-one-out error on the members.
 
     Attributes:
         fit_stage: which stage the next fit runs, set by `d2nwg.stages.fit_stages`: ``"vae"`` or
@@ -158,6 +158,8 @@ class D2NWGModule(L.LightningModule):
     ):
         super().__init__()
         check_head_solver(head_solver)  # fail before any training step, not at export
+        if conditional_mean_ridge is not None and not conditional_mean_ridge > 0:
+            raise ValueError(f"model.conditional_mean_ridge must be > 0, got {conditional_mean_ridge}")
         self.save_hyperparameters()
         self.vae_settings = as_settings(VAESettings, vae)
         self.encoder_settings = as_settings(EncoderSettings, encoder)
@@ -208,9 +210,9 @@ class D2NWGModule(L.LightningModule):
     def setup_networks(self, dm) -> None:
         """Build the networks for ``dm``'s zoo and set the VAE's zoo-mean token offset."""
         self.build(dm.zoo.layout.num_tokens, dm.zoo.layout.chunk_size, dm.feature_dim, dm.num_classes)
-        # Fitted in closed form before any step (and refitted identically when a run resumes): the VAE and the
-        # diffusion model learn the residual from it.
-        self.register_buffer("prior_tokens", self.fit_conditional_mean(dm), persistent=False)
+        # Fitted in closed form before any step (and refitted identically when a run resumes; the checkpoint keeps
+        # a fingerprint to check that): the VAE and the diffusion model learn the residual from it.
+        self.prior_tokens = self.fit_conditional_mean(dm)
         with torch.no_grad():
             self.vae.mean_tokens.copy_(self.zoo_mean_tokens(self.residual(dm.tokens)))
         self.check_head_solver(dm)
@@ -229,16 +231,24 @@ class D2NWGModule(L.LightningModule):
                 f"{dm.zoo.token_bytes(len(dm.tokens)) / 2**20:.0f}"
             )
         # Each member's whole training split, as the dataset encoder sees it (the leading conditioning features).
-        per_member = [torch.cat(per_class)[None, None, :, : dm.condition_features] for per_class in dm.class_samples]
-        embeddings = torch.cat([dataset_embedding(x) for x in per_member])
-        self.conditional_mean, fitted = ConditionalMean.fit(embeddings, dm.tokens, self.hparams.conditional_mean_ridge)
+        embeddings = torch.stack([class_means(per_class, dm.condition_features) for per_class in dm.class_samples])
+        regression, fitted = ConditionalMean.fit(embeddings, dm.tokens, self.hparams.conditional_mean_ridge)
+        # Not a submodule: DDP would broadcast its buffers (M x T x chunk numbers) every step, and it is
+        # refitted rather than restored on resume.
+        object.__setattr__(self, "conditional_mean", regression)
         return fitted
+
+    def conditional_mean_fingerprint(self) -> dict | None:
+        """What a checkpoint records of the fitted regression, to refuse resuming with another one."""
+        if self.conditional_mean is None:
+            return None
+        return {"ridge": self.conditional_mean.config.ridge, "coef_sum": float(self.conditional_mean.coef.double().abs().sum())}
 
     def residual(self, tokens, index: torch.Tensor | None = None):
         """``tokens`` minus the conditional mean's fit for those members (``index``: their rows; all if None)."""
         if getattr(self, "prior_tokens", None) is None:
             return tokens
-        prior = self.prior_tokens if index is None else self.prior_tokens[index]
+        prior = self.prior_tokens if index is None else self.prior_tokens[index.cpu()]
         return tokens - prior.to(tokens.device)
 
     def zoo_mean_tokens(self, tokens) -> torch.Tensor:
@@ -407,6 +417,7 @@ class D2NWGModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoint / export
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["conditional_mean"] = self.conditional_mean_fingerprint()
         # The global RNG drives the conditioning samples, noise, timesteps and condition dropout: with it
         # (and the data loader's place in its epoch, `d2nwg.datamodule.ResumableLoader`) a resumed run
         # continues exactly as an uninterrupted one.
@@ -418,6 +429,18 @@ class D2NWGModule(L.LightningModule):
             checkpoint["rng"]["ranks"] = ranks
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved, now = checkpoint.get("conditional_mean"), self.conditional_mean_fingerprint()
+        same = saved == now or (
+            saved and now and saved["ridge"] == now["ridge"] and abs(saved["coef_sum"] - now["coef_sum"]) <= 1e-6 * now["coef_sum"]
+        )
+        if not same:
+            def describe(f):
+                return "no conditional mean" if not f else f"a conditional mean with ridge {f['ridge']:g}"
+
+            raise ValueError(
+                f"the checkpoint was trained with {describe(saved)}, this run fits {describe(now)} "
+                "(model.conditional_mean / model.conditional_mean_ridge, or another zoo); resume with the same settings"
+            )
         self._pending_ema = checkpoint.get("ema")
         self._fit_start = int(checkpoint.get("global_step", 0))  # the loops' step is restored only after `on_fit_start`
         # Restored here, after `setup` built the networks (which draws) and before the first batch.

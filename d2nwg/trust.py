@@ -191,6 +191,17 @@ def baseline_message(
     )
 
 
+def residual_message(generated: float | None, conditional_mean: float | None, where: str) -> str | None:
+    """The warning when the generated weights do not beat the pipeline's conditional mean alone
+    (`d2nwg.models.ConditionalMean`), i.e. the diffusion residual adds nothing; else None."""
+    if generated is None or conditional_mean is None or generated > conditional_mean:
+        return None
+    return (
+        f"generated best {generated:.3f} does not beat the pipeline's conditional mean alone, {conditional_mean:.3f}, "
+        f"{where}; the diffusion residual adds nothing over the regression"
+    )
+
+
 def recon_message(ratio: float | None, recon_acc: float | None = None, original_acc: float | None = None) -> str | None:
     """The warning when the VAE reconstruction ratio is below `MIN_VAE_RECON_RATIO`, else None."""
     if ratio is None or ratio >= MIN_VAE_RECON_RATIO:

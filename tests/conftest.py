@@ -39,7 +39,7 @@ def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated", cond
     from diffusers import DDIMScheduler
 
     from d2nwg.models import ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
-    from d2nwg.models.conditional_mean import dataset_embedding
+    from d2nwg.models.conditional_mean import class_means
     from d2nwg.pipeline import D2NWGPipeline
     from d2nwg.specs import TargetSpec
 
@@ -72,8 +72,9 @@ def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated", cond
     prior = None
     if conditional_mean:
         members = zoo.members("train")
-        x = [torch.cat(zoo.class_samples(m.task, "train"))[None, None, :, :feature_dim] for m in members]
-        prior, _ = ConditionalMean.fit(torch.cat([dataset_embedding(e) for e in x]), zoo.tokens("train"))
+        features = zoo.input_spec.condition_features
+        embeddings = torch.stack([class_means(zoo.class_samples(m.task, "train"), features) for m in members])
+        prior, _ = ConditionalMean.fit(embeddings, zoo.tokens("train"))
     pipe = D2NWGPipeline(
         vae=vae.eval(), dataset_encoder=encoder.eval(), denoiser=denoiser.eval(),
         scheduler=DDIMScheduler(clip_sample=False), target=target, head_solver=head_solver, conditional_mean=prior,

@@ -8,7 +8,7 @@ import torch
 
 from d2nwg.cli import main
 from d2nwg.models import ConditionalMean
-from d2nwg.models.conditional_mean import RIDGE_GRID, dataset_embedding
+from d2nwg.models.conditional_mean import RIDGE_GRID, class_means, padded_class_means
 from d2nwg.pipeline import D2NWGPipeline
 
 
@@ -54,12 +54,19 @@ def test_bad_fits_are_refused():
         ConditionalMean.fit(e[:5], y)
     with pytest.raises(ValueError, match="non-finite"):
         ConditionalMean.fit(e, y.clone().fill_(float("nan")))
+    for ridge in (0.0, -1.0):
+        with pytest.raises(ValueError, match="must be > 0"):
+            ConditionalMean.fit(e, y, ridge=ridge)
 
 
-def test_dataset_embedding_ignores_padding():
+def test_embedding_keeps_label_order_and_ignores_padding():
     x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0], [100.0, 100.0]]]])  # 2 classes, the last sample padding
     mask = torch.tensor([[[True, True], [True, False]]])
-    assert torch.equal(dataset_embedding(x, mask), torch.tensor([[3.0, 4.0]]))
+    assert torch.equal(padded_class_means(x, mask), torch.tensor([[2.0, 3.0, 5.0, 6.0]]))
+    per_class = [x[0, 0], x[0, 1, :1]]
+    assert torch.equal(class_means(per_class), padded_class_means(x, mask)[0])
+    assert not torch.equal(class_means(per_class[::-1]), class_means(per_class))  # another label order
+    assert torch.equal(class_means(per_class, features=1), torch.tensor([2.0, 5.0]))
 
 
 def test_pipeline_adds_the_conditional_mean_to_each_decoded_sample(tiny_digits_zoo, make_tiny_pipeline, tmp_path):
@@ -95,8 +102,8 @@ def test_training_learns_residuals_and_exports_the_fitted_mean(tiny_digits_zoo, 
     assert isinstance(pipe.conditional_mean, ConditionalMean)
     dm = ZooDataModule(zoo=str(tiny_digits_zoo.root))
     # The exported regression is the closed-form fit on the zoo's training members.
-    members = [torch.cat(c)[None, None] for c in dm.class_samples]
-    expected, fitted = ConditionalMean.fit(torch.cat([dataset_embedding(x) for x in members]), dm.tokens)
+    embeddings = torch.stack([class_means(c) for c in dm.class_samples])
+    expected, fitted = ConditionalMean.fit(embeddings, dm.tokens)
     assert torch.equal(pipe.conditional_mean.coef, expected.coef)
     # The VAE's mean offset is that of the residuals, not of the weights.
     cli = make_cli(args=["--data.zoo", str(tiny_digits_zoo.root), *[f"--{k}={v}" for k, v in tiny.items()]], run=False, out=str(tmp_path / "x"))
@@ -149,3 +156,33 @@ def test_a_pipeline_folder_missing_its_conditional_mean_is_refused(tiny_digits_z
     shutil.rmtree(tmp_path / "p" / "conditional_mean")
     with pytest.raises(ValueError, match="missing component.*conditional_mean"):
         D2NWGPipeline.from_pretrained(tmp_path / "p")
+
+
+@pytest.mark.slow
+def test_resume_refuses_another_conditional_mean_in_one_line(tiny_digits_zoo, tmp_path, capsys):
+    tiny = {"model.vae.hidden_dim": 16, "model.vae.latent_channels": 8, "model.encoder.dim": 16, "model.denoiser.dim": 16,
+            "model.denoiser.depth": 1, "data.batch_size": 4, "trainer.enable_progress_bar": "false",
+            "model.vae_steps": 2, "model.diffusion_steps": 2, "model.conditional_mean": "true",
+            "model.conditional_mean_ridge": 0.1}  # fmt: skip
+
+    def train(*extra, **changes):
+        sets = [a for k, v in {**tiny, **changes}.items() for a in ("--set", f"{k}={v}")]
+        return main(["train", "--zoo", str(tiny_digits_zoo.root), "--out", str(tmp_path / "run"), *sets, *extra])
+
+    assert train() == 0
+    capsys.readouterr()
+    for changes, said in (({"model.conditional_mean_ridge": 1.0}, "this run fits a conditional mean with ridge 1 "),
+                          ({"model.conditional_mean": "false"}, "this run fits no conditional mean")):
+        assert train("--resume", **{"model.diffusion_steps": 3, **changes}) != 0
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert "Traceback" not in err and len(errors) == 1 and said in errors[0], err
+    assert train("--resume", **{"model.diffusion_steps": 3}) == 0  # the same settings resume
+
+
+def test_a_ridge_that_is_not_positive_is_refused_before_training(tiny_digits_zoo, tmp_path, capsys):
+    code = main(["train", "--zoo", str(tiny_digits_zoo.root), "--out", str(tmp_path / "run"),
+                 "--set", "model.conditional_mean=true", "--set", "model.conditional_mean_ridge=0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and "conditional_mean_ridge must be > 0" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -249,7 +249,7 @@ def test_ridge_benchmark_scores_every_ridge_on_training_tasks(llm_zoo):
     from pathlib import Path
 
     from d2nwg.models import ConditionalMean
-    from d2nwg.models.conditional_mean import RIDGE_GRID, dataset_embedding
+    from d2nwg.models.conditional_mean import RIDGE_GRID, class_means
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_ridge.py"
     spec = importlib.util.spec_from_file_location("bench_ridge", path)
@@ -261,7 +261,7 @@ def test_ridge_benchmark_scores_every_ridge_on_training_tasks(llm_zoo):
     # A member left out of the fit is predicted worse than when it is in it.
     train = llm_zoo.members("train")
     cf = llm_zoo.input_spec.condition_features
-    e = torch.cat([dataset_embedding(torch.cat(llm_zoo.class_samples(m.task, "train"))[None, None, :, :cf]) for m in train])
+    e = torch.stack([class_means(llm_zoo.class_samples(m.task, "train"), cf) for m in train])
     tokens = llm_zoo.tokens("train")
     for ridge, _, loo_error in rows[::4]:
         _, fitted = ConditionalMean.fit(e, tokens, ridge)

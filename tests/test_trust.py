@@ -119,3 +119,12 @@ def test_generation_warnings_on_known_inputs(tiny_digits_zoo, tiny_pipeline):
     assert "generated best 0.280" in baseline and "nearest class mean at 0.900" in baseline and "20 held-back samples" in baseline
     assert "VAE reconstruction ratio 0.300" in recon
     assert "collapsed on 1 of 1 task" in collapse and "0x" in collapse
+
+
+def test_residual_warning_when_generation_does_not_beat_its_own_conditional_mean():
+    from d2nwg.trust import residual_message
+
+    found = residual_message(0.50, 0.54, "on 3 tasks")
+    assert found is not None and "0.500" in found and "0.540" in found and "\n" not in found
+    assert residual_message(0.55, 0.54, "on 3 tasks") is None
+    assert residual_message(0.50, None, "on 3 tasks") is None  # a pipeline without a conditional mean

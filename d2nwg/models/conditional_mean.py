@@ -27,12 +27,20 @@ RIDGE_GRID = tuple(10.0 ** (k / 4) for k in range(-12, 5))
 keys have unit norm)."""
 
 
-def dataset_embedding(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean feature of a dataset: ``x [B, K, S, D]`` (``mask [B, K, S]``, True = real sample) -> ``[B, D]``."""
+def padded_class_means(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A dataset's per-class mean features in label order: ``x [B, K, S, D]`` (``mask [B, K, S]``, True = real
+    sample) -> ``[B, K * D]``. Keeping the classes apart keeps label order: a dataset and the same classes in
+    another order get different embeddings (and heads)."""
     if mask is None:
-        return x.mean((1, 2))
+        return x.mean(2).flatten(1)
     w = mask.to(x.dtype)[..., None]
-    return (x * w).sum((1, 2)) / w.sum((1, 2)).clamp_min(1)
+    return ((x * w).sum(2) / w.sum(2).clamp_min(1)).flatten(1)
+
+
+def class_means(per_class: list[torch.Tensor], features: int | None = None) -> torch.Tensor:
+    """`padded_class_means` of one dataset given as per-class samples ``[n_c, D]`` (label order), using the leading
+    ``features`` numbers of each sample (all when None) -> ``[K * D]``."""
+    return torch.cat([samples[:, :features].float().mean(0) for samples in per_class])
 
 
 def _kernel(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,7 +68,8 @@ def leave_one_out(embeddings: torch.Tensor, tokens: torch.Tensor, ridge: float) 
 
 
 class ConditionalMean(ModelMixin, ConfigMixin):
-    """Kernel ridge regression of weight tokens ``[T, chunk]`` on a dataset's mean feature ``[D]``.
+    """Kernel ridge regression of weight tokens ``[T, chunk]`` on a dataset's per-class mean features ``[K * D]``
+    (`padded_class_means`; for one-class datasets such as a task's conversations, its mean feature).
 
     The kernel is the cosine similarity of embeddings after subtracting the training members' mean
     embedding (``center``): raw embeddings of related datasets share one large common component (mean
@@ -68,7 +77,7 @@ class ConditionalMean(ModelMixin, ConfigMixin):
 
     Args:
         num_members: M, the training members the regression was fitted on.
-        feature_dim: D, features per sample (the conditioning features the dataset encoder sees).
+        feature_dim: K * D, the embedding's width (D: the conditioning features the dataset encoder sees per sample).
         num_tokens, chunk_size: the weight layout's token grid ``[T, chunk]``.
         ridge: the ridge strength the fit chose (recorded; the coefficients already include it).
 
@@ -89,14 +98,14 @@ class ConditionalMean(ModelMixin, ConfigMixin):
         return query @ self.member_embeddings.T
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Expected tokens ``[B, T, chunk]`` for datasets ``x [B, K, S, D]`` (``mask [B, K, S]``)."""
-        k = self.similarity(dataset_embedding(x, mask))
+        """Expected tokens ``[B, T, chunk]`` for datasets ``x [B, K, S, D]`` (``mask [B, K, S]``), K * D = ``feature_dim``."""
+        k = self.similarity(padded_class_means(x, mask))
         return self.bias + torch.einsum("bm,mtc->btc", k, self.coef)
 
     @classmethod
     @torch.no_grad()
     def fit(cls, embeddings: torch.Tensor, tokens: torch.Tensor, ridge: float | None = None) -> tuple[ConditionalMean, torch.Tensor]:
-        """Fit on ``embeddings [M, D]`` (each member's dataset mean feature) and ``tokens [M, T, chunk]``.
+        """Fit on ``embeddings [M, K * D]`` (each member's dataset, `class_means`) and ``tokens [M, T, chunk]``.
 
         Args:
             ridge: the ridge strength; ``None`` picks the one of `RIDGE_GRID` with the lowest leave-one-out
@@ -109,9 +118,11 @@ class ConditionalMean(ModelMixin, ConfigMixin):
             residuals ``tokens - fitted`` are what the VAE and the diffusion model learn.
 
         Raises:
-            ValueError: fewer than 2 members, mismatched counts, or non-finite inputs.
+            ValueError: fewer than 2 members, mismatched counts, non-finite inputs or fit, or a ridge that is not > 0.
         """
         m = len(tokens)
+        if ridge is not None and not ridge > 0:
+            raise ValueError(f"the conditional mean's ridge must be > 0, got {ridge}")
         if m < 2 or len(embeddings) != m:
             raise ValueError(f"the conditional mean needs >= 2 members with one embedding each, got {len(embeddings)} embeddings for {m} members")
         if not (torch.isfinite(embeddings).all() and torch.isfinite(tokens).all()):
@@ -132,6 +143,8 @@ class ConditionalMean(ModelMixin, ConfigMixin):
             ridge = min(RIDGE_GRID, key=loo_error)
         alpha = (u / (s + ridge)) @ (u.T @ yc)  # (K + ridge I)^-1 Yc
         fitted = bias + (keys @ keys.T) @ alpha
+        if not torch.isfinite(alpha).all():
+            raise ValueError(f"the conditional mean's fit is not finite (ridge {ridge}); use a larger ridge")
         module = cls(num_members=m, feature_dim=keys.shape[1], num_tokens=tokens.shape[1], chunk_size=tokens.shape[2], ridge=float(ridge))
         module.center.copy_(center)
         module.member_embeddings.copy_(keys)
