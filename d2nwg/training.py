@@ -127,7 +127,7 @@ class D2NWGModule(L.LightningModule):
             head, 0.96 with LDA; unseen orders unchanged); ``"generated"`` keeps the decoded head.
             Only the export reads it: the networks train the same either way.
         conditional_mean: fit a `d2nwg.models.ConditionalMean` (kernel ridge regression of the members' weight
-            tokens on their dataset's mean conditioning feature) before training; the VAE and the diffusion model
+            tokens on their dataset's per-class mean conditioning features) before training; the VAE and the diffusion model
             then learn each member's residual from it, and the pipeline adds the regression back. For zoos with
             one noisy member per task (`llm-lora`: generated best exact match 0.052 -> 0.544 on 24 held-out
             tasks; README "LLM adapters"). Needs the zoo's tokens in memory (``data.memory_limit_mb``).
