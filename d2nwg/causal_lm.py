@@ -282,7 +282,7 @@ def precision_context(precision: str, device: torch.device | str) -> contextlib.
 
 def train_adapters(
     module: CausalLMAdapter,
-    init: Mapping[str, torch.Tensor],
+    init: Mapping[str, torch.Tensor] | Sequence[Mapping[str, torch.Tensor]],
     x: torch.Tensor,
     *,
     steps: int,
@@ -291,11 +291,12 @@ def train_adapters(
     batch_size: int = 16,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Train N adapters at once from one shared ``init``: AdamW on each one's response negative log-likelihood.
+    """Train N adapters at once: AdamW on each one's response negative log-likelihood.
 
     Args:
         module: the architecture (its own parameters are not touched).
-        init: the shared initial adapter state_dict (unstacked).
+        init: the initial adapter state_dict, shared by all N (unstacked), or a sequence of N of them (each
+            adapter starts from its own, e.g. generated adapters fine-tuned on their task).
         x: per-adapter training samples ``[N, n, D]`` (`conversation_features`), on the device ``module`` is on.
         steps: optimiser steps; each uses a minibatch of ``batch_size`` samples per adapter (bounds the
             ``[N, batch, W, vocab]`` logits in memory); ``seed`` draws the minibatches.
@@ -307,7 +308,13 @@ def train_adapters(
     from torch.func import functional_call, vmap
 
     n_adapters, n = x.shape[:2]
-    params = {k: v.detach().to(x.device).unsqueeze(0).repeat(n_adapters, *([1] * v.dim())).requires_grad_(True) for k, v in init.items()}
+    if isinstance(init, Mapping):
+        params = {k: v.detach().to(x.device).unsqueeze(0).repeat(n_adapters, *([1] * v.dim())) for k, v in init.items()}
+    else:
+        if len(init) != n_adapters:
+            raise ValueError(f"train_adapters got {len(init)} initial adapters for {n_adapters} training sets")
+        params = {k: torch.stack([s[k].detach() for s in init]).to(x.device) for k in init[0]}
+    params = {k: v.float().clone().requires_grad_(True) for k, v in params.items()}
     optimiser = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     score = vmap(lambda p, xs: functional_call(module, p, (xs,)))
@@ -318,6 +325,25 @@ def train_adapters(
         loss.backward()
         optimiser.step()
     return {k: v.detach() for k, v in params.items()}
+
+
+MEMBER_TRAINING = {"steps": 32, "lr": {"lora": 5e-3, "miss": 5e-4, "miss-bat": 5e-4}, "batch_size": 8, "precision": "32-true"}
+"""How `model_zoo.llm_lora` and `model_zoo.llm_miss` train members (AdamW from the warm start); used by
+`member_training` for zoos without a recipe (ingested adapters)."""
+
+
+def member_training(recipe: Mapping | None, kind: str = "lora") -> dict:
+    """``{"steps", "lr", "batch_size", "precision"}`` of a zoo's members, from its recipe (``manifest.json``) where it
+    has them, else `MEMBER_TRAINING` for the adapter ``kind``: the few fine-tuning steps that the ``finetune``
+    baseline and ``d2nwg generate --finetune-steps`` run on a support set."""
+    recipe = recipe or {}
+    lr = MEMBER_TRAINING["lr"]
+    return {
+        "steps": int(recipe.get("steps", MEMBER_TRAINING["steps"])),
+        "lr": float(recipe.get("lr", lr.get(kind, lr["lora"]))),
+        "batch_size": int(recipe.get("batch_size", MEMBER_TRAINING["batch_size"])),
+        "precision": str(recipe.get("precision", MEMBER_TRAINING["precision"])),
+    }
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -126,10 +127,21 @@ def positive_int_or_auto(text: str) -> str:
 
 
 def positive_int(text: str) -> int:
-    """``--num-nodes``: a count >= 1."""
+    """``--num-nodes``, ``--finetune-steps``: a count >= 1."""
     if not (text.isdigit() and int(text) >= 1):
         raise argparse.ArgumentTypeError(f"expected a count >= 1, got {text!r}")
     return int(text)
+
+
+def positive_float(text: str) -> float:
+    """``--finetune-lr``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------- evaluate
@@ -178,7 +190,8 @@ def _evaluate_generation(pipe, zoo, args: argparse.Namespace) -> None:
     report = evaluate_generation(
         pipe, zoo, Path(args.out), num_samples=args.num_samples, num_inference_steps=args.steps,
         guidance_scale=args.guidance, seed=args.seed, max_tasks=args.max_tasks, k_shot=args.k_shot,
-        multitask_steps=args.multitask_steps, max_new_tokens=args.max_new_tokens,
+        multitask_steps=args.multitask_steps, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,
+        max_new_tokens=args.max_new_tokens,
     )
     def pairs(summary):
         return [(method, f"exact match {em}   log-likelihood {ll}") for method, em, ll in generation_table(summary)]
@@ -204,6 +217,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         warn(message)
     if pipe.target_spec.input.kind == "generative-text":  # a causal-LM adapter from a JSONL task
         return _generate_adapter(pipe, args)
+    if args.finetune_steps or args.finetune_lr:
+        raise UserError("--finetune-steps/--finetune-lr apply to causal-LM adapter pipelines only")
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     dataset = load_dataset(args.dataset, pipe.target_spec.input, classes, args.label_column, args.text_column)
     result = generate_to_folder(
@@ -236,10 +251,12 @@ def _generate_adapter(pipe, args: argparse.Namespace) -> None:
     result = generate_adapter_folder(
         pipe, read_instructions(args.dataset), args.out, num_samples=args.num_samples, seed=args.seed,
         num_inference_steps=args.steps, guidance_scale=args.guidance, source=str(args.dataset),
+        finetune_steps=args.finetune_steps or 0, finetune_lr=args.finetune_lr,
     )
     print(f"wrote a PEFT adapter to {result.out} (AutoPeftModelForCausalLM.from_pretrained loads base and adapter)")
+    tuned = "" if result.finetune is None else f", then fine-tuned on them for {result.finetune['steps']} steps at lr {result.finetune['lr']:g}"
     print(
-        f"best: sample {result.best} of {len(result.loglik)}  log-likelihood {result.loglik[result.best]:.4f} nats/token  "
+        f"best: sample {result.best} of {len(result.loglik)}  log-likelihood {result.loglik[result.best]:.4f} nats/token{tuned}  "
         f"exact match on the {result.records} records (greedy): {result.exact_match:.4f}"
     )
     for message in result.warnings:
@@ -412,6 +429,11 @@ def add_evaluate_parser(sub) -> None:
     )
     ev.add_argument("--k-shot", type=int, default=4, help="generative zoos: in-context examples of the icl and multi-task baselines")
     ev.add_argument("--multitask-steps", type=int, default=200, help="generative zoos: optimiser steps of the multi-task LoRA baseline")
+    ev.add_argument(
+        "--finetune-steps", type=positive_int, default=None,
+        help="generative zoos: steps of the finetune baseline and generated_finetune (unset: the members' own)",
+    )
+    ev.add_argument("--finetune-lr", type=positive_float, default=None, help="generative zoos: their learning rate (unset: the members' own)")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="generative zoos: longest greedy answer, in tokens (default: the zoo's response window)")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -437,6 +459,11 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--steps", type=int, default=50, help="denoising steps")
     gen.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     gen.add_argument("--head-solver", choices=HEAD_SOLVER_CHOICES, default=None, help="override how the pipeline writes heads")
+    gen.add_argument(
+        "--finetune-steps", type=positive_int, default=None,
+        help="causal-LM pipelines: then fine-tune the chosen adapter on the records for this many steps, as the zoo's members trained (unset: no fine-tuning)",
+    )
+    gen.add_argument("--finetune-lr", type=positive_float, default=None, help="causal-LM pipelines: its learning rate (unset: the members')")
     gen.set_defaults(func=cmd_generate)
 
 

@@ -16,10 +16,15 @@ knn_ensemble        the element-wise mean of the k nearest training members
 multitask           one adapter of the same shape trained on the union of the training
                     tasks, with k in-context examples in every training and test prompt
                     (so it can tell the tasks apart), as Text-to-LoRA's baseline
+finetune            a few fine-tuning steps on the support set from the members' shared initialisation
+                    (the zoo's warm start): what a user gets from their examples without a generator;
+                    the members' steps, learning rate and precision (`finetune_settings`)
 conditional_mean    the pipeline's regression mean alone (`d2nwg.models.ConditionalMean`), without
                     the diffusion residual; n/a for pipelines without one
 generated_mean      the pipeline's N adapters for the support set, mean over the N
 generated_best      the one of the N with the highest support log-likelihood
+generated_finetune  generated_best, then the same fine-tuning steps as ``finetune`` (D2NWG's use of
+                    generated weights as an initialisation)
 oracle              the task's own zoo member (trained on its training conversations)
 ==================  =====================================================================
 
@@ -42,7 +47,17 @@ import torch
 
 from d2nwg.zoo import ModelZoo
 
-METHODS = ("base", "icl", "retrieval", "knn_ensemble", "multitask", "conditional_mean", "generated_mean", "generated_best", "oracle")
+METHODS = (
+    "base", "icl", "retrieval", "knn_ensemble", "multitask", "finetune",
+    "conditional_mean", "generated_mean", "generated_best", "generated_finetune", "oracle",
+)  # fmt: skip
+
+def finetune_settings(zoo: ModelZoo, steps: int | None = None, lr: float | None = None) -> dict:
+    """The ``finetune`` baseline's `d2nwg.causal_lm.member_training` for ``zoo``; ``steps``/``lr`` override."""
+    from d2nwg.causal_lm import member_training
+
+    tuning = member_training(zoo.manifest.get("recipe"), zoo.architecture["config"].get("kind", "lora"))
+    return {**tuning, **({"steps": steps} if steps is not None else {}), **({"lr": lr} if lr is not None else {})}
 
 
 def read_split(zoo: ModelZoo, task: str, split: str) -> list:
@@ -142,6 +157,8 @@ def evaluate_generation(
     multitask_per_task: int = 4,
     multitask_steps: int = 200,
     multitask_lr: float = 2e-3,
+    finetune_steps: int | None = None,
+    finetune_lr: float | None = None,
     max_new_tokens: int | None = None,
 ) -> dict:
     """Run the protocol of the module docstring on ``zoo``'s held-out tasks; writes ``report.json`` and ``report.md``.
@@ -152,6 +169,8 @@ def evaluate_generation(
         num_samples: adapters generated per task (N). max_tasks: held-out tasks per kind (``None``: all).
         k_shot: in-context examples for ``icl`` and ``multitask``; knn: members averaged by ``knn_ensemble``.
         multitask_per_task, multitask_steps, multitask_lr: the multi-task LoRA's data and optimiser.
+        finetune_steps, finetune_lr: the ``finetune`` and ``generated_finetune`` optimiser (``None``: the members'
+            own, `finetune_settings`).
         max_new_tokens: longest greedy answer (``None``: the zoo's ``response_window``, which holds every reference
             response with its end-of-turn tokens, so no right answer is cut and a rambling one stops early).
 
@@ -162,7 +181,8 @@ def evaluate_generation(
         ValueError: a zoo that is not generative, or without conversations.
     """
     from d2nwg.architectures import build_model
-    from d2nwg.causal_lm import AdapterGenerator, adapter_scores, exact_match, references
+    from d2nwg.causal_lm import AdapterGenerator, adapter_scores, exact_match, precision_context, references, train_adapters
+    from d2nwg.ensemble import initial_state
     from d2nwg.ensemble import mean_state_dict, stack_state_dicts
     from d2nwg.instructions import with_examples
     from d2nwg.trust import (
@@ -204,6 +224,15 @@ def evaluate_generation(
     zoo_tokens = flat_tokens(pipeline.layout, [zoo.load_member(m) for m in train])
     spacing = zoo_spacing(zoo_tokens, seed)
     multitask = multitask_adapter(zoo, k_shot, multitask_per_task, multitask_steps, multitask_lr, seed)
+    tuning = finetune_settings(zoo, finetune_steps, finetune_lr)
+    start = zoo.init_state() or initial_state(lambda: build_model(zoo.architecture), seed)
+
+    def finetune(inits: list, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Each of ``inits`` after ``tuning["steps"]`` AdamW steps on the samples ``x [n, D]``, as members train."""
+        with precision_context(tuning["precision"], "cpu"):
+            trained = train_adapters(module, inits, x.expand(len(inits), *x.shape), steps=tuning["steps"], lr=tuning["lr"],
+                                     batch_size=tuning["batch_size"], seed=seed)  # fmt: skip
+        return [{k: v[i].contiguous() for k, v in trained.items()} for i in range(len(inits))]
 
     def judge(state, prompts, refs) -> tuple[float, float]:
         """Exact match and log-likelihood through the whole LM (the base, or prompts with in-context examples)."""
@@ -227,9 +256,12 @@ def evaluate_generation(
             dataset=[x_support], num_samples=num_samples, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + i),
         )
+        support_ll = adapter_scores(module, stack_state_dicts(output.weights), x_support)
+        best = int(support_ll.argmax())
         # Every adapter that answers the bare test prompts answers in one batch (`AdapterGenerator.answer_many`);
         # their log-likelihoods come from the cached features.
         adapters = {"retrieval": nearest[0], "knn_ensemble": mean_state_dict(nearest), "oracle": zoo.load_member(members[task])}
+        adapters["finetune"], adapters["generated_finetune"] = finetune([start, output.weights[best]], x_support)
         prior = pipeline.prior_tokens([x_support])
         if prior is not None:
             adapters["conditional_mean"] = pipeline.layout.detokenize(prior)[0]
@@ -241,8 +273,6 @@ def evaluate_generation(
         for j, name in enumerate(adapters):
             row[f"{name}_em"], row[f"{name}_loglik"] = ems[j], float(test_ll[j])
         ems, test_ll = ems[len(adapters) :], test_ll[len(adapters) :]
-        support_ll = adapter_scores(module, stack_state_dicts(output.weights), x_support)
-        best = int(support_ll.argmax())
         row.update(sample_diversity([flat_tokens(pipeline.layout, output.weights)], zoo_tokens, [m.id for m in train], spacing)[0])
         row.update({
             "generated_mean_em": sum(ems) / len(ems), "generated_mean_loglik": float(test_ll.mean()),
@@ -252,10 +282,12 @@ def evaluate_generation(
         rows.append(row)
     summary = summarize_generation(rows)
     summary.update({"tasks": len(rows), "num_samples": num_samples, "k_shot": k_shot, "seconds": time.perf_counter() - started})
+    summary["finetune_settings"] = tuning
     summary["within_task_spread_ratio"] = median([r["within_task_spread_ratio"] for r in rows])
     summary["nearest_member_ratio"] = median([r["nearest_member_ratio"] for r in rows])
     cheap = {"the base zero-shot": summary["base_em"], f"the base with {k_shot} in-context examples": summary["icl_em"],
-             "retrieval": summary["retrieval_em"], f"the {knn}-nearest adapter average": summary["knn_ensemble_em"]}  # fmt: skip
+             "retrieval": summary["retrieval_em"], f"the {knn}-nearest adapter average": summary["knn_ensemble_em"],
+             f"{tuning['steps']} fine-tuning steps on the support set": summary["finetune_em"]}  # fmt: skip
     provenance = getattr(pipeline, "provenance", None) or {}
     warnings = [
         baseline_message(summary["generated_best_em"], cheap, f"in exact match on the same {len(rows)} held-out task(s)", summary["generated_mean_em"]),

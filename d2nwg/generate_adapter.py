@@ -10,6 +10,11 @@ user's own examples, the support set). The output folder is a standard PEFT fold
 
 loads base and adapter in one call. ``samples/`` keeps every generated adapter and ``generation.json``
 the scores, including the greedy exact match of the chosen adapter on the records.
+
+With ``finetune_steps`` the chosen adapter is then trained for that many steps on the records, as the zoo's
+members were trained (D2NWG uses generated weights as an initialisation the same way). On the default
+`llm-lora` zoo this helps on tasks whose output no member writes and can hurt where the generated adapter is
+already right (README, "LLM adapters").
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ class AdapterResult:
     loglik: list[float]
     """Mean response log-likelihood (nats per token) of each adapter on the records."""
     exact_match: float
-    """Greedy exact match of the chosen adapter on the records, in [0, 1]."""
+    """Greedy exact match of the written adapter on the records, in [0, 1] (after fine-tuning, if any: then the
+    records are its training data, not a held-out check)."""
     records: int
     warnings: list[str]
     """Trust warnings (`d2nwg.trust.generation_warnings`: VAE ratio at export, collapsed samples), one line each."""
+    finetune: dict | None = None
+    """The fine-tuning settings (`d2nwg.causal_lm.member_training`) when the adapter was fine-tuned, else None."""
 
 
 def with_default_system(conversations: list, system: str | None) -> list:
@@ -59,6 +67,8 @@ def generate_adapter_folder(
     num_inference_steps: int = 50,
     guidance_scale: float = 1.0,
     max_new_tokens: int | None = None,
+    finetune_steps: int = 0,
+    finetune_lr: float | None = None,
     source: str = "the dataset",
 ) -> AdapterResult:
     """Generate N adapters for ``conversations`` and write the best as a PEFT folder at ``out`` (atomically).
@@ -67,13 +77,26 @@ def generate_adapter_folder(
         pipe: a `d2nwg.pipeline.D2NWGPipeline` whose target is a ``causal-lm-adapter``.
         conversations: the task's examples (`d2nwg.instructions.read_instructions`).
         out: the output folder (replaced only once everything is written).
+        finetune_steps: AdamW steps on the records from the chosen adapter (0: none), with the zoo members'
+            learning rate, batch size and precision (the pipeline's provenance; `d2nwg.causal_lm.MEMBER_TRAINING`
+            when it has none) unless ``finetune_lr`` is given.
 
     Raises:
         ValueError: (one line) a non-empty ``out``, or a record (numbered from 1 in ``source``) longer than the
             pipeline's ``max_length`` / ``response_window``.
     """
     from d2nwg.architectures import build_model
-    from d2nwg.causal_lm import AdapterGenerator, adapter_scores, conversation_features, exact_match, references, save_causal_lm_adapter
+    from d2nwg.causal_lm import (
+        AdapterGenerator,
+        adapter_scores,
+        conversation_features,
+        exact_match,
+        member_training,
+        precision_context,
+        references,
+        save_causal_lm_adapter,
+        train_adapters,
+    )
     from d2nwg.ensemble import stack_state_dicts
     from d2nwg.io import atomic_dir, save_safetensors
     from d2nwg.trust import generation_warnings
@@ -97,19 +120,28 @@ def generate_adapter_folder(
     )
     loglik = adapter_scores(module, stack_state_dicts(output.weights), x)
     best = int(loglik.argmax())
+    adapter, tuning = output.weights[best], None
+    if finetune_steps:
+        recorded = ((pipe.provenance or {}).get("zoo") or {}).get("member_training")
+        tuning = {**(recorded or member_training(None, cfg.get("kind", "lora"))), "steps": int(finetune_steps)}
+        if finetune_lr is not None:
+            tuning["lr"] = float(finetune_lr)
+        with precision_context(tuning["precision"], "cpu"):
+            trained = train_adapters(module, adapter, x[None], steps=tuning["steps"], lr=tuning["lr"], batch_size=tuning["batch_size"], seed=seed)
+        adapter = {k: v[0].contiguous() for k, v in trained.items()}
     generator = AdapterGenerator(arch)
-    generator.set_adapter(output.weights[best])
+    generator.set_adapter(adapter)
     em = exact_match(generator.answer(conversations, max_new_tokens=max_new_tokens), references(conversations))
     warnings = generation_warnings(pipe, output.weights)
     with atomic_dir(out) as tmp:
-        save_causal_lm_adapter(output.weights[best], arch, tmp)
+        save_causal_lm_adapter(adapter, arch, tmp)
         (tmp / "samples").mkdir()
         for i, weights in enumerate(output.weights):
             save_safetensors(tmp / "samples" / f"sample_{i:02d}.safetensors", weights)
         record = {
             "best": best, "loglik": [float(v) for v in loglik], "exact_match": em, "records": len(conversations),
             "seed": seed, "num_samples": num_samples, "decoding": "greedy", "max_new_tokens": max_new_tokens or int(cfg["response_window"]),
-            "warnings": warnings,
+            "warnings": warnings, "finetune": tuning,
         }  # fmt: skip
         (tmp / "generation.json").write_text(json.dumps(record, indent=2))
-    return AdapterResult(out, best, [float(v) for v in loglik], em, len(conversations), warnings)
+    return AdapterResult(out, best, [float(v) for v in loglik], em, len(conversations), warnings, tuning)

@@ -56,6 +56,11 @@ def zoo_record(zoo, split: str = "train", seed: int = 0) -> dict:
     from d2nwg.trust import flat_tokens, streamed_zoo_spacing
 
     members = zoo.members(split)
+    extra = {}
+    if zoo.architecture.get("name") == "causal-lm-adapter":  # what `d2nwg generate --finetune-steps` repeats
+        from d2nwg.causal_lm import member_training
+
+        extra["member_training"] = member_training(zoo.manifest.get("recipe"), zoo.architecture["config"].get("kind", "lora"))
     return {
         "name": zoo.root.name,
         "recipe": (zoo.manifest.get("recipe") or {}).get("name", "custom"),
@@ -68,6 +73,7 @@ def zoo_record(zoo, split: str = "train", seed: int = 0) -> dict:
         "nn_distance": streamed_zoo_spacing(
             len(members), lambda index: flat_tokens(zoo.layout, [zoo.load_member(members[int(i)]) for i in index]), seed
         ),
+        **extra,
     }
 
 

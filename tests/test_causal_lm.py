@@ -152,3 +152,21 @@ def test_precision_context_autocasts_bf16_and_refuses_unknown_names():
         assert (a @ b).dtype == torch.float32
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         precision_context("fp8", "cpu")
+
+
+def test_adapters_with_their_own_inits_train_as_they_would_alone(chat_llama_dir):
+    from d2nwg.causal_lm import CausalLMAdapter, adapter_scores, conversation_features, train_adapters
+
+    net = CausalLMAdapter(str(chat_llama_dir), "lora", ["q_proj", "v_proj"], layers=[2, 3], r=2, max_length=160, response_window=16)
+    x = conversation_features(CONVERSATIONS, net.first, 160, 16, str(chat_llama_dir))
+    inits = [random_adapter(net, seed=1, scale=0.05), random_adapter(net, seed=2, scale=0.05)]
+    together = train_adapters(net, inits, x.expand(2, *x.shape), steps=4, lr=1e-2, batch_size=2, seed=0)
+    for i, init in enumerate(inits):
+        alone = train_adapters(net, init, x[None], steps=4, lr=1e-2, batch_size=2, seed=0)
+        for name, value in alone.items():
+            torch.testing.assert_close(together[name][i], value[0], atol=1e-5, rtol=1e-5)
+    # Training moved each adapter towards its data: the responses are likelier than from where it started.
+    before = adapter_scores(net, {k: torch.stack([s[k] for s in inits]) for k in inits[0]}, x)
+    assert (adapter_scores(net, together, x) > before).all()
+    with pytest.raises(ValueError, match="3 initial adapters for 2 training sets"):
+        train_adapters(net, [*inits, inits[0]], x.expand(2, *x.shape), steps=1, lr=1e-2)

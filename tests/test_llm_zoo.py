@@ -153,7 +153,10 @@ def test_evaluate_reports_exact_match_for_every_method_and_kind(llm_zoo, llm_pip
         # The oracle was trained on the task: its reference responses are likelier than under the bare base.
         assert row["oracle_loglik"] > row["base_loglik"]
         assert row["retrieved"] in llm_zoo.tasks and llm_zoo.tasks[row["retrieved"]]["split"] == "train"
-    assert "multitask" in printed and "unseen_output" in printed
+    assert "multitask" in printed and "finetune" in printed and "unseen_output" in printed
+    # The fine-tuning baselines ran the members' own training (the zoo's recipe), unless told otherwise.
+    recipe = llm_zoo.manifest["recipe"]
+    assert report["summary"]["finetune_settings"] == {"steps": recipe["steps"], "lr": recipe["lr"], "batch_size": recipe["batch_size"], "precision": recipe["precision"]}
     # An untrained tiny pipeline: its samples are reported against the zoo's spacing, and trust warnings are lines.
     assert report["summary"]["within_task_spread_ratio"] is None or report["summary"]["within_task_spread_ratio"] >= 0
     assert all(isinstance(w, str) and "\n" not in w for w in report["warnings"])
@@ -190,6 +193,40 @@ def test_generate_writes_a_peft_folder_that_reproduces_the_printed_exact_match(l
         answers.append(decode_response(tokenizer, generated[0, len(ids):]))
     assert exact_match(answers, references(records)) == pytest.approx(printed_em, abs=1e-4)
     assert len(list((out / "samples").glob("*.safetensors"))) == 3
+
+
+def test_generate_can_fine_tune_the_chosen_adapter_on_the_records(llm_zoo, llm_pipeline_dir, tmp_path):
+    import json
+
+    from d2nwg.evaluate_generation import read_split
+    from d2nwg.io import load_safetensors
+
+    task = next(t for t in llm_zoo.tasks if llm_zoo.task_kind(t) == "unseen_output")
+    dataset = tmp_path / "task.jsonl"
+    dataset.write_text("".join(json.dumps({"prompt": c[1]["content"], "response": c[2]["content"]}) + "\n" for c in read_split(llm_zoo, task, "support")))
+    runs = {}
+    for name, extra in (("plain", []), ("tuned", ["--finetune-steps", "8", "--finetune-lr", "0.01"])):
+        code, printed = run_cli(["generate", "--pipeline", str(llm_pipeline_dir), "--dataset", str(dataset), "--out",
+                                 str(tmp_path / name), "--num-samples", "3", "--steps", "2", *extra])  # fmt: skip
+        assert code == 0, printed
+        runs[name] = json.loads((tmp_path / name / "generation.json").read_text()), printed
+    (plain, _), (tuned, printed) = runs["plain"], runs["tuned"]
+    assert plain["finetune"] is None and tuned["finetune"]["steps"] == 8 and tuned["finetune"]["lr"] == 0.01
+    assert "fine-tuned on them for 8 steps at lr 0.01" in printed
+    # The same sample is chosen; the written adapter is that sample moved by training, the samples are kept as generated.
+    assert tuned["best"] == plain["best"]
+    best = load_safetensors(tmp_path / "tuned" / "samples" / f"sample_{tuned['best']:02d}.safetensors")
+    written = load_safetensors(tmp_path / "tuned" / "adapter_model.safetensors")
+    assert not all(torch.allclose(a, b) for a, b in zip(sorted(written.values(), key=lambda v: v.shape), sorted(best.values(), key=lambda v: v.shape)))
+
+
+def test_finetune_options_are_refused_for_a_classifier_pipeline(tiny_digits_zoo, make_tiny_pipeline, tmp_path, capsys):
+    from d2nwg.cli import main
+
+    make_tiny_pipeline(tiny_digits_zoo).save_pretrained(tmp_path / "p")
+    code = main(["generate", "--pipeline", str(tmp_path / "p"), "--dataset", str(tmp_path), "--out", str(tmp_path / "o"), "--finetune-steps", "3"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Traceback" not in err and "apply to causal-LM adapter pipelines only" in err
 
 
 def test_bad_jsonl_record_is_one_error_line(llm_pipeline_dir, tmp_path, capsys):
