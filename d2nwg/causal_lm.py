@@ -178,6 +178,10 @@ class CausalLMAdapter(nn.Module):
 
     scores_samples = True
     """``forward`` scores samples (a log-likelihood each) instead of classifying them (`d2nwg.ensemble`)."""
+    eval_batch = 16
+    """Adapters per vmapped forward in `d2nwg.ensemble` (not its default 256): each holds ``[n, W, vocab]`` logits
+    and their log-softmax, 2 x 16 x 15 x 49,152 floats = 94 MB for a SmolLM2 task's 16 test samples; 200 adapters
+    at once took over 20 GB (an export was killed for memory)."""
 
     def __init__(
         self,

@@ -231,6 +231,12 @@ def initial_state(module_factory, seed: int) -> dict[str, torch.Tensor]:
 EVAL_BATCH = 256  # weight sets per vmapped forward: bounds memory for larger targets
 
 
+def eval_batch(module: nn.Module) -> int:
+    """Weight sets per vmapped forward for ``module``: its own ``eval_batch`` if it sets one (targets whose
+    forward holds large activations per weight set, e.g. an LM head's logits), else `EVAL_BATCH`."""
+    return int(getattr(module, "eval_batch", EVAL_BATCH))
+
+
 def _to_float(sd: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device) for k, v in sd.items()}
 
@@ -241,8 +247,9 @@ def shared_accuracy(
     """Accuracy ``[N]`` of N weight sets on one dataset ``x [n, D]``, ``y [n]`` (batched on ``x``'s device)."""
     device = x.device
     out = []
-    for i in range(0, len(state_dicts), EVAL_BATCH):
-        stacked = stack_state_dicts([_to_float(sd, device) for sd in state_dicts[i : i + EVAL_BATCH]])
+    batch = eval_batch(module)
+    for i in range(0, len(state_dicts), batch):
+        stacked = stack_state_dicts([_to_float(sd, device) for sd in state_dicts[i : i + batch]])
         out.append(ensemble_accuracy(module, stacked, x, y).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -263,9 +270,10 @@ def paired_accuracy(
     for i, (x, y) in enumerate(data):
         groups.setdefault((tuple(x.shape), tuple(y.shape)), []).append(i)
     acc = torch.zeros(len(data))
+    batch = eval_batch(module)
     for idx in groups.values():
-        for s in range(0, len(idx), EVAL_BATCH):
-            chunk = idx[s : s + EVAL_BATCH]
+        for s in range(0, len(idx), batch):
+            chunk = idx[s : s + batch]
             device = data[chunk[0]][0].device
             stacked = stack_state_dicts([_to_float(state_dicts[i], device) for i in chunk])
             x = torch.stack([data[i][0] for i in chunk])

@@ -175,6 +175,10 @@ def test_paired_accuracy_matches_per_model_loop(zoo):
         model.load_state_dict(sd)
         expected.append(float((model(x).argmax(-1) == y).float().mean()))
     assert paired_accuracy(build_model(zoo.architecture), sds, data).tolist() == pytest.approx(expected)
+    # A target that asks for smaller vmapped batches (an LM's logits) gets the same figures in more chunks.
+    small = build_model(zoo.architecture)
+    small.eval_batch = 1
+    assert paired_accuracy(small, sds, data).tolist() == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------- training curves

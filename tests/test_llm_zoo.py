@@ -303,3 +303,19 @@ def test_ridge_benchmark_scores_every_ridge_on_training_tasks(llm_zoo):
     for ridge, _, loo_error in rows[::4]:
         _, fitted = ConditionalMean.fit(e, tokens, ridge)
         assert loo_error > float((fitted - tokens).pow(2).mean())
+
+
+def test_finetune_benchmark_scores_both_starts_on_training_tasks(llm_zoo):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_finetune.py"
+    spec = importlib.util.spec_from_file_location("bench_finetune", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    scores = bench.finetune_scores(llm_zoo, stride=2, steps=(4,), lrs=(1e-2,))
+    assert set(scores) == {"warm_start", "loo_conditional_mean"}
+    for rows in scores.values():
+        assert set(rows) == {(0, 0.0), (4, 1e-2)} and all(v < 0 for v in rows.values())
+        # Training on a task's own records makes its unseen test answers likelier than the start did.
+        assert rows[(4, 1e-2)] > rows[(0, 0.0)]
