@@ -350,6 +350,23 @@ def member_training(recipe: Mapping | None, kind: str = "lora") -> dict:
     }
 
 
+SUPPORT_FINETUNING = {"warm_start": (1.0, 0.2), "generated": (0.5, 0.2)}
+"""``{start: (fraction of the members' steps, fraction of their learning rate)}`` for fine-tuning on a support
+set (`support_finetuning`). A support set is small (8 records in `llm-lora`), and the members' own 32 steps at lr
+5e-3 over-fit it. Chosen on *training* tasks by ``benchmarks/bench_finetune.py`` (24 tasks of the default
+`llm-lora` zoo, test log-likelihood after training on 8 of each task's records): from the warm start, 32 steps at
+lr 1e-3 -0.124 nats/token (32 at 5e-3: -0.206; no training: -0.406); from the conditional mean fitted without the
+task, a stand-in for a generated adapter, 16 steps at 1e-3 -0.072 (32 at 5e-3: -0.131; no training: -0.108)."""
+
+
+def support_finetuning(member: Mapping, start: str = "warm_start") -> dict:
+    """``{"steps", "lr", "batch_size", "precision"}`` for a few fine-tuning steps on a support set from ``start``
+    (``"warm_start"``: the zoo's shared initialisation, the ``finetune`` baseline; ``"generated"``: a generated
+    adapter), scaled from the members' own training ``member`` (`member_training`) by `SUPPORT_FINETUNING`."""
+    steps, lr = SUPPORT_FINETUNING[start]
+    return {**member, "steps": max(1, round(member["steps"] * steps)), "lr": member["lr"] * lr}
+
+
 @torch.no_grad()
 def adapter_scores(module: CausalLMAdapter, stacked: Mapping[str, torch.Tensor], x: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Mean response log-likelihood ``[N]`` of N stacked adapters, each on its own samples ``x [N, n, D]``

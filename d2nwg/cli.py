@@ -431,9 +431,9 @@ def add_evaluate_parser(sub) -> None:
     ev.add_argument("--multitask-steps", type=int, default=200, help="generative zoos: optimiser steps of the multi-task LoRA baseline")
     ev.add_argument(
         "--finetune-steps", type=positive_int, default=None,
-        help="generative zoos: steps of the finetune baseline and generated_finetune (unset: the members' own)",
+        help="generative zoos: steps of the finetune baseline and generated_finetune (unset: the members' steps, and half of them)",
     )
-    ev.add_argument("--finetune-lr", type=positive_float, default=None, help="generative zoos: their learning rate (unset: the members' own)")
+    ev.add_argument("--finetune-lr", type=positive_float, default=None, help="generative zoos: their learning rate (unset: a fifth of the members')")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="generative zoos: longest greedy answer, in tokens (default: the zoo's response window)")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -461,9 +461,9 @@ def add_generate_parser(sub) -> None:
     gen.add_argument("--head-solver", choices=HEAD_SOLVER_CHOICES, default=None, help="override how the pipeline writes heads")
     gen.add_argument(
         "--finetune-steps", type=positive_int, default=None,
-        help="causal-LM pipelines: then fine-tune the chosen adapter on the records for this many steps, as the zoo's members trained (unset: no fine-tuning)",
+        help="causal-LM pipelines: then fine-tune the chosen adapter on the records for this many steps (llm-lora: 16; unset: no fine-tuning)",
     )
-    gen.add_argument("--finetune-lr", type=positive_float, default=None, help="causal-LM pipelines: its learning rate (unset: the members')")
+    gen.add_argument("--finetune-lr", type=positive_float, default=None, help="causal-LM pipelines: its learning rate (unset: a fifth of the zoo members')")
     gen.set_defaults(func=cmd_generate)
 
 

@@ -17,14 +17,14 @@ multitask           one adapter of the same shape trained on the union of the tr
                     tasks, with k in-context examples in every training and test prompt
                     (so it can tell the tasks apart), as Text-to-LoRA's baseline
 finetune            a few fine-tuning steps on the support set from the members' shared initialisation
-                    (the zoo's warm start): what a user gets from their examples without a generator;
-                    the members' steps, learning rate and precision (`finetune_settings`)
+                    (the zoo's warm start): what a user gets from their examples without a generator
+                    (`finetune_settings`: the members' steps at a fifth of their learning rate)
 conditional_mean    the pipeline's regression mean alone (`d2nwg.models.ConditionalMean`), without
                     the diffusion residual; n/a for pipelines without one
 generated_mean      the pipeline's N adapters for the support set, mean over the N
 generated_best      the one of the N with the highest support log-likelihood
-generated_finetune  generated_best, then the same fine-tuning steps as ``finetune`` (D2NWG's use of
-                    generated weights as an initialisation)
+generated_finetune  generated_best, then fine-tuned on the support set (half the members' steps at a fifth
+                    of their learning rate; D2NWG's use of generated weights as an initialisation)
 oracle              the task's own zoo member (trained on its training conversations)
 ==================  =====================================================================
 
@@ -52,12 +52,17 @@ METHODS = (
     "conditional_mean", "generated_mean", "generated_best", "generated_finetune", "oracle",
 )  # fmt: skip
 
-def finetune_settings(zoo: ModelZoo, steps: int | None = None, lr: float | None = None) -> dict:
-    """The ``finetune`` baseline's `d2nwg.causal_lm.member_training` for ``zoo``; ``steps``/``lr`` override."""
-    from d2nwg.causal_lm import member_training
+def finetune_settings(zoo: ModelZoo, steps: int | None = None, lr: float | None = None) -> dict[str, dict]:
+    """``{"finetune": settings, "generated_finetune": settings}`` for ``zoo``: `d2nwg.causal_lm.support_finetuning`
+    of its members' training (from the warm start and from a generated adapter); ``steps``/``lr`` override both."""
+    from d2nwg.causal_lm import member_training, support_finetuning
 
-    tuning = member_training(zoo.manifest.get("recipe"), zoo.architecture["config"].get("kind", "lora"))
-    return {**tuning, **({"steps": steps} if steps is not None else {}), **({"lr": lr} if lr is not None else {})}
+    member = member_training(zoo.manifest.get("recipe"), zoo.architecture["config"].get("kind", "lora"))
+    override = {**({"steps": steps} if steps is not None else {}), **({"lr": lr} if lr is not None else {})}
+    return {
+        "finetune": {**support_finetuning(member, "warm_start"), **override},
+        "generated_finetune": {**support_finetuning(member, "generated"), **override},
+    }
 
 
 def read_split(zoo: ModelZoo, task: str, split: str) -> list:
@@ -227,12 +232,12 @@ def evaluate_generation(
     tuning = finetune_settings(zoo, finetune_steps, finetune_lr)
     start = zoo.init_state() or initial_state(lambda: build_model(zoo.architecture), seed)
 
-    def finetune(inits: list, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """Each of ``inits`` after ``tuning["steps"]`` AdamW steps on the samples ``x [n, D]``, as members train."""
-        with precision_context(tuning["precision"], "cpu"):
-            trained = train_adapters(module, inits, x.expand(len(inits), *x.shape), steps=tuning["steps"], lr=tuning["lr"],
-                                     batch_size=tuning["batch_size"], seed=seed)  # fmt: skip
-        return [{k: v[i].contiguous() for k, v in trained.items()} for i in range(len(inits))]
+    def finetune(init: dict, x: torch.Tensor, method: str) -> dict[str, torch.Tensor]:
+        """``init`` after AdamW steps on the samples ``x [n, D]`` with ``tuning[method]``."""
+        t = tuning[method]
+        with precision_context(t["precision"], "cpu"):
+            trained = train_adapters(module, init, x[None], steps=t["steps"], lr=t["lr"], batch_size=t["batch_size"], seed=seed)
+        return {k: v[0].contiguous() for k, v in trained.items()}
 
     def judge(state, prompts, refs) -> tuple[float, float]:
         """Exact match and log-likelihood through the whole LM (the base, or prompts with in-context examples)."""
@@ -261,7 +266,8 @@ def evaluate_generation(
         # Every adapter that answers the bare test prompts answers in one batch (`AdapterGenerator.answer_many`);
         # their log-likelihoods come from the cached features.
         adapters = {"retrieval": nearest[0], "knn_ensemble": mean_state_dict(nearest), "oracle": zoo.load_member(members[task])}
-        adapters["finetune"], adapters["generated_finetune"] = finetune([start, output.weights[best]], x_support)
+        adapters["finetune"] = finetune(start, x_support, "finetune")
+        adapters["generated_finetune"] = finetune(output.weights[best], x_support, "generated_finetune")
         prior = pipeline.prior_tokens([x_support])
         if prior is not None:
             adapters["conditional_mean"] = pipeline.layout.detokenize(prior)[0]
@@ -287,7 +293,7 @@ def evaluate_generation(
     summary["nearest_member_ratio"] = median([r["nearest_member_ratio"] for r in rows])
     cheap = {"the base zero-shot": summary["base_em"], f"the base with {k_shot} in-context examples": summary["icl_em"],
              "retrieval": summary["retrieval_em"], f"the {knn}-nearest adapter average": summary["knn_ensemble_em"],
-             f"{tuning['steps']} fine-tuning steps on the support set": summary["finetune_em"]}  # fmt: skip
+             f"{tuning['finetune']['steps']} fine-tuning steps on the support set": summary["finetune_em"]}  # fmt: skip
     provenance = getattr(pipeline, "provenance", None) or {}
     warnings = [
         baseline_message(summary["generated_best_em"], cheap, f"in exact match on the same {len(rows)} held-out task(s)", summary["generated_mean_em"]),

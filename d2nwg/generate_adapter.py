@@ -11,10 +11,9 @@ user's own examples, the support set). The output folder is a standard PEFT fold
 loads base and adapter in one call. ``samples/`` keeps every generated adapter and ``generation.json``
 the scores, including the greedy exact match of the chosen adapter on the records.
 
-With ``finetune_steps`` the chosen adapter is then trained for that many steps on the records, as the zoo's
-members were trained (D2NWG uses generated weights as an initialisation the same way). On the default
-`llm-lora` zoo this helps on tasks whose output no member writes and can hurt where the generated adapter is
-already right (README, "LLM adapters").
+With ``finetune_steps`` the chosen adapter is then trained for that many steps on the records (D2NWG uses
+generated weights as an initialisation the same way); 16 is what `benchmarks/bench_finetune.py` chose on the
+`llm-lora` zoo's training tasks.
 """
 
 from __future__ import annotations
@@ -43,7 +42,7 @@ class AdapterResult:
     warnings: list[str]
     """Trust warnings (`d2nwg.trust.generation_warnings`: VAE ratio at export, collapsed samples), one line each."""
     finetune: dict | None = None
-    """The fine-tuning settings (`d2nwg.causal_lm.member_training`) when the adapter was fine-tuned, else None."""
+    """The fine-tuning settings (`d2nwg.causal_lm.support_finetuning`) when the adapter was fine-tuned, else None."""
 
 
 def with_default_system(conversations: list, system: str | None) -> list:
@@ -77,9 +76,9 @@ def generate_adapter_folder(
         pipe: a `d2nwg.pipeline.D2NWGPipeline` whose target is a ``causal-lm-adapter``.
         conversations: the task's examples (`d2nwg.instructions.read_instructions`).
         out: the output folder (replaced only once everything is written).
-        finetune_steps: AdamW steps on the records from the chosen adapter (0: none), with the zoo members'
-            learning rate, batch size and precision (the pipeline's provenance; `d2nwg.causal_lm.MEMBER_TRAINING`
-            when it has none) unless ``finetune_lr`` is given.
+        finetune_steps: AdamW steps on the records from the chosen adapter (0: none), at a fifth of the zoo
+            members' learning rate (`d2nwg.causal_lm.support_finetuning`; the members' settings come from the
+            pipeline's provenance, or `d2nwg.causal_lm.MEMBER_TRAINING`) unless ``finetune_lr`` is given.
 
     Raises:
         ValueError: (one line) a non-empty ``out``, or a record (numbered from 1 in ``source``) longer than the
@@ -93,6 +92,7 @@ def generate_adapter_folder(
         exact_match,
         member_training,
         precision_context,
+        support_finetuning,
         references,
         save_causal_lm_adapter,
         train_adapters,
@@ -123,7 +123,8 @@ def generate_adapter_folder(
     adapter, tuning = output.weights[best], None
     if finetune_steps:
         recorded = ((pipe.provenance or {}).get("zoo") or {}).get("member_training")
-        tuning = {**(recorded or member_training(None, cfg.get("kind", "lora"))), "steps": int(finetune_steps)}
+        member = recorded or member_training(None, cfg.get("kind", "lora"))
+        tuning = {**support_finetuning(member, "generated"), "steps": int(finetune_steps)}
         if finetune_lr is not None:
             tuning["lr"] = float(finetune_lr)
         with precision_context(tuning["precision"], "cpu"):

@@ -154,9 +154,12 @@ def test_evaluate_reports_exact_match_for_every_method_and_kind(llm_zoo, llm_pip
         assert row["oracle_loglik"] > row["base_loglik"]
         assert row["retrieved"] in llm_zoo.tasks and llm_zoo.tasks[row["retrieved"]]["split"] == "train"
     assert "multitask" in printed and "finetune" in printed and "unseen_output" in printed
-    # The fine-tuning baselines ran the members' own training (the zoo's recipe), unless told otherwise.
+    # The fine-tuning rows scale the members' own training (the zoo's recipe): all / half its steps, a fifth of its lr.
     recipe = llm_zoo.manifest["recipe"]
-    assert report["summary"]["finetune_settings"] == {"steps": recipe["steps"], "lr": recipe["lr"], "batch_size": recipe["batch_size"], "precision": recipe["precision"]}
+    tuning = report["summary"]["finetune_settings"]
+    assert tuning["finetune"]["steps"] == recipe["steps"] and tuning["generated_finetune"]["steps"] == round(recipe["steps"] / 2)
+    for settings in tuning.values():
+        assert settings["lr"] == pytest.approx(recipe["lr"] / 5) and settings["batch_size"] == recipe["batch_size"]
     # An untrained tiny pipeline: its samples are reported against the zoo's spacing, and trust warnings are lines.
     assert report["summary"]["within_task_spread_ratio"] is None or report["summary"]["within_task_spread_ratio"] >= 0
     assert all(isinstance(w, str) and "\n" not in w for w in report["warnings"])
