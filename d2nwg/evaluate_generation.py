@@ -52,6 +52,7 @@ METHODS = (
     "conditional_mean", "generated_mean", "generated_best", "generated_finetune", "oracle",
 )  # fmt: skip
 
+
 def finetune_settings(zoo: ModelZoo, steps: int | None = None, lr: float | None = None) -> dict[str, dict]:
     """``{"finetune": settings, "generated_finetune": settings}`` for ``zoo``: `d2nwg.causal_lm.support_finetuning`
     of its members' training (from the warm start and from a generated adapter); ``steps``/``lr`` override both."""
@@ -174,8 +175,8 @@ def evaluate_generation(
         num_samples: adapters generated per task (N). max_tasks: held-out tasks per kind (``None``: all).
         k_shot: in-context examples for ``icl`` and ``multitask``; knn: members averaged by ``knn_ensemble``.
         multitask_per_task, multitask_steps, multitask_lr: the multi-task LoRA's data and optimiser.
-        finetune_steps, finetune_lr: the ``finetune`` and ``generated_finetune`` optimiser (``None``: the members'
-            own, `finetune_settings`).
+        finetune_steps, finetune_lr: override the ``finetune`` and ``generated_finetune`` steps and learning rate
+            (``None``: `finetune_settings`, scaled from the members' own).
         max_new_tokens: longest greedy answer (``None``: the zoo's ``response_window``, which holds every reference
             response with its end-of-turn tokens, so no right answer is cut and a rambling one stops early).
 
@@ -187,8 +188,7 @@ def evaluate_generation(
     """
     from d2nwg.architectures import build_model
     from d2nwg.causal_lm import AdapterGenerator, adapter_scores, exact_match, precision_context, references, train_adapters
-    from d2nwg.ensemble import initial_state
-    from d2nwg.ensemble import mean_state_dict, stack_state_dicts
+    from d2nwg.ensemble import initial_state, mean_state_dict, stack_state_dicts
     from d2nwg.instructions import with_examples
     from d2nwg.trust import (
         baseline_message,
