@@ -338,8 +338,8 @@ MEMBER_TRAINING = {"steps": 32, "lr": {"lora": 5e-3, "miss": 5e-4, "miss-bat": 5
 
 def member_training(recipe: Mapping | None, kind: str = "lora") -> dict:
     """``{"steps", "lr", "batch_size", "precision"}`` of a zoo's members, from its recipe (``manifest.json``) where it
-    has them, else `MEMBER_TRAINING` for the adapter ``kind``: the few fine-tuning steps that the ``finetune``
-    baseline and ``d2nwg generate --finetune-steps`` run on a support set."""
+    has them, else `MEMBER_TRAINING` for the adapter ``kind``; `support_finetuning` scales them for the ``finetune``
+    baseline and ``d2nwg generate --finetune-steps``."""
     recipe = recipe or {}
     lr = MEMBER_TRAINING["lr"]
     return {
