@@ -3,7 +3,8 @@
 Checkpoints you can resume from: `ResumeCheckpoint` keeps ``RUN/checkpoints/last.ckpt``
 current every ``checkpoint.every_n_train_steps`` steps (default 100; ``--set
 checkpoint.every_n_train_steps=N`` or ``checkpoint:`` in a config), at the end of the VAE
-stage, at the end of ``fit`` and when SIGINT (Ctrl-C) or SIGTERM asks training to stop:
+stage, at the last step (before the pipeline's export, so a run killed while exporting
+resumes by exporting only) and when SIGINT (Ctrl-C) or SIGTERM asks training to stop:
 `train` turns those signals into a request that the callback honours at the end of the
 current step (saving, then stopping), so a checkpoint never holds half a step. A second
 Ctrl-C aborts at once (the last saved checkpoint stays valid: every write is a temp file
@@ -88,12 +89,19 @@ class ExportPipeline(L.Callback):
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
 
+    def path(self, trainer: L.Trainer) -> Path:
+        return Path(self.dirpath or Path(trainer.default_root_dir) / "pipeline")
+
     def on_train_end(self, trainer: L.Trainer, pl_module: D2NWGModule) -> None:
         if trainer.global_step < pl_module.hparams.vae_steps + pl_module.hparams.diffusion_steps:
             return  # interrupted: last.ckpt resumes it
+        self.export(trainer, pl_module)
+
+    def export(self, trainer: L.Trainer, pl_module: D2NWGModule) -> None:
+        """Write the pipeline of ``pl_module`` (EMA weights) and its zoo; a no-op off global rank zero."""
         if not trainer.is_global_zero:
             return
-        out = Path(self.dirpath or Path(trainer.default_root_dir) / "pipeline")
+        out = self.path(trainer)
         pipe = pipeline_from_module(pl_module, trainer.datamodule)
         pipe.register_to_config(provenance=training_provenance(trainer, pl_module, pipe))  # `d2nwg.provenance`
         with atomic_dir(out) as tmp:
@@ -148,7 +156,7 @@ def stop_on_signals() -> Iterator[StopRequest]:
 
 class ResumeCheckpoint(Checkpoint):
     """Keeps ``last.ckpt`` resumable: saved every ``every_n_train_steps`` steps, at the end of the VAE stage,
-    at the end of fit, and at the end of the step during which SIGINT/SIGTERM asked to stop (then training
+    at the last step (before `ExportPipeline` runs), at the end of fit, and at the end of the step during which SIGINT/SIGTERM asked to stop (then training
     stops). Writes go to a temp file renamed into place, so a kill mid-write leaves the previous one.
 
     Args:
@@ -188,6 +196,10 @@ class ResumeCheckpoint(Checkpoint):
             trainer.should_stop = True
         elif step == pl_module.hparams.vae_steps:
             self.save(trainer, "end of the VAE stage")
+        elif step == pl_module.hparams.vae_steps + pl_module.hparams.diffusion_steps:
+            # Before the pipeline's export (Lightning runs checkpoint callbacks' hooks last): a run killed while
+            # exporting resumes here and only exports again.
+            self.save(trainer, "end of fit")
         elif self.every_n_train_steps and step % self.every_n_train_steps == 0:
             self.save(trainer, "periodic")
 
@@ -351,7 +363,12 @@ def train(
             raise Interrupted(_interrupted_message(trainer, ckpt), stop.signum or signal.SIGINT) from None
     if stop.signum is not None and trainer.global_step < total:
         raise Interrupted(_interrupted_message(trainer, ckpt), stop.signum)
-    return out / "pipeline"
+    export = next((c for c in trainer.callbacks if isinstance(c, ExportPipeline)), ExportPipeline())
+    if trainer.global_step >= total and not (export.path(trainer) / "model_index.json").is_file():
+        # Resumed from the last step (a run killed while exporting): Lightning skips a fit with nothing left to
+        # train, and with it the callbacks' `on_train_end`, so export here.
+        export.export(trainer, cli.model)
+    return export.path(trainer)
 
 
 def _interrupted_message(trainer: L.Trainer, ckpt: Path) -> str:

@@ -497,6 +497,11 @@ class D2NWGModule(L.LightningModule):
         sizes = {"batch_size/per_rank": float(per_rank), "batch_size/effective": float(per_rank * self.trainer.world_size)}
         for logger in self.loggers:  # rank zero only, like every Lightning logger
             logger.log_metrics(sizes, step=self.global_step)
+        self.load_pending_ema()
+
+    def load_pending_ema(self) -> None:
+        """Load the EMA weights a restored checkpoint carried (`on_load_checkpoint` keeps them until the EMA sits on
+        the module's device; a fit resumed at its last step never starts training, so the export loads them)."""
         self.ema.to(self.device)
         pending = getattr(self, "_pending_ema", None)
         if pending is not None:
@@ -519,6 +524,7 @@ class D2NWGModule(L.LightningModule):
         """The VAE (with its latent scale) and EMA copies of the encoder and denoiser, for a pipeline."""
         import copy
 
+        self.load_pending_ema()
         vae = copy.deepcopy(self.vae).eval()
         vae.register_to_config(scaling_factor=float(self.latent_scale))
         encoder, denoiser = copy.deepcopy(self.dataset_encoder).eval(), copy.deepcopy(self.denoiser).eval()

@@ -83,7 +83,32 @@ def test_checkpoints_at_every_n_steps_and_at_the_end_of_the_vae_stage(tiny_digit
 
     monkeypatch.setattr(ResumeCheckpoint, "save", record)
     assert train(tiny_digits_zoo.root, tmp_path / "run") == 0
-    assert saved == [(4, "periodic"), (6, "end of the VAE stage"), (8, "periodic"), (12, "periodic")]
+    assert saved == [(4, "periodic"), (6, "end of the VAE stage"), (8, "periodic"), (12, "end of fit")]
+
+
+def test_killed_while_exporting_resumes_by_exporting_only(tiny_digits_zoo, uninterrupted, tmp_path, monkeypatch, capsys):
+    from d2nwg import lightning_cli
+
+    run = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        def killed(module, datamodule):
+            raise KeyboardInterrupt  # e.g. Ctrl-C, or the OOM killer, while the pipeline is assembled
+
+        patch.setattr(lightning_cli, "pipeline_from_module", killed)
+        assert train(tiny_digits_zoo.root, run) == 130
+    assert checkpoint_step(run) == VAE_STEPS + DIFFUSION_STEPS  # saved before the export started
+    assert not (run / "pipeline").exists()
+    capsys.readouterr()
+
+    def no_training(self, batch, batch_idx):
+        raise AssertionError("resuming from the last step must not train")
+
+    monkeypatch.setattr(D2NWGModule, "training_step", no_training)
+    assert train(tiny_digits_zoo.root, run, "--resume") == 0
+    expected, resumed = pipeline_tensors(uninterrupted), pipeline_tensors(run)
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)  # the EMA weights, not the raw ones
+    assert json.loads((run / "pipeline" / "training.json").read_text())["global_step"] == VAE_STEPS + DIFFUSION_STEPS
 
 
 @pytest.mark.parametrize(
