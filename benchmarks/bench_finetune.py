@@ -5,7 +5,9 @@ user's few records. This benchmark scores each (steps, lr) of a grid on *trainin
 
 * the zoo's warm start (``init.safetensors``), as the ``finetune`` baseline;
 * the conditional mean fitted without the task (closed-form leave-one-out, `d2nwg.models.conditional_mean`),
-  a stand-in for a generated adapter on a task the generator never saw.
+  a stand-in for a generated adapter on a task the generator never saw. It predicts from the embedding of the
+  task's 32 training conversations, where a generated adapter sees the 8 of its support set, so it is a
+  slightly better start than a generated one would be.
 
 Each start trains on the first ``samples_support`` training conversations of the task (what a user's support
 set holds) and is scored by the mean log-likelihood of the task's test answers (nats per token,
@@ -31,7 +33,8 @@ def finetune_scores(zoo, stride: int = 8, ridge: float = 0.1, steps=STEPS, lrs=L
 
     from d2nwg.architectures import build_model
     from d2nwg.causal_lm import adapter_scores, member_training, precision_context, train_adapters
-    from d2nwg.ensemble import initial_state, stack_state_dicts
+    from d2nwg.ensemble import stack_state_dicts
+    from d2nwg.evaluate_generation import warm_start
     from d2nwg.models.conditional_mean import class_means, leave_one_out
 
     module = build_model(zoo.architecture).eval()
@@ -43,7 +46,7 @@ def finetune_scores(zoo, stride: int = 8, ridge: float = 0.1, steps=STEPS, lrs=L
     embeddings = torch.stack([class_means(zoo.class_samples(m.task, "train"), cf) for m in train])
     loo = leave_one_out(embeddings, zoo.tokens("train"), ridge)
     picked = list(range(0, len(train), stride))
-    warm = zoo.init_state() or initial_state(lambda: build_model(zoo.architecture), seed)
+    warm = warm_start(zoo, seed)
     starts = {"warm_start": [warm] * len(picked), "loo_conditional_mean": zoo.layout.detokenize(loo[picked])}
     x = torch.stack([zoo.class_samples(train[i].task, "train")[0][:support] for i in picked])  # (P, support, D)
     test = torch.stack([zoo.class_samples(train[i].task, "test")[0] for i in picked])  # (P, n_test, D)

@@ -331,9 +331,24 @@ def train_adapters(
     return {k: v.detach() for k, v in params.items()}
 
 
-MEMBER_TRAINING = {"steps": 32, "lr": {"lora": 5e-3, "miss": 5e-4, "miss-bat": 5e-4}, "batch_size": 8, "precision": "32-true"}
-"""How `model_zoo.llm_lora` and `model_zoo.llm_miss` train members (AdamW from the warm start); used by
-`member_training` for zoos without a recipe (ingested adapters)."""
+def finetune_adapter(
+    module: CausalLMAdapter, init: Mapping[str, torch.Tensor], x: torch.Tensor, settings: Mapping, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """One adapter ``init`` after ``settings["steps"]`` AdamW steps on the samples ``x [n, D]`` (`train_adapters`
+    with ``settings``' ``lr``, ``batch_size`` and ``precision``, e.g. from `support_finetuning`)."""
+    with precision_context(settings["precision"], x.device):
+        trained = train_adapters(
+            module, init, x[None], steps=int(settings["steps"]), lr=float(settings["lr"]), batch_size=int(settings["batch_size"]), seed=seed
+        )
+    return {k: v[0].contiguous() for k, v in trained.items()}
+
+
+_LORA_MEMBERS = {"steps": 32, "lr": 5e-3, "batch_size": 8, "precision": "bf16-mixed"}
+_MISS_MEMBERS = {**_LORA_MEMBERS, "lr": 5e-4, "precision": "32-true"}
+MEMBER_TRAINING = {"lora": _LORA_MEMBERS, "miss": _MISS_MEMBERS, "miss-bat": _MISS_MEMBERS}
+"""Per adapter kind, how the recipes train members (AdamW from the warm start; `model_zoo.llm_lora`'s and
+`model_zoo.llm_miss`'s defaults): `member_training`'s fallback for zoos without a recipe (ingested adapters) and
+for pipelines exported before their provenance recorded it."""
 
 
 def member_training(recipe: Mapping | None, kind: str = "lora") -> dict:
@@ -341,13 +356,7 @@ def member_training(recipe: Mapping | None, kind: str = "lora") -> dict:
     has them, else `MEMBER_TRAINING` for the adapter ``kind``; `support_finetuning` scales them for the ``finetune``
     baseline and ``d2nwg generate --finetune-steps``."""
     recipe = recipe or {}
-    lr = MEMBER_TRAINING["lr"]
-    return {
-        "steps": int(recipe.get("steps", MEMBER_TRAINING["steps"])),
-        "lr": float(recipe.get("lr", lr.get(kind, lr["lora"]))),
-        "batch_size": int(recipe.get("batch_size", MEMBER_TRAINING["batch_size"])),
-        "precision": str(recipe.get("precision", MEMBER_TRAINING["precision"])),
-    }
+    return {k: type(v)(recipe.get(k, v)) for k, v in MEMBER_TRAINING.get(kind, _LORA_MEMBERS).items()}
 
 
 SUPPORT_FINETUNING = {"warm_start": (1.0, 0.2), "generated": (0.5, 0.2)}
@@ -359,25 +368,45 @@ lr 1e-3 -0.124 nats/token (32 at 5e-3: -0.206; no training: -0.406); from the co
 task, a stand-in for a generated adapter, 16 steps at 1e-3 -0.072 (32 at 5e-3: -0.131; no training: -0.108)."""
 
 
-def support_finetuning(member: Mapping, start: str = "warm_start") -> dict:
+def support_finetuning(member: Mapping, start: str = "warm_start", steps: int | None = None, lr: float | None = None) -> dict:
     """``{"steps", "lr", "batch_size", "precision"}`` for a few fine-tuning steps on a support set from ``start``
     (``"warm_start"``: the zoo's shared initialisation, the ``finetune`` baseline; ``"generated"``: a generated
-    adapter), scaled from the members' own training ``member`` (`member_training`) by `SUPPORT_FINETUNING`."""
-    steps, lr = SUPPORT_FINETUNING[start]
-    return {**member, "steps": max(1, round(member["steps"] * steps)), "lr": member["lr"] * lr}
+    adapter), scaled from the members' own training ``member`` (`member_training`) by `SUPPORT_FINETUNING`;
+    ``steps`` / ``lr`` replace the scaled values.
+
+    Raises:
+        ValueError: ``steps`` < 1 or ``lr`` not a positive number.
+    """
+    if steps is not None and steps < 1:
+        raise ValueError(f"fine-tuning steps must be >= 1, got {steps}")
+    if lr is not None and not lr > 0:
+        raise ValueError(f"fine-tuning learning rate must be > 0, got {lr}")
+    steps_fraction, lr_fraction = SUPPORT_FINETUNING[start]
+    return {
+        **member,
+        "steps": int(steps) if steps is not None else max(1, round(member["steps"] * steps_fraction)),
+        "lr": float(lr) if lr is not None else member["lr"] * lr_fraction,
+    }
 
 
 @torch.no_grad()
 def adapter_scores(module: CausalLMAdapter, stacked: Mapping[str, torch.Tensor], x: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
     """Mean response log-likelihood ``[N]`` of N stacked adapters, each on its own samples ``x [N, n, D]``
-    (or all on shared samples ``x [n, D]``)."""
+    (or all on shared samples ``x [n, D]``). Runs ``module.eval_batch`` adapters by ``batch_size`` samples at a
+    time: their ``[adapters, batch, W, vocab]`` logits bound the memory (94 MB per adapter for SmolLM2's head)."""
     from torch.func import functional_call, vmap
 
     shared = x.dim() == 2
     score = vmap(lambda p, xs: functional_call(module, p, (xs,)), in_dims=(0, None if shared else 0))
-    n = x.shape[0 if shared else 1]
-    chunks = [score(stacked, x[i : i + batch_size] if shared else x[:, i : i + batch_size]) for i in range(0, n, batch_size)]
-    return torch.cat(chunks, dim=-1).mean(-1)
+    n_adapters, n = next(iter(stacked.values())).shape[0], x.shape[0 if shared else 1]
+    group = getattr(module, "eval_batch", None) or n_adapters
+    out = []
+    for a in range(0, n_adapters, group):
+        part = {k: v[a : a + group] for k, v in stacked.items()}
+        xs = x if shared else x[a : a + group]
+        chunks = [score(part, xs[i : i + batch_size] if shared else xs[:, i : i + batch_size]) for i in range(0, n, batch_size)]
+        out.append(torch.cat(chunks, dim=-1).mean(-1))
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------- generation

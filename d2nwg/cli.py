@@ -163,6 +163,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         if args.head_solver or args.baselines:
             raise UserError("--head-solver and --baselines apply to classifier zoos; a generative zoo runs every method of d2nwg.evaluate_generation")
         return _evaluate_generation(pipe, zoo, args)
+    if args.finetune_steps or args.finetune_lr:
+        raise UserError("--finetune-steps/--finetune-lr apply to generative (causal-LM adapter) zoos only")
     if args.head_solver:
         pipe.set_head_solver(args.head_solver)
     report = evaluate(
@@ -248,6 +250,8 @@ def _generate_adapter(pipe, args: argparse.Namespace) -> None:
     from d2nwg.generate_adapter import generate_adapter_folder
     from d2nwg.instructions import read_instructions
 
+    if args.finetune_lr and not args.finetune_steps:
+        raise UserError("--finetune-lr needs --finetune-steps (the adapter is fine-tuned only when steps are given)")
     result = generate_adapter_folder(
         pipe, read_instructions(args.dataset), args.out, num_samples=args.num_samples, seed=args.seed,
         num_inference_steps=args.steps, guidance_scale=args.guidance, source=str(args.dataset),

@@ -55,15 +55,24 @@ METHODS = (
 
 def finetune_settings(zoo: ModelZoo, steps: int | None = None, lr: float | None = None) -> dict[str, dict]:
     """``{"finetune": settings, "generated_finetune": settings}`` for ``zoo``: `d2nwg.causal_lm.support_finetuning`
-    of its members' training (from the warm start and from a generated adapter); ``steps``/``lr`` override both."""
+    of its members' training (from the warm start and from a generated adapter); ``steps``/``lr`` override both.
+
+    Raises:
+        ValueError: ``steps`` < 1 or ``lr`` <= 0.
+    """
     from d2nwg.causal_lm import member_training, support_finetuning
 
     member = member_training(zoo.manifest.get("recipe"), zoo.architecture["config"].get("kind", "lora"))
-    override = {**({"steps": steps} if steps is not None else {}), **({"lr": lr} if lr is not None else {})}
-    return {
-        "finetune": {**support_finetuning(member, "warm_start"), **override},
-        "generated_finetune": {**support_finetuning(member, "generated"), **override},
-    }
+    return {name: support_finetuning(member, start, steps, lr) for name, start in (("finetune", "warm_start"), ("generated_finetune", "generated"))}
+
+
+def warm_start(zoo: ModelZoo, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The members' shared initialisation (``init.safetensors``, the recipes' warm start), or, for zoos without
+    one (ingested adapters), peft's initialisation drawn with ``seed``: where ``finetune`` and ``multitask`` start."""
+    from d2nwg.architectures import build_model
+    from d2nwg.ensemble import initial_state
+
+    return zoo.init_state() or initial_state(lambda: build_model(zoo.architecture), seed)
 
 
 def read_split(zoo: ModelZoo, task: str, split: str) -> list:
@@ -116,7 +125,7 @@ def multitask_adapter(zoo: ModelZoo, k: int, per_task: int, steps: int, lr: floa
     as several members. ``per_task`` conversations of each training task are used, each with ``k`` other training
     conversations of its task as examples.
     """
-    from d2nwg.causal_lm import CausalLMAdapter, conversation_features, precision_context, train_adapters
+    from d2nwg.causal_lm import CausalLMAdapter, conversation_features, finetune_adapter, precision_context
     from d2nwg.instructions import with_examples
     from d2nwg.io import load_safetensors, save_safetensors
 
@@ -138,11 +147,10 @@ def multitask_adapter(zoo: ModelZoo, k: int, per_task: int, steps: int, lr: floa
         for j in range(min(per_task, len(items))):
             examples = [c for i, c in enumerate(items) if i != j]
             conversations.append(with_examples(items[j], examples[j:] + examples[:j], k))
-    init = zoo.init_state() or long.state_dict()  # the members' shared initialisation (their warm start): the same start
     with precision_context(precision, "cpu"):
         x = conversation_features(conversations, long.first, long.max_length, long.response_window, cfg["base"], pooling=long.pooling)
-        trained = train_adapters(long, init, x[None], steps=steps, lr=lr, batch_size=16, seed=seed)
-    state = {n: v[0].contiguous() for n, v in trained.items()}
+    # From the members' shared initialisation, as they start.
+    state = finetune_adapter(long, warm_start(zoo, seed), x, {"steps": steps, "lr": lr, "batch_size": 16, "precision": precision}, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_safetensors(path, state)
     return state
@@ -184,11 +192,12 @@ def evaluate_generation(
         The report dict: ``tasks`` (per-task rows), ``summary`` and ``summary_by_kind``.
 
     Raises:
-        ValueError: a zoo that is not generative, or without conversations.
+        ValueError: a zoo that is not generative, or without conversations; ``finetune_steps`` < 1 or
+            ``finetune_lr`` <= 0.
     """
     from d2nwg.architectures import build_model
-    from d2nwg.causal_lm import AdapterGenerator, adapter_scores, exact_match, precision_context, references, train_adapters
-    from d2nwg.ensemble import initial_state, mean_state_dict, stack_state_dicts
+    from d2nwg.causal_lm import AdapterGenerator, adapter_scores, exact_match, finetune_adapter, references
+    from d2nwg.ensemble import mean_state_dict, stack_state_dicts
     from d2nwg.instructions import with_examples
     from d2nwg.trust import (
         baseline_message,
@@ -228,16 +237,9 @@ def evaluate_generation(
     # Trust figures (d2nwg.trust): how far a task's samples are from each other and from the zoo, in zoo spacings.
     zoo_tokens = flat_tokens(pipeline.layout, [zoo.load_member(m) for m in train])
     spacing = zoo_spacing(zoo_tokens, seed)
+    tuning = finetune_settings(zoo, finetune_steps, finetune_lr)  # bad settings fail before any training
     multitask = multitask_adapter(zoo, k_shot, multitask_per_task, multitask_steps, multitask_lr, seed)
-    tuning = finetune_settings(zoo, finetune_steps, finetune_lr)
-    start = zoo.init_state() or initial_state(lambda: build_model(zoo.architecture), seed)
-
-    def finetune(init: dict, x: torch.Tensor, method: str) -> dict[str, torch.Tensor]:
-        """``init`` after AdamW steps on the samples ``x [n, D]`` with ``tuning[method]``."""
-        t = tuning[method]
-        with precision_context(t["precision"], "cpu"):
-            trained = train_adapters(module, init, x[None], steps=t["steps"], lr=t["lr"], batch_size=t["batch_size"], seed=seed)
-        return {k: v[0].contiguous() for k, v in trained.items()}
+    start = warm_start(zoo, seed)
 
     def judge(state, prompts, refs) -> tuple[float, float]:
         """Exact match and log-likelihood through the whole LM (the base, or prompts with in-context examples)."""
@@ -266,8 +268,8 @@ def evaluate_generation(
         # Every adapter that answers the bare test prompts answers in one batch (`AdapterGenerator.answer_many`);
         # their log-likelihoods come from the cached features.
         adapters = {"retrieval": nearest[0], "knn_ensemble": mean_state_dict(nearest), "oracle": zoo.load_member(members[task])}
-        adapters["finetune"] = finetune(start, x_support, "finetune")
-        adapters["generated_finetune"] = finetune(output.weights[best], x_support, "generated_finetune")
+        adapters["finetune"] = finetune_adapter(module, start, x_support, tuning["finetune"], seed)
+        adapters["generated_finetune"] = finetune_adapter(module, output.weights[best], x_support, tuning["generated_finetune"], seed)
         prior = pipeline.prior_tokens([x_support])
         if prior is not None:
             adapters["conditional_mean"] = pipeline.layout.detokenize(prior)[0]

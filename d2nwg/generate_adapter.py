@@ -81,7 +81,8 @@ def generate_adapter_folder(
             pipeline's provenance, or `d2nwg.causal_lm.MEMBER_TRAINING`) unless ``finetune_lr`` is given.
 
     Raises:
-        ValueError: (one line) a non-empty ``out``, or a record (numbered from 1 in ``source``) longer than the
+        ValueError: (one line) a non-empty ``out``; ``finetune_steps`` < 0, ``finetune_lr`` <= 0, or ``finetune_lr``
+            without ``finetune_steps``; a record (numbered from 1 in ``source``) longer than the
             pipeline's ``max_length`` / ``response_window``.
     """
     from d2nwg.architectures import build_model
@@ -90,12 +91,11 @@ def generate_adapter_folder(
         adapter_scores,
         conversation_features,
         exact_match,
+        finetune_adapter,
         member_training,
-        precision_context,
-        support_finetuning,
         references,
         save_causal_lm_adapter,
-        train_adapters,
+        support_finetuning,
     )
     from d2nwg.ensemble import stack_state_dicts
     from d2nwg.io import atomic_dir, save_safetensors
@@ -106,6 +106,13 @@ def generate_adapter_folder(
         raise ValueError(f"output folder {out} already exists and is not empty")
     arch = pipe.target_spec.architecture
     cfg = arch["config"]
+    tuning = None
+    if finetune_lr is not None and not finetune_steps:
+        raise ValueError("a fine-tuning learning rate needs fine-tuning steps (--finetune-steps)")
+    if finetune_steps:  # settled (and checked) before the sampling
+        # The members' training as the pipeline's provenance recorded it; older pipelines: the recipes' defaults.
+        member = ((pipe.provenance or {}).get("zoo") or {}).get("member_training") or member_training(None, cfg.get("kind", "lora"))
+        tuning = support_finetuning(member, "generated", finetune_steps, finetune_lr)
     conversations = with_default_system(conversations, cfg.get("system"))
     module = build_model(arch).eval()
     try:
@@ -120,16 +127,9 @@ def generate_adapter_folder(
     )
     loglik = adapter_scores(module, stack_state_dicts(output.weights), x)
     best = int(loglik.argmax())
-    adapter, tuning = output.weights[best], None
-    if finetune_steps:
-        recorded = ((pipe.provenance or {}).get("zoo") or {}).get("member_training")
-        member = recorded or member_training(None, cfg.get("kind", "lora"))
-        tuning = {**support_finetuning(member, "generated"), "steps": int(finetune_steps)}
-        if finetune_lr is not None:
-            tuning["lr"] = float(finetune_lr)
-        with precision_context(tuning["precision"], "cpu"):
-            trained = train_adapters(module, adapter, x[None], steps=tuning["steps"], lr=tuning["lr"], batch_size=tuning["batch_size"], seed=seed)
-        adapter = {k: v[0].contiguous() for k, v in trained.items()}
+    adapter = output.weights[best]
+    if tuning is not None:
+        adapter = finetune_adapter(module, adapter, x, tuning, seed)
     generator = AdapterGenerator(arch)
     generator.set_adapter(adapter)
     em = exact_match(generator.answer(conversations, max_new_tokens=max_new_tokens), references(conversations))

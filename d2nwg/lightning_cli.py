@@ -88,6 +88,7 @@ class ExportPipeline(L.Callback):
 
     def __init__(self, dirpath: str | None = None):
         self.dirpath = dirpath
+        self.exported = False  # by this process: a pipeline already on disk may be an earlier run's
 
     def path(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath or Path(trainer.default_root_dir) / "pipeline")
@@ -100,6 +101,7 @@ class ExportPipeline(L.Callback):
     def export(self, trainer: L.Trainer, pl_module: D2NWGModule) -> None:
         """Write the pipeline of ``pl_module`` (EMA weights) and its zoo; a no-op off global rank zero."""
         if not trainer.is_global_zero:
+            self.exported = True
             return
         out = self.path(trainer)
         pipe = pipeline_from_module(pl_module, trainer.datamodule)
@@ -107,6 +109,7 @@ class ExportPipeline(L.Callback):
         with atomic_dir(out) as tmp:
             pipe.save_pretrained(tmp)
             (tmp / "training.json").write_text(json.dumps({"global_step": trainer.global_step}, indent=2))
+        self.exported = True
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 log_artifact(logger.experiment, out, name="d2nwg-pipeline", kind="model")
@@ -364,9 +367,9 @@ def train(
     if stop.signum is not None and trainer.global_step < total:
         raise Interrupted(_interrupted_message(trainer, ckpt), stop.signum)
     export = next((c for c in trainer.callbacks if isinstance(c, ExportPipeline)), ExportPipeline())
-    if trainer.global_step >= total and not (export.path(trainer) / "model_index.json").is_file():
+    if trainer.global_step >= total and not export.exported:
         # Resumed from the last step (a run killed while exporting): Lightning skips a fit with nothing left to
-        # train, and with it the callbacks' `on_train_end`, so export here.
+        # train, and with it the callbacks' `on_train_end`, so export here (replacing any earlier pipeline).
         export.export(trainer, cli.model)
     return export.path(trainer)
 

@@ -7,13 +7,15 @@ to a colleague). `training_provenance` therefore records, in ``model_index.json`
     {"d2nwg_version": "0.1.0",
      "steps": {"vae": 1500, "diffusion": 3000},           # optimiser steps each stage ran
      "config": {...},                                    # the full LightningCLI config (model, data, trainer, seed)
-     "zoo": {"name", "recipe", "path", "members", "split", "trained_on", "fingerprint", "nn_distance"},
+     "zoo": {"name", "recipe", "path", "members", "split", "trained_on", "fingerprint", "nn_distance",
+             "member_training"},                         # the last for causal-LM adapter zoos only
      "vae_recon_ratio": 0.94}                            # measured at export, as `d2nwg evaluate` measures it
 
 ``zoo.fingerprint`` is ``sha256:`` plus 16 hex digits over the zoo's layout and every member's id, split,
 task and file bytes: a zoo rebuilt, re-ingested or with one member retrained gets another. ``nn_distance``
 (the zoo's nearest-neighbour spacing, `d2nwg.trust.zoo_spacing`) and ``vae_recon_ratio`` let
-``d2nwg generate`` run the trust checks of `d2nwg.trust` without the zoo.
+``d2nwg generate`` run the trust checks of `d2nwg.trust` without the zoo; ``member_training`` (how the members
+trained, `d2nwg.causal_lm.member_training`) sets ``d2nwg generate --finetune-steps``' learning rate.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def zoo_fingerprint(zoo) -> str:
 
 
 def zoo_record(zoo, split: str = "train", seed: int = 0) -> dict:
-    """The ``zoo`` entry of a provenance: name, recipe, path, member counts, fingerprint and spacing."""
+    """The ``zoo`` entry of a provenance: name, recipe, path, member counts, fingerprint, spacing and, for causal-LM
+    adapter zoos, ``member_training``."""
     from d2nwg.trust import flat_tokens, streamed_zoo_spacing
 
     members = zoo.members(split)

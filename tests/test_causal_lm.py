@@ -170,3 +170,72 @@ def test_adapters_with_their_own_inits_train_as_they_would_alone(chat_llama_dir)
     assert (adapter_scores(net, together, x) > before).all()
     with pytest.raises(ValueError, match="3 initial adapters for 2 training sets"):
         train_adapters(net, [*inits, inits[0]], x.expand(2, *x.shape), steps=1, lr=1e-2)
+
+
+def test_adapter_scores_run_eval_batch_adapters_at_a_time(chat_llama_dir, monkeypatch):
+    import torch.func
+
+    from d2nwg.causal_lm import CausalLMAdapter, adapter_scores, conversation_features
+
+    net = CausalLMAdapter(str(chat_llama_dir), "lora", ["q_proj", "v_proj"], layers=[2, 3], r=2, max_length=160, response_window=16)
+    x = conversation_features(CONVERSATIONS, net.first, 160, 16, str(chat_llama_dir))
+    adapters = [random_adapter(net, seed=s, scale=0.05) for s in range(5)]
+    stacked = {k: torch.stack([a[k] for a in adapters]) for k in adapters[0]}
+    net.eval_batch = 5
+    together = adapter_scores(net, stacked, x)
+    own = adapter_scores(net, stacked, x.expand(5, *x.shape))  # each adapter on its own (here equal) samples
+    sizes, real = [], torch.func.vmap
+
+    def recording(fn, in_dims=0, **kwargs):
+        mapped = real(fn, in_dims=in_dims, **kwargs)
+
+        def call(params, xs):
+            sizes.append(next(iter(params.values())).shape[0])
+            return mapped(params, xs)
+
+        return call
+
+    monkeypatch.setattr(torch.func, "vmap", recording)
+    net.eval_batch = 2
+    for samples, expected in ((x, together), (x.expand(5, *x.shape), own)):
+        sizes.clear()
+        torch.testing.assert_close(adapter_scores(net, stacked, samples, batch_size=2), expected, atol=1e-5, rtol=1e-5)
+        assert max(sizes) == 2 and sum(sizes) == 5 * -(-len(CONVERSATIONS) // 2)  # every adapter, every sample chunk
+    assert torch.unique(together).numel() == 5  # five different adapters, five different scores
+
+
+def test_finetune_adapter_follows_its_settings_and_support_finetuning_scales_the_members(chat_llama_dir):
+    from d2nwg.causal_lm import (
+        CausalLMAdapter,
+        MEMBER_TRAINING,
+        adapter_scores,
+        conversation_features,
+        finetune_adapter,
+        member_training,
+        support_finetuning,
+        train_adapters,
+    )
+
+    net = CausalLMAdapter(str(chat_llama_dir), "lora", ["q_proj", "v_proj"], layers=[2, 3], r=2, max_length=160, response_window=16)
+    x = conversation_features(CONVERSATIONS, net.first, 160, 16, str(chat_llama_dir))
+    init = random_adapter(net, seed=1, scale=0.05)
+    settings = {"steps": 3, "lr": 1e-2, "batch_size": 2, "precision": "32-true"}
+    tuned = finetune_adapter(net, init, x, settings, seed=4)
+    direct = train_adapters(net, init, x[None], steps=3, lr=1e-2, batch_size=2, seed=4)
+    assert tuned.keys() == init.keys()
+    assert all(torch.equal(tuned[k], direct[k][0]) for k in tuned)
+    stack = lambda *sds: {k: torch.stack([sd[k] for sd in sds]) for k in init}  # noqa: E731
+    before, after = adapter_scores(net, stack(init, tuned), x).tolist()
+    assert after > before
+
+    # The recipe's values win; missing ones come from the kind's defaults (MiSS: a tenth of LoRA's lr, float32).
+    assert member_training({"steps": 10, "lr": 0.1}, "lora") == {**MEMBER_TRAINING["lora"], "steps": 10, "lr": 0.1}
+    assert member_training(None, "miss")["precision"] == "32-true" and member_training(None, "lora")["precision"] == "bf16-mixed"
+    member = member_training(None, "miss")
+    generated = support_finetuning(member, "generated")
+    assert generated["steps"] == member["steps"] // 2 and generated["lr"] == pytest.approx(member["lr"] / 5)
+    assert support_finetuning(member, "warm_start", steps=3, lr=0.5) == {**member, "steps": 3, "lr": 0.5}
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        support_finetuning(member, steps=0)
+    with pytest.raises(ValueError, match="learning rate must be > 0, got -1"):
+        support_finetuning(member, lr=-1.0)

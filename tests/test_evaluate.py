@@ -175,10 +175,22 @@ def test_paired_accuracy_matches_per_model_loop(zoo):
         model.load_state_dict(sd)
         expected.append(float((model(x).argmax(-1) == y).float().mean()))
     assert paired_accuracy(build_model(zoo.architecture), sds, data).tolist() == pytest.approx(expected)
-    # A target that asks for smaller vmapped batches (an LM's logits) gets the same figures in more chunks.
+    # A target that asks for smaller vmapped batches (an LM's logits) gets the same figures, one weight set per call.
+    import d2nwg.ensemble as ensemble
+
+    sizes = []
+
+    def recording(module, stacked, x, y):
+        sizes.append(next(iter(stacked.values())).shape[0])
+        return real(module, stacked, x, y)
+
+    real = ensemble.ensemble_accuracy
     small = build_model(zoo.architecture)
     small.eval_batch = 1
-    assert paired_accuracy(small, sds, data).tolist() == pytest.approx(expected)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ensemble, "ensemble_accuracy", recording)
+        assert paired_accuracy(small, sds, data).tolist() == pytest.approx(expected)
+    assert sizes == [1] * len(sds)
 
 
 # ----------------------------------------------------------------------------- training curves

@@ -201,35 +201,54 @@ def test_generate_writes_a_peft_folder_that_reproduces_the_printed_exact_match(l
 def test_generate_can_fine_tune_the_chosen_adapter_on_the_records(llm_zoo, llm_pipeline_dir, tmp_path):
     import json
 
-    from d2nwg.evaluate_generation import read_split
+    from d2nwg.causal_lm import MEMBER_TRAINING, AdapterGenerator, peft_keys
+    from d2nwg.evaluate_generation import full_model_loglik, read_split
     from d2nwg.io import load_safetensors
 
     task = next(t for t in llm_zoo.tasks if llm_zoo.task_kind(t) == "unseen_output")
+    records = read_split(llm_zoo, task, "support")
     dataset = tmp_path / "task.jsonl"
-    dataset.write_text("".join(json.dumps({"prompt": c[1]["content"], "response": c[2]["content"]}) + "\n" for c in read_split(llm_zoo, task, "support")))
+    dataset.write_text("".join(json.dumps({"prompt": c[1]["content"], "response": c[2]["content"]}) + "\n" for c in records))
     runs = {}
-    for name, extra in (("plain", []), ("tuned", ["--finetune-steps", "8", "--finetune-lr", "0.01"])):
+    for name, extra in (("plain", []), ("tuned", ["--finetune-steps", "8", "--finetune-lr", "0.01"]), ("default", ["--finetune-steps", "2"])):
         code, printed = run_cli(["generate", "--pipeline", str(llm_pipeline_dir), "--dataset", str(dataset), "--out",
                                  str(tmp_path / name), "--num-samples", "3", "--steps", "2", *extra])  # fmt: skip
         assert code == 0, printed
         runs[name] = json.loads((tmp_path / name / "generation.json").read_text()), printed
-    (plain, _), (tuned, printed) = runs["plain"], runs["tuned"]
+    (plain, _), (tuned, printed), (default, _) = runs["plain"], runs["tuned"], runs["default"]
     assert plain["finetune"] is None and tuned["finetune"]["steps"] == 8 and tuned["finetune"]["lr"] == 0.01
     assert "fine-tuned on them for 8 steps at lr 0.01" in printed
-    # The same sample is chosen; the written adapter is that sample moved by training, the samples are kept as generated.
+    # Without --finetune-lr: a fifth of the members' lr, here the recipes' LoRA default (the pipeline has no provenance).
+    assert default["finetune"] == {**MEMBER_TRAINING["lora"], "steps": 2, "lr": pytest.approx(MEMBER_TRAINING["lora"]["lr"] / 5)}
+    # The same sample is chosen; the written adapter is that sample moved by training towards the records.
     assert tuned["best"] == plain["best"]
-    best = load_safetensors(tmp_path / "tuned" / "samples" / f"sample_{tuned['best']:02d}.safetensors")
+    best = peft_keys(load_safetensors(tmp_path / "tuned" / "samples" / f"sample_{tuned['best']:02d}.safetensors"))
     written = load_safetensors(tmp_path / "tuned" / "adapter_model.safetensors")
-    assert not all(torch.allclose(a, b) for a, b in zip(sorted(written.values(), key=lambda v: v.shape), sorted(best.values(), key=lambda v: v.shape)))
+    assert written.keys() == best.keys()
+    assert not all(torch.allclose(written[k], best[k]) for k in best)
+    generator = AdapterGenerator(llm_zoo.architecture)
+    generator.set_adapter(best)
+    before = full_model_loglik(generator, records)
+    generator.set_adapter(written)
+    assert full_model_loglik(generator, records) > before
 
 
-def test_finetune_options_are_refused_for_a_classifier_pipeline(tiny_digits_zoo, make_tiny_pipeline, tmp_path, capsys):
+def test_finetune_options_are_refused_where_they_do_not_apply(tiny_digits_zoo, make_tiny_pipeline, llm_pipeline_dir, tmp_path, capsys):
     from d2nwg.cli import main
 
     make_tiny_pipeline(tiny_digits_zoo).save_pretrained(tmp_path / "p")
-    code = main(["generate", "--pipeline", str(tmp_path / "p"), "--dataset", str(tmp_path), "--out", str(tmp_path / "o"), "--finetune-steps", "3"])
-    err = capsys.readouterr().err
-    assert code != 0 and "Traceback" not in err and "apply to causal-LM adapter pipelines only" in err
+    for argv, message in (
+        (["generate", "--pipeline", str(tmp_path / "p"), "--dataset", str(tmp_path), "--out", str(tmp_path / "o"), "--finetune-steps", "3"],
+         "apply to causal-LM adapter pipelines only"),
+        (["evaluate", "--pipeline", str(tmp_path / "p"), "--zoo", str(tiny_digits_zoo.root), "--out", str(tmp_path / "e"), "--finetune-lr", "0.1"],
+         "apply to generative (causal-LM adapter) zoos only"),
+        (["generate", "--pipeline", str(llm_pipeline_dir), "--dataset", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "o"), "--finetune-lr", "0.1"],
+         "--finetune-lr needs --finetune-steps"),
+    ):  # fmt: skip
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code != 0 and "Traceback" not in err and message in err, err
+        assert not (tmp_path / "o").exists() and not (tmp_path / "e").exists()
 
 
 def test_bad_jsonl_record_is_one_error_line(llm_pipeline_dir, tmp_path, capsys):

@@ -99,6 +99,10 @@ def test_killed_while_exporting_resumes_by_exporting_only(tiny_digits_zoo, unint
     assert checkpoint_step(run) == VAE_STEPS + DIFFUSION_STEPS  # saved before the export started
     assert not (run / "pipeline").exists()
     capsys.readouterr()
+    stale = run / "pipeline"  # an earlier run's pipeline in the same folder must not pass for this one's
+    stale.mkdir()
+    (stale / "model_index.json").write_text("{}")
+    (stale / "training.json").write_text(json.dumps({"global_step": 5}))
 
     def no_training(self, batch, batch_idx):
         raise AssertionError("resuming from the last step must not train")
