@@ -42,11 +42,7 @@ from d2nwg.distributed import assert_same_on_ranks, fork_rank_rng, gather_rank_s
 from d2nwg.ensemble import ensemble_logits
 from d2nwg.heads import check_head_solver, head_inputs, head_module_name
 from d2nwg.models import ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
-from d2nwg.models.conditional_mean import class_means, leave_one_out
-
-
-RESIDUALS = ("in_sample", "cross_fitted")
-"""What `D2NWGModule` trains the VAE and the diffusion model on when it has a conditional mean."""
+from d2nwg.models.conditional_mean import class_means
 
 
 @dataclass
@@ -136,11 +132,6 @@ class D2NWGModule(L.LightningModule):
             one noisy member per task (`llm-lora`: generated best exact match 0.052 -> 0.544 on 24 held-out
             tasks; README "LLM adapters"). Needs the zoo's tokens in memory (``data.memory_limit_mb``).
         conditional_mean_ridge: its ridge strength (> 0); ``None`` picks it by leave-one-out error on the members.
-        conditional_mean_residuals: what the VAE and the diffusion model learn: ``"in_sample"``, each member minus
-            the regression fitted on all members (which nearly interpolates them at a small ridge), or
-            ``"cross_fitted"``, each member minus the regression fitted on the other members
-            (`d2nwg.models.conditional_mean.leave_one_out`): the error the regression makes on a dataset it did
-            not see, which is what the residual has to correct at generation time.
 
     Attributes:
         fit_stage: which stage the next fit runs, set by `d2nwg.stages.fit_stages`: ``"vae"`` or
@@ -164,14 +155,11 @@ class D2NWGModule(L.LightningModule):
         head_solver: str = "lda",
         conditional_mean: bool = False,
         conditional_mean_ridge: float | None = None,
-        conditional_mean_residuals: str = "in_sample",
     ):
         super().__init__()
         check_head_solver(head_solver)  # fail before any training step, not at export
         if conditional_mean_ridge is not None and not conditional_mean_ridge > 0:
             raise ValueError(f"model.conditional_mean_ridge must be > 0, got {conditional_mean_ridge}")
-        if conditional_mean_residuals not in RESIDUALS:
-            raise ValueError(f"model.conditional_mean_residuals must be one of {RESIDUALS}, got {conditional_mean_residuals!r}")
         self.save_hyperparameters()
         self.vae_settings = as_settings(VAESettings, vae)
         self.encoder_settings = as_settings(EncoderSettings, encoder)
@@ -234,8 +222,7 @@ class D2NWGModule(L.LightningModule):
         self.architecture = dm.zoo.architecture
 
     def fit_conditional_mean(self, dm) -> torch.Tensor | None:
-        """Fit `conditional_mean` on ``dm``'s members if enabled; returns the tokens ``[N, T, chunk]`` the residuals
-        are taken from (in-sample or cross-fitted predictions, ``conditional_mean_residuals``)."""
+        """Fit `conditional_mean` on ``dm``'s members if enabled; returns its in-sample tokens ``[N, T, chunk]``."""
         if not self.hparams.conditional_mean:
             return None
         if not isinstance(dm.tokens, torch.Tensor):
@@ -249,19 +236,13 @@ class D2NWGModule(L.LightningModule):
         # Not a submodule: DDP would broadcast its buffers (M x T x chunk numbers) every step, and it is
         # refitted rather than restored on resume.
         object.__setattr__(self, "conditional_mean", regression)
-        if self.hparams.get("conditional_mean_residuals", "in_sample") == "cross_fitted":
-            return leave_one_out(embeddings, dm.tokens, regression.config.ridge)
         return fitted
 
     def conditional_mean_fingerprint(self) -> dict | None:
         """What a checkpoint records of the fitted regression, to refuse resuming with another one."""
         if self.conditional_mean is None:
             return None
-        return {
-            "ridge": self.conditional_mean.config.ridge,
-            "coef_sum": float(self.conditional_mean.coef.double().abs().sum()),
-            "residuals": self.hparams.get("conditional_mean_residuals", "in_sample"),
-        }
+        return {"ridge": self.conditional_mean.config.ridge, "coef_sum": float(self.conditional_mean.coef.double().abs().sum())}
 
     def residual(self, tokens, index: torch.Tensor | None = None):
         """``tokens`` minus the conditional mean's fit for those members (``index``: their rows; all if None)."""
@@ -450,19 +431,15 @@ class D2NWGModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved, now = checkpoint.get("conditional_mean"), self.conditional_mean_fingerprint()
         same = saved == now or (
-            saved
-            and now
-            and saved["ridge"] == now["ridge"]
-            and abs(saved["coef_sum"] - now["coef_sum"]) <= 1e-6 * now["coef_sum"]
-            and saved.get("residuals", "in_sample") == now["residuals"]
+            saved and now and saved["ridge"] == now["ridge"] and abs(saved["coef_sum"] - now["coef_sum"]) <= 1e-6 * now["coef_sum"]
         )
         if not same:
             def describe(f):
-                return "no conditional mean" if not f else f"a conditional mean with ridge {f['ridge']:g}, {f.get('residuals', 'in_sample')} residuals"
+                return "no conditional mean" if not f else f"a conditional mean with ridge {f['ridge']:g}"
 
             raise ValueError(
                 f"the checkpoint was trained with {describe(saved)}, this run fits {describe(now)} "
-                "(model.conditional_mean / model.conditional_mean_ridge / model.conditional_mean_residuals, or another zoo); resume with the same settings"
+                "(model.conditional_mean / model.conditional_mean_ridge, or another zoo); resume with the same settings"
             )
         self._pending_ema = checkpoint.get("ema")
         self._fit_start = int(checkpoint.get("global_step", 0))  # the loops' step is restored only after `on_fit_start`

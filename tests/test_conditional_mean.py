@@ -171,46 +171,13 @@ def test_resume_refuses_another_conditional_mean_in_one_line(tiny_digits_zoo, tm
 
     assert train() == 0
     capsys.readouterr()
-    for changes, said in (({"model.conditional_mean_ridge": 1.0}, "this run fits a conditional mean with ridge 1,"),
-                          ({"model.conditional_mean_residuals": "cross_fitted"}, "ridge 0.1, cross_fitted residuals"),
+    for changes, said in (({"model.conditional_mean_ridge": 1.0}, "this run fits a conditional mean with ridge 1 ("),
                           ({"model.conditional_mean": "false"}, "this run fits no conditional mean")):
         assert train("--resume", **{"model.diffusion_steps": 3, **changes}) != 0
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert "Traceback" not in err and len(errors) == 1 and said in errors[0], err
     assert train("--resume", **{"model.diffusion_steps": 3}) == 0  # the same settings resume
-
-
-def test_cross_fitted_residuals_are_each_member_minus_the_fit_without_it(tiny_digits_zoo, tmp_path):
-    from d2nwg.datamodule import ZooDataModule
-    from d2nwg.lightning_cli import make_cli
-    from d2nwg.models.conditional_mean import leave_one_out
-
-    dm = ZooDataModule(zoo=str(tiny_digits_zoo.root))
-    embeddings = torch.stack([class_means(c) for c in dm.class_samples])
-    models = {}
-    for mode in ("in_sample", "cross_fitted"):
-        args = ["--data.zoo", str(tiny_digits_zoo.root), "--model.conditional_mean=true", "--model.conditional_mean_ridge=0.1",
-                f"--model.conditional_mean_residuals={mode}"]  # fmt: skip
-        cli = make_cli(args=args, run=False, out=str(tmp_path / mode))
-        cli.model.setup_networks(cli.datamodule)
-        models[mode] = cli.model
-    cross = models["cross_fitted"]
-    expected = dm.tokens - leave_one_out(embeddings, dm.tokens, 0.1)
-    assert torch.allclose(cross.residual(dm.tokens), expected, atol=1e-5)
-    assert torch.allclose(cross.vae.mean_tokens[0], expected.mean(0), atol=1e-5)
-    # The regression itself is the same fit; only the residuals it leaves for the networks differ, and held-out
-    # errors are larger than in-sample ones.
-    assert torch.equal(cross.conditional_mean.coef, models["in_sample"].conditional_mean.coef)
-    assert cross.residual(dm.tokens).pow(2).mean() > models["in_sample"].residual(dm.tokens).pow(2).mean()
-
-
-def test_an_unknown_residual_mode_is_refused_before_training(tiny_digits_zoo, tmp_path, capsys):
-    code = main(["train", "--zoo", str(tiny_digits_zoo.root), "--out", str(tmp_path / "run"),
-                 "--set", "model.conditional_mean=true", "--set", "model.conditional_mean_residuals=loo"])  # fmt: skip
-    err = capsys.readouterr().err
-    assert code != 0 and "Traceback" not in err and "conditional_mean_residuals must be one of" in err
-    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_ridge_that_is_not_positive_is_refused_before_training(tiny_digits_zoo, tmp_path, capsys):
