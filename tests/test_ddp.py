@@ -159,3 +159,22 @@ def test_single_process_and_two_process_losses_agree(tiny_digits_zoo, tmp_path):
     b = stage_means(tmp_path / "ddp", vae_steps, vae_steps + diffusion_steps)
     for stage in a:
         assert abs(a[stage] - b[stage]) <= LOSS_TOLERANCE * abs(a[stage]), (stage, a, b)
+
+
+def test_two_processes_fit_the_same_conditional_mean_as_one(tiny_digits_zoo, tmp_path):
+    """Each rank fits the regression on the whole zoo (not its shard): the exported fit is the closed form's."""
+    from d2nwg.datamodule import ZooDataModule
+    from d2nwg.models import ConditionalMean
+    from d2nwg.models.conditional_mean import class_means
+
+    run = tmp_path / "run"
+    settings = {"data.batch_size": 4, "model.vae_steps": 2, "model.diffusion_steps": 2, "model.conditional_mean": "true",
+                "model.conditional_mean_ridge": 0.1}  # fmt: skip
+    done = d2nwg_train(tiny_digits_zoo.root, run, **settings)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fitted = D2NWGPipeline.from_pretrained(run / "pipeline").conditional_mean
+    dm = ZooDataModule(zoo=str(tiny_digits_zoo.root))
+    embeddings = torch.stack([class_means(c, dm.condition_features) for c in dm.class_samples])
+    expected, _ = ConditionalMean.fit(embeddings, dm.tokens, 0.1)
+    assert fitted is not None and fitted.coef.shape == expected.coef.shape
+    torch.testing.assert_close(fitted.coef, expected.coef)
