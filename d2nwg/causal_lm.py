@@ -344,7 +344,7 @@ def finetune_adapter(
 
 
 _LORA_MEMBERS = {"steps": 32, "lr": 5e-3, "batch_size": 8, "precision": "bf16-mixed"}
-_MISS_MEMBERS = {**_LORA_MEMBERS, "lr": 5e-4, "precision": "32-true"}
+_MISS_MEMBERS = {**_LORA_MEMBERS, "lr": 1.6e-2, "precision": "32-true"}
 MEMBER_TRAINING = {"lora": _LORA_MEMBERS, "miss": _MISS_MEMBERS, "miss-bat": _MISS_MEMBERS}
 """Per adapter kind, how the recipes train members (AdamW from the warm start; `model_zoo.llm_lora`'s and
 `model_zoo.llm_miss`'s defaults): `member_training`'s fallback for zoos without a recipe (ingested adapters) and
@@ -355,7 +355,9 @@ def member_training(recipe: Mapping | None, kind: str = "lora") -> dict:
     """``{"steps", "lr", "batch_size", "precision"}`` of a zoo's members, from its recipe (``manifest.json``) where it
     has them, else `MEMBER_TRAINING` for the adapter ``kind``; `support_finetuning` scales them for the ``finetune``
     baseline and ``d2nwg generate --finetune-steps``."""
-    recipe = recipe or {}
+    recipe = dict(recipe or {})
+    if recipe.get("member_lr"):  # the recipe's lr is then the warm start's (`model_zoo.llm_lora`)
+        recipe["lr"] = recipe["member_lr"]
     return {k: type(v)(recipe.get(k, v)) for k, v in MEMBER_TRAINING.get(kind, _LORA_MEMBERS).items()}
 
 
@@ -410,6 +412,25 @@ def adapter_scores(module: CausalLMAdapter, stacked: Mapping[str, torch.Tensor],
 
 
 # ----------------------------------------------------------------------------- generation
+SHARED_PREFIX_MIN = 32
+"""Shortest token prefix common to a batch's prompts that `AdapterGenerator` encodes once (shorter ones, such as
+the chat template's opening, save less than the extra forward costs)."""
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens all ``rows`` start with, leaving each row at least one of its own; 0 when under `SHARED_PREFIX_MIN`
+    or for a single row."""
+    if len(rows) < 2:
+        return 0
+    n = 0
+    for column in zip(*rows):
+        if any(t != column[0] for t in column[1:]):
+            break
+        n += 1
+    n = min(n, min(len(r) for r in rows) - 1)
+    return n if n >= SHARED_PREFIX_MIN else 0
+
+
 class AdapterGenerator:
     """Greedy answers of the base LM with a swappable adapter, through transformers + peft.
 
@@ -441,27 +462,82 @@ class AdapterGenerator:
         if state is not None:
             inject_adapter(self.model, peft_keys(state))
 
+    def _active(self) -> contextlib.AbstractContextManager:
+        """The adapter as `set_adapter` left it: on, or disabled (the base alone)."""
+        return contextlib.nullcontext() if self.adapter_on else self.model.disable_adapter()
+
+    def _prefix_cache(self, prefix: Sequence[int], rows: int):
+        """A ``transformers.DynamicCache`` of ``prefix``'s keys and values under the active adapter, repeated for
+        ``rows`` rows: the prompt reuse of transformers' "KV cache strategies" guide, so a prefix every row shares
+        (in-context examples) runs once per batch instead of once per row."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.tensor([list(prefix)]), use_cache=True, **{self._cache_key: cache})
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    @functools.cached_property
+    def _cache_key(self) -> str:
+        """The keyword a cache is passed under: transformers >= 5.2x names it ``cache`` (``past_key_values``, which
+        earlier versions take, is deprecated there)."""
+        import inspect
+
+        forward = type(self.model.get_base_model()).forward
+        return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
     @torch.no_grad()
     def answer(self, conversations: Sequence[Sequence[Mapping]], max_new_tokens: int | None = None, batch_size: int = 16) -> list[str]:
         """Greedy responses (decoded, stripped) to each conversation's prompt (its final assistant turn dropped).
 
         ``max_new_tokens``: ``None`` is the architecture's ``response_window``, which holds every training response
-        with its end-of-turn tokens, so a right answer is never cut and a rambling one stops early.
+        with its end-of-turn tokens, so a right answer is never cut and a rambling one stops early. A token prefix
+        all prompts of a batch share (at least `SHARED_PREFIX_MIN` tokens: the same in-context examples) is encoded
+        once (`_prefix_cache`); the answers are those of encoding it per row, up to float rounding.
         """
         max_new_tokens = max_new_tokens or int(self.config["response_window"])
         prompts = encode_prompts(self.tokenizer, list(conversations))
         answers: list[str] = []
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
-            ids, mask = self._left_padded(chunk)
+            shared = shared_prefix_length(chunk)
+            # [shared prefix][left padding][own tokens]: positions come from the mask, so every row's prefix sits
+            # at positions 0.. as in the cache, and its own tokens follow it whatever the padding.
+            ids, mask = self._left_padded([p[shared:] for p in chunk])
+            if shared:
+                ids = torch.cat([torch.tensor(chunk[0][:shared]).expand(len(chunk), -1), ids], dim=1)
+                mask = torch.cat([torch.ones(len(chunk), shared, dtype=mask.dtype), mask], dim=1)
             width = ids.shape[1]
-            if self.adapter_on:
-                out = self._generate(ids, mask, max_new_tokens)
-            else:
-                with self.model.disable_adapter():
-                    out = self._generate(ids, mask, max_new_tokens)
+            with self._active():
+                cache = {self._cache_key: self._prefix_cache(chunk[0][:shared], len(chunk))} if shared else {}
+                out = self._generate(ids, mask, max_new_tokens, **cache)
             answers += [decode_response(self.tokenizer, row[width:], self.stops) for row in out]  # stops: found once
         return answers
+
+    @torch.no_grad()
+    def response_loglik(self, conversations: Sequence[Sequence[Mapping]], batch_size: int = 16) -> list[float]:
+        """Mean log-likelihood (nats per token) of each conversation's final response under the active adapter (or
+        the base), through the whole LM: for prompts longer than the cached features hold (in-context examples).
+        A shared prefix is encoded once, as in `answer`."""
+        scores: list[float] = []
+        for i in range(0, len(conversations), batch_size):
+            batch = encode_conversations(self.tokenizer, list(conversations[i : i + batch_size]), last_turn_only=True)
+            ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+            rows = [r[: int(m.sum())].tolist() for r, m in zip(ids, mask)]  # right-padded: own tokens first
+            first_label = int((labels != IGNORE_INDEX).float().argmax(1).min())
+            shared = min(shared_prefix_length(rows), first_label)  # the prefix holds no scored token
+            with self._active():
+                if shared:
+                    cache = self._prefix_cache(rows[0][:shared], len(rows))
+                    logits = self.model(input_ids=ids[:, shared:], attention_mask=mask, **{self._cache_key: cache}).logits
+                else:
+                    logits = self.model(input_ids=ids, attention_mask=mask).logits
+            # logits[:, j] predicts token shared + j + 1
+            target = labels[:, shared + 1 :]
+            keep = target != IGNORE_INDEX
+            logp = logits[:, :-1].float().log_softmax(-1).gather(-1, target.clamp_min(0)[..., None]).squeeze(-1) * keep
+            scores += (logp.sum(1) / keep.sum(1).clamp_min(1)).tolist()
+        return scores
 
     @torch.no_grad()
     def answer_many(

@@ -42,6 +42,7 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from statistics import fmean
 
 import torch
 
@@ -94,28 +95,6 @@ def write_conversations(root: Path, task: str, split: str, items: Sequence) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps({"messages": list(c)}, ensure_ascii=False) + "\n" for c in items))
     return path
-
-
-@torch.no_grad()
-def full_model_loglik(generator, conversations: Sequence, batch_size: int = 8) -> float:
-    """Mean log-likelihood (nats per token) of each conversation's final response under the generator's current
-    adapter (or the base), through the whole LM: for prompts longer than the cached features hold (in-context
-    examples)."""
-    from d2nwg.instructions import IGNORE_INDEX, encode_conversations
-
-    scores = []
-    for i in range(0, len(conversations), batch_size):
-        batch = encode_conversations(generator.tokenizer, list(conversations[i : i + batch_size]), last_turn_only=True)
-        if generator.adapter_on:
-            logits = generator.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        else:
-            with generator.model.disable_adapter():
-                logits = generator.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        keep = labels != IGNORE_INDEX
-        logp = logits[:, :-1].log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) * keep
-        scores += (logp.sum(1) / keep.sum(1).clamp_min(1)).tolist()
-    return sum(scores) / len(scores)
 
 
 def multitask_adapter(zoo: ModelZoo, k: int, per_task: int, steps: int, lr: float, seed: int) -> dict[str, torch.Tensor]:
@@ -244,7 +223,7 @@ def evaluate_generation(
     def judge(state, prompts, refs) -> tuple[float, float]:
         """Exact match and log-likelihood through the whole LM (the base, or prompts with in-context examples)."""
         generator.set_adapter(state)
-        return exact_match(generator.answer(prompts, max_new_tokens=max_new_tokens), refs), full_model_loglik(generator, prompts)
+        return exact_match(generator.answer(prompts, max_new_tokens=max_new_tokens), refs), fmean(generator.response_loglik(prompts))
 
     pipeline.set_progress_bar_config(disable=True)
     rows = []

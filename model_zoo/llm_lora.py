@@ -113,7 +113,9 @@ class LLMAdapterRecipe:
     steps: int = 32
     """AdamW steps per member, from the warm start."""
     lr: float = 5e-3
-    """Learning rate of the warm start and of each member."""
+    """Learning rate of the warm start (and of each member unless ``member_lr`` is set)."""
+    member_lr: float = 0.0
+    """Learning rate of each member (0: ``lr``)."""
     batch_size: int = 8
     """Conversations per member and step."""
     group_size: int = 4
@@ -124,6 +126,13 @@ class LLMAdapterRecipe:
     """Seed of the task split, the dates and the shared initialisation."""
     device: str = "auto"
     """Where the base states are cached and members train: auto (cuda when available, else cpu), cpu or cuda."""
+
+
+def recorded_settings(recipe: LLMAdapterRecipe) -> dict:
+    """The settings ``manifest.json`` records and a resumed build must match: all but ``device`` (it does not change
+    the zoo, so a build may resume on another one), and ``member_lr`` only when set, so that zoos built before it
+    existed still resume and reopen."""
+    return {k: v for k, v in asdict(recipe).items() if k != "device" and not (k == "member_lr" and not v)}
 
 
 def architecture(recipe: LLMAdapterRecipe) -> dict:
@@ -218,8 +227,7 @@ def build(out: str | Path, **settings) -> ModelZoo:
             # The pooled conversation embedding describes the task; the rest is the cached state the slice reads.
             condition_features=model.hidden,
         ),
-        # The device does not change the zoo, so a build may resume on another one.
-        recipe={"name": "llm-lora" if recipe.kind == "lora" else "llm-miss", **{k: v for k, v in asdict(recipe).items() if k != "device"}},
+        recipe={"name": "llm-lora" if recipe.kind == "lora" else "llm-miss", **recorded_settings(recipe)},
     )
     del classes  # the zoo holds them now (data.safetensors)
     features_s = time.perf_counter() - started
@@ -238,7 +246,9 @@ def build(out: str | Path, **settings) -> ModelZoo:
                 continue
             x = torch.stack([zoo.class_samples(t, "train")[0] for t in group]).to(device)  # (G, n, D)
             with precision():
-                params = train_adapters(model, init, x, steps=recipe.steps, lr=recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed)
+                params = train_adapters(
+                    model, init, x, steps=recipe.steps, lr=recipe.member_lr or recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed
+                )
             # Recorded metrics in float32: they rank members and select samples, bf16 rounds them to 1/64 nat.
             scores = {s: adapter_scores(model, params, torch.stack([zoo.class_samples(t, s)[0] for t in group]).to(device)) for s in SPLITS}
             params = {k: v.cpu() for k, v in params.items()}

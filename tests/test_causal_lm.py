@@ -142,6 +142,36 @@ def test_answer_many_gives_each_adapter_its_own_answers(chat_llama_dir):
     assert gen.answer(CONVERSATIONS, max_new_tokens=8, batch_size=2) == one_by_one[0]  # the default adapter is untouched
 
 
+def test_shared_in_context_prefix_is_encoded_once_with_the_same_answers_and_logliks(chat_llama_dir, monkeypatch):
+    import d2nwg.causal_lm as causal_lm
+    from d2nwg.causal_lm import AdapterGenerator, CausalLMAdapter, architecture_spec, shared_prefix_length
+    from d2nwg.instructions import encode_prompts, with_examples
+
+    assert shared_prefix_length([[1] * 40 + [2], [1] * 40 + [3, 4]]) == 40
+    assert shared_prefix_length([[1] * 40, [1] * 40]) == 39  # each row keeps a token of its own
+    assert shared_prefix_length([[1] * 10 + [2], [1] * 10 + [3]]) == 0  # too short to be worth a forward
+    assert shared_prefix_length([[1] * 40 + [2]]) == 0
+
+    arch = architecture_spec(str(chat_llama_dir), "lora", ["q_proj", "v_proj"], [2, 3], 2, 160, 16)
+    gen = AdapterGenerator(arch)
+    # Test prompts of different lengths behind the same 3 in-context examples: rows are padded between the
+    # shared prefix and their own tokens.
+    tests = [
+        [{"role": "user", "content": d}, {"role": "assistant", "content": "x"}]
+        for d in ("2024-02-29", "1900-01-01 please", "12", "2010-10-10, in words")
+    ]
+    prompts = [with_examples(c, CONVERSATIONS, 3) for c in tests]
+    assert shared_prefix_length(encode_prompts(gen.tokenizer, prompts)) > 0
+    for state in (random_adapter(CausalLMAdapter(**arch["config"]), seed=7, scale=1.0), None):
+        gen.set_adapter(state)
+        shared = gen.answer(prompts, max_new_tokens=8), gen.response_loglik(prompts)
+        with monkeypatch.context() as m:
+            m.setattr(causal_lm, "SHARED_PREFIX_MIN", 10**9)  # every row encodes the whole prompt
+            alone = gen.answer(prompts, max_new_tokens=8), gen.response_loglik(prompts)
+        assert shared[0] == alone[0]
+        torch.testing.assert_close(torch.tensor(shared[1]), torch.tensor(alone[1]), atol=1e-4, rtol=1e-4)
+
+
 def test_precision_context_autocasts_bf16_and_refuses_unknown_names():
     from d2nwg.causal_lm import precision_context
 

@@ -114,6 +114,31 @@ def test_rebuild_resumes_without_retraining(llm_zoo, chat_llama):
             assert torch.equal(v, before[m.id][k])
 
 
+def test_member_lr_trains_members_apart_from_the_warm_start(llm_zoo, chat_llama, tmp_path):
+    from d2nwg.architectures import build_model
+    from d2nwg.causal_lm import member_training, train_adapters
+    from model_zoo import RECIPES
+
+    # A zoo built before member_lr existed records no such key, so it still resumes (and reopens) unchanged.
+    assert "member_lr" not in llm_zoo.manifest["recipe"]
+    small = {**TINY, "num_train_tasks": 2, "num_new_combination_tasks": 1, "num_unseen_output_tasks": 1, "steps": 4}
+    zoo = RECIPES.get("llm-lora")(tmp_path / "zoo", base=chat_llama, **small, member_lr=0.05)
+    assert zoo.manifest["recipe"]["member_lr"] == 0.05 and zoo.manifest["recipe"]["lr"] == TINY["lr"]
+    assert member_training(zoo.manifest["recipe"], "lora")["lr"] == 0.05  # what the fine-tuning rows scale
+    # Each member is the warm start after `steps` AdamW steps at member_lr, not at the warm start's lr.
+    model, init = build_model(zoo.architecture), zoo.init_state()
+    member = zoo.members("train")[0]
+    x = zoo.class_samples(member.task, "train")[0][None]
+    stored = zoo.load_member(member)
+    for lr, same in ((0.05, True), (TINY["lr"], False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the recipe's precision (bf16-mixed)
+            trained = train_adapters(model, init, x, steps=4, lr=lr, batch_size=TINY["batch_size"], seed=0)
+        close = all(torch.allclose(trained[k][0], v, atol=1e-5) for k, v in stored.items())
+        assert close == same, lr
+    with pytest.raises(ValueError, match="different recipe"):  # resuming with another member lr is refused
+        RECIPES.get("llm-lora")(tmp_path / "zoo", base=chat_llama, **small)
+
+
 @pytest.fixture(scope="module")
 def llm_pipeline_dir(tmp_path_factory, llm_zoo, make_tiny_pipeline):
     folder = tmp_path_factory.mktemp("llm_pipeline") / "pipeline"
@@ -202,7 +227,7 @@ def test_generate_can_fine_tune_the_chosen_adapter_on_the_records(llm_zoo, llm_p
     import json
 
     from d2nwg.causal_lm import MEMBER_TRAINING, AdapterGenerator, peft_keys
-    from d2nwg.evaluate_generation import full_model_loglik, read_split
+    from d2nwg.evaluate_generation import read_split
     from d2nwg.io import load_safetensors
 
     task = next(t for t in llm_zoo.tasks if llm_zoo.task_kind(t) == "unseen_output")
@@ -228,9 +253,9 @@ def test_generate_can_fine_tune_the_chosen_adapter_on_the_records(llm_zoo, llm_p
     assert not all(torch.allclose(written[k], best[k]) for k in best)
     generator = AdapterGenerator(llm_zoo.architecture)
     generator.set_adapter(best)
-    before = full_model_loglik(generator, records)
+    before = sum(generator.response_loglik(records))
     generator.set_adapter(written)
-    assert full_model_loglik(generator, records) > before
+    assert sum(generator.response_loglik(records)) > before
 
 
 def test_finetune_options_are_refused_where_they_do_not_apply(tiny_digits_zoo, make_tiny_pipeline, llm_pipeline_dir, tmp_path, capsys):
