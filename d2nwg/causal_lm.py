@@ -347,13 +347,14 @@ _LORA_MEMBERS = {"steps": 32, "lr": 5e-3, "batch_size": 8, "precision": "bf16-mi
 _MISS_MEMBERS = {**_LORA_MEMBERS, "lr": 1.6e-2, "precision": "32-true"}
 MEMBER_TRAINING = {"lora": _LORA_MEMBERS, "miss": _MISS_MEMBERS, "miss-bat": _MISS_MEMBERS}
 """Per adapter kind, how the recipes train members (AdamW from the warm start; `model_zoo.llm_lora`'s and
-`model_zoo.llm_miss`'s defaults): `member_training`'s fallback for zoos without a recipe (ingested adapters) and
-for pipelines exported before their provenance recorded it."""
+`model_zoo.llm_miss`'s defaults, ``member_lr`` where set, kept equal to them by ``tests/test_llm_zoo.py``):
+`member_training`'s fallback for zoos without a recipe (ingested adapters) and for pipelines exported before their
+provenance recorded it."""
 
 
 def member_training(recipe: Mapping | None, kind: str = "lora") -> dict:
-    """``{"steps", "lr", "batch_size", "precision"}`` of a zoo's members, from its recipe (``manifest.json``) where it
-    has them, else `MEMBER_TRAINING` for the adapter ``kind``; `support_finetuning` scales them for the ``finetune``
+    """``{"steps", "lr", "batch_size", "precision"}`` of a zoo's members, from its recipe (``manifest.json``; its
+    ``member_lr`` when set, else its ``lr``) where it has them, else `MEMBER_TRAINING` for the adapter ``kind``; `support_finetuning` scales them for the ``finetune``
     baseline and ``d2nwg generate --finetune-steps``."""
     recipe = dict(recipe or {})
     if recipe.get("member_lr"):  # the recipe's lr is then the warm start's (`model_zoo.llm_lora`)

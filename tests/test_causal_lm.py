@@ -258,8 +258,10 @@ def test_finetune_adapter_follows_its_settings_and_support_finetuning_scales_the
     before, after = adapter_scores(net, stack(init, tuned), x).tolist()
     assert after > before
 
-    # The recipe's values win; missing ones come from the kind's defaults (MiSS: a tenth of LoRA's lr, float32).
+    # The recipe's values win (its member_lr over its lr, the warm start's); missing ones come from the kind's defaults.
     assert member_training({"steps": 10, "lr": 0.1}, "lora") == {**MEMBER_TRAINING["lora"], "steps": 10, "lr": 0.1}
+    assert member_training({"lr": 0.1, "member_lr": 0.3}, "miss")["lr"] == 0.3
+    assert member_training({"lr": 0.1, "member_lr": 0.0}, "miss")["lr"] == 0.1  # 0: members train at lr
     assert member_training(None, "miss")["precision"] == "32-true" and member_training(None, "lora")["precision"] == "bf16-mixed"
     member = member_training(None, "miss")
     generated = support_finetuning(member, "generated")

@@ -114,6 +114,22 @@ def test_rebuild_resumes_without_retraining(llm_zoo, chat_llama):
             assert torch.equal(v, before[m.id][k])
 
 
+def test_member_training_fallback_matches_the_recipes_defaults():
+    # MEMBER_TRAINING stands in for a recipe (ingested zoos, pipelines exported without provenance): it must say
+    # what the recipes really do.
+    from dataclasses import asdict
+
+    from d2nwg.causal_lm import MEMBER_TRAINING
+    from model_zoo import RECIPES
+
+    for name, kinds in (("llm-lora", ["lora"]), ("llm-miss", ["miss", "miss-bat"])):
+        recipe = asdict(RECIPES.get(name).settings_cls())
+        expected = {"steps": recipe["steps"], "lr": recipe["member_lr"] or recipe["lr"], "batch_size": recipe["batch_size"],
+                    "precision": recipe["precision"]}  # fmt: skip
+        for kind in kinds:
+            assert MEMBER_TRAINING[kind] == expected, kind
+
+
 def test_member_lr_trains_members_apart_from_the_warm_start(llm_zoo, chat_llama, tmp_path):
     from d2nwg.architectures import build_model
     from d2nwg.causal_lm import member_training, train_adapters
