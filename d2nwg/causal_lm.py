@@ -473,7 +473,10 @@ class AdapterGenerator:
         (in-context examples) runs once per batch instead of once per row."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        try:
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:  # transformers < 4.56 builds its layers as they come
+            cache = DynamicCache()
         self.model(input_ids=torch.tensor([list(prefix)]), use_cache=True, **{self._cache_key: cache})
         cache.batch_repeat_interleave(rows)
         return cache
@@ -525,18 +528,25 @@ class AdapterGenerator:
             batch = encode_conversations(self.tokenizer, list(conversations[i : i + batch_size]), last_turn_only=True)
             ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
             rows = [r[: int(m.sum())].tolist() for r, m in zip(ids, mask)]  # right-padded: own tokens first
-            first_label = int((labels != IGNORE_INDEX).float().argmax(1).min())
-            shared = min(shared_prefix_length(rows), first_label)  # the prefix holds no scored token
+            scored = labels != IGNORE_INDEX
+            scored[:, 0] = False  # nothing predicts a row's first token
+            first_label = int(scored.float().argmax(1)[scored.any(1)].min()) if scored.any() else labels.shape[1]
+            # The position before the first scored token predicts it, so the prefix ends before that position.
+            shared = min(shared_prefix_length(rows), first_label - 1)
+            shared = shared if shared >= SHARED_PREFIX_MIN else 0
             with self._active():
                 if shared:
                     cache = self._prefix_cache(rows[0][:shared], len(rows))
-                    logits = self.model(input_ids=ids[:, shared:], attention_mask=mask, **{self._cache_key: cache}).logits
+                    hidden = self.model.get_base_model().model(input_ids=ids[:, shared:], attention_mask=mask, **{self._cache_key: cache})
                 else:
-                    logits = self.model(input_ids=ids, attention_mask=mask).logits
-            # logits[:, j] predicts token shared + j + 1
-            target = labels[:, shared + 1 :]
+                    hidden = self.model.get_base_model().model(input_ids=ids, attention_mask=mask)
+                # Hidden state j is position shared + j and predicts token shared + j + 1; the LM head runs only from
+                # the position before the first scored token (its [batch, positions, vocab] logits bound the memory).
+                start = first_label - 1 - shared
+                logits = self.model.get_base_model().lm_head(hidden.last_hidden_state[:, start:-1])
+            target = labels[:, first_label:]
             keep = target != IGNORE_INDEX
-            logp = logits[:, :-1].float().log_softmax(-1).gather(-1, target.clamp_min(0)[..., None]).squeeze(-1) * keep
+            logp = logits.float().log_softmax(-1).gather(-1, target.clamp_min(0)[..., None]).squeeze(-1) * keep
             scores += (logp.sum(1) / keep.sum(1).clamp_min(1)).tolist()
         return scores
 

@@ -93,9 +93,12 @@ class ModelZoo:
         recipe = json.loads(json.dumps(dict(recipe or {})))  # normalise tuples etc. for comparison
         if (root / "manifest.json").exists():
             zoo = cls.open(root)
-            if zoo.manifest.get("recipe") != recipe:
+            built = zoo.manifest.get("recipe") or {}
+            if built != recipe:
+                keys = sorted(k for k in set(built) | set(recipe) if built.get(k, "(unset)") != recipe.get(k, "(unset)"))
+                diff = ", ".join(f"{k}: {built.get(k, '(unset)')} there, {recipe.get(k, '(unset)')} now" for k in keys)
                 raise ValueError(
-                    f"{root} already holds a zoo built with a different recipe; choose another --out or delete it"
+                    f"{root} already holds a zoo built with a different recipe ({diff}); choose another --out or delete it"
                 )
             return zoo
         input_spec = _input_spec(input_spec)  # validated before anything is written

@@ -162,14 +162,28 @@ def test_shared_in_context_prefix_is_encoded_once_with_the_same_answers_and_logl
     ]
     prompts = [with_examples(c, CONVERSATIONS, 3) for c in tests]
     assert shared_prefix_length(encode_prompts(gen.tokenizer, prompts)) > 0
+    # One prompt with different responses: everything before the responses is shared, so the prefix must stop
+    # one token short of them (that position predicts their first token).
+    answers = [with_examples([tests[0][0], {"role": "assistant", "content": r}], CONVERSATIONS, 3) for r in ("29/02/2024", "Feb 29", "x")]
     for state in (random_adapter(CausalLMAdapter(**arch["config"]), seed=7, scale=1.0), None):
         gen.set_adapter(state)
-        shared = gen.answer(prompts, max_new_tokens=8), gen.response_loglik(prompts)
+        shared = gen.answer(prompts, max_new_tokens=8), gen.response_loglik(prompts), gen.response_loglik(answers)
         with monkeypatch.context() as m:
             m.setattr(causal_lm, "SHARED_PREFIX_MIN", 10**9)  # every row encodes the whole prompt
-            alone = gen.answer(prompts, max_new_tokens=8), gen.response_loglik(prompts)
+            alone = gen.answer(prompts, max_new_tokens=8), gen.response_loglik(prompts), gen.response_loglik(answers)
         assert shared[0] == alone[0]
-        torch.testing.assert_close(torch.tensor(shared[1]), torch.tensor(alone[1]), atol=1e-4, rtol=1e-4)
+        for got, expected in zip(shared[1:], alone[1:]):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+    # Against the plain full-vocabulary computation over every position (what transformers' loss does).
+    from d2nwg.instructions import encode_conversations
+
+    batch = encode_conversations(gen.tokenizer, answers, last_turn_only=True)
+    with torch.no_grad(), gen.model.disable_adapter():
+        logits = gen.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    logp = logits.log_softmax(-1).gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) * (labels != -100)
+    expected = logp.sum(1) / (labels != -100).sum(1)
+    torch.testing.assert_close(torch.tensor(gen.response_loglik(answers)), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_precision_context_autocasts_bf16_and_refuses_unknown_names():

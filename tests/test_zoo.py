@@ -223,8 +223,9 @@ def test_reopening_with_other_recipe_is_rejected(tmp_path, tiny_digits_zoo, tiny
     out = tmp_path / "zoo"
     shutil.copytree(tiny_digits_zoo.root, out)
     before = (out / "manifest.json").read_bytes()
-    with pytest.raises(ValueError, match="different recipe"):
-        build(out, **{**tiny_digits_settings, "steps": tiny_digits_settings["steps"] + 1})
+    steps = tiny_digits_settings["steps"]
+    with pytest.raises(ValueError, match=rf"different recipe \(steps: {steps} there, {steps + 1} now\)"):  # names it
+        build(out, **{**tiny_digits_settings, "steps": steps + 1})
     assert (out / "manifest.json").read_bytes() == before
     # Same settings: nothing to do, the zoo is unchanged.
     again = build(out, **tiny_digits_settings)
