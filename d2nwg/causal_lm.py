@@ -354,8 +354,8 @@ provenance recorded it."""
 
 def member_training(recipe: Mapping | None, kind: str = "lora") -> dict:
     """``{"steps", "lr", "batch_size", "precision"}`` of a zoo's members, from its recipe (``manifest.json``; its
-    ``member_lr`` when set, else its ``lr``) where it has them, else `MEMBER_TRAINING` for the adapter ``kind``; `support_finetuning` scales them for the ``finetune``
-    baseline and ``d2nwg generate --finetune-steps``."""
+    ``member_lr`` when set, else its ``lr``) where it has them, else `MEMBER_TRAINING` for the adapter ``kind``;
+    `support_finetuning` scales them for the ``finetune`` baseline and ``d2nwg generate --finetune-steps``."""
     recipe = dict(recipe or {})
     if recipe.get("member_lr"):  # the recipe's lr is then the warm start's (`model_zoo.llm_lora`)
         recipe["lr"] = recipe["member_lr"]
