@@ -129,12 +129,17 @@ def conversation_features(
     device = next(backbone.parameters()).device  # runs where the encoder is; features come back on the CPU
     out = []
     for i in range(0, len(conversations), batch_size):
-        ids, mask = batch["input_ids"][i : i + batch_size].to(device), batch["attention_mask"][i : i + batch_size].to(device)
-        result = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=True)
-        hidden = result.hidden_states[first_layer]  # (n, T, H): the input of layer `first_layer`
+        full_mask = batch["attention_mask"][i : i + batch_size]
+        # Columns that are padding in every row of the batch change no real token's state: skip them (zeros in the
+        # cache; nothing reads a padded position), about 9% of a date-format batch.
+        start = int(full_mask.any(0).long().argmax())
+        ids, mask = batch["input_ids"][i : i + batch_size, start:].to(device), full_mask[:, start:].to(device)
+        hidden, final = _hidden_entering(backbone, first_layer, ids, mask, need_final=pooling == "final-mean")
+        hidden = nn.functional.pad(hidden, (0, 0, start, 0))  # (n, T, H): the input of layer `first_layer`
+        mask = full_mask.to(device)
         labels = batch["labels"][i : i + batch_size].to(device).float()
         if pooling == "final-mean":
-            pooled = mean_pool(result.hidden_states[-1], mask.float())  # (n, H): after the final norm
+            pooled = mean_pool(final, mask[:, start:].float())  # (n, H): after the final norm
         else:
             response = (labels != IGNORE_INDEX).float()
             pooled = sum(
@@ -142,6 +147,38 @@ def conversation_features(
             ).to(hidden.dtype)
         out.append(torch.cat([pooled, hidden.flatten(1), mask.float(), labels], dim=1).cpu())
     return torch.cat(out)
+
+
+class _StopForward(Exception):
+    """Raised by `_hidden_entering`'s hook once the states it needs exist."""
+
+
+def _hidden_entering(
+    backbone: nn.Module, layer: int, ids: torch.Tensor, mask: torch.Tensor, need_final: bool, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(hidden states entering decoder layer `layer` [n, T, H], final-norm states [n, T, H] or None)`` of the
+    left-padded rows ``ids``/``mask`` [n, T]; ``kwargs`` go to the backbone (e.g. a cache to fill).
+
+    Without ``need_final`` the forward stops at layer ``layer`` (a pre-hook takes its input and ends the pass),
+    so the layers above the adapted slice, a fifth of SmolLM2's 30 for the default slice, never run.
+    """
+    from d2nwg.adapters import block_list
+
+    captured = {}
+
+    def take(_module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        if not need_final:
+            raise _StopForward
+
+    handle = backbone.get_submodule(block_list(backbone)[0])[layer].register_forward_pre_hook(take, with_kwargs=True)
+    try:
+        result = backbone(input_ids=ids, attention_mask=mask, position_ids=positions(mask), output_hidden_states=need_final, **kwargs)
+    except _StopForward:
+        return captured["hidden"], None
+    finally:
+        handle.remove()
+    return captured["hidden"], result.hidden_states[-1]
 
 
 def left_causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -237,16 +274,34 @@ class CausalLMAdapter(nn.Module):
         hidden = x[..., h : h + t * h].unflatten(-1, (t, h))
         return x[..., :h], hidden, x[..., h + t * h : h + t * h + t], x[..., h + t * h + t :].round().long()
 
-    def token_logprobs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(log p(label) [n, W], is_response [n, W])`` over the last ``W = response_window`` positions."""
+    def response_extent(self, x: torch.Tensor) -> tuple[int, int]:
+        """``(start, window)`` of samples ``x [..., D]``: columns ``[start, T)`` hold every real token of every row
+        and the last ``window`` (at most ``response_window``) every response token.
+
+        Call it outside ``vmap`` and pass it to ``forward``: the slice then skips the columns that are padding in
+        every row, and the LM head the window positions that score no row's token. The date-format family's
+        responses fill 11 to 12 of the 15 window positions of a member's batch and its rows 37 of 40 columns,
+        so this cuts the head's work by a fifth and the slice's by 6%; the result is the same up to rounding.
+        """
+        t = self.max_length
+        _, _, mask, labels = self.split_features(x)
+        real, response = mask.reshape(-1, t).ne(0).any(0), labels.reshape(-1, t).ne(IGNORE_INDEX).any(0)
+        start = int(real.long().argmax()) if bool(real.any()) else 0
+        window = t - int(response.long().argmax()) if bool(response.any()) else 1
+        return start, max(1, min(window, self.response_window, t - start - 1))
+
+    def token_logprobs(self, x: torch.Tensor, extent: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log p(label) [n, W], is_response [n, W])`` over the last ``W`` positions: ``response_window``, or the
+        window of ``extent = (start, W)`` (`response_extent`), which also drops the columns before ``start``."""
         _, h, mask, labels = self.split_features(x)
+        start, w = extent if extent is not None else (0, self.response_window)
+        h, mask, labels = h[..., start:, :], mask[..., start:], labels[..., start:]
         lm = self.peft.base_model.model
         backbone = lm.get_submodule(self._backbone)
         rope = backbone.rotary_emb(h, positions(mask))  # (cos, sin), each (n, T, head_dim)
         bias = left_causal_bias(mask, h.dtype)
         for block in [self.blocks[i] for i in range(self.first, len(self.blocks))]:
             h = block(h, attention_mask=bias, position_embeddings=rope)
-        w = self.response_window
         # Position t predicts token t+1: the hidden states at [T-W-1, T-1) score the labels at [T-W, T).
         logits = lm.lm_head(backbone.norm(h[..., -w - 1 : -1, :]))  # (n, W, V)
         target = labels[..., -w:]  # (n, W)
@@ -254,9 +309,19 @@ class CausalLMAdapter(nn.Module):
         logp = logits.log_softmax(-1).gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
         return logp * is_response, is_response
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logp, is_response = self.token_logprobs(x)
+    def forward(self, x: torch.Tensor, extent: tuple[int, int] | None = None) -> torch.Tensor:
+        logp, is_response = self.token_logprobs(x, extent)
         return logp.sum(-1) / is_response.sum(-1).clamp_min(1)  # (n,)
+
+
+def _scorer(module: nn.Module, x: torch.Tensor, in_dims=0):
+    """``vmap``-ped ``(params, xs) -> module(xs)`` with ``module``'s `CausalLMAdapter.response_extent` of ``x``
+    computed here, outside ``vmap``, where it may read the data."""
+    from torch.func import functional_call, vmap
+
+    extent = module.response_extent(x) if hasattr(module, "response_extent") else None
+    kwargs = {"extent": extent} if extent is not None else {}
+    return vmap(lambda p, xs: functional_call(module, p, (xs,), kwargs), in_dims=(0, in_dims))
 
 
 # ----------------------------------------------------------------------------- training many adapters at once
@@ -309,8 +374,6 @@ def train_adapters(
         The trained adapters, stacked ``{name: [N, *shape]}``. Adam is elementwise and the loss is a sum of
         per-adapter means, so each adapter trains exactly as it would alone (``vmap`` over ``functional_call``).
     """
-    from torch.func import functional_call, vmap
-
     n_adapters, n = x.shape[:2]
     if isinstance(init, Mapping):
         params = {k: v.detach().to(x.device).unsqueeze(0).repeat(n_adapters, *([1] * v.dim())) for k, v in init.items()}
@@ -321,10 +384,10 @@ def train_adapters(
     params = {k: v.float().clone().requires_grad_(True) for k, v in params.items()}
     optimiser = torch.optim.AdamW(params.values(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    score = vmap(lambda p, xs: functional_call(module, p, (xs,)))
     for _ in range(steps):
         idx = torch.randperm(n, generator=generator)[: min(batch_size, n)]
-        loss = -score(params, x[:, idx]).mean(1).sum()  # sum over adapters of each one's mean NLL
+        batch = x[:, idx]
+        loss = -_scorer(module, batch)(params, batch).mean(1).sum()  # sum over adapters of each one's mean NLL
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -397,17 +460,17 @@ def adapter_scores(module: CausalLMAdapter, stacked: Mapping[str, torch.Tensor],
     """Mean response log-likelihood ``[N]`` of N stacked adapters, each on its own samples ``x [N, n, D]``
     (or all on shared samples ``x [n, D]``). Runs ``module.eval_batch`` adapters by ``batch_size`` samples at a
     time: their ``[adapters, batch, W, vocab]`` logits bound the memory (94 MB per adapter for SmolLM2's head)."""
-    from torch.func import functional_call, vmap
-
     shared = x.dim() == 2
-    score = vmap(lambda p, xs: functional_call(module, p, (xs,)), in_dims=(0, None if shared else 0))
     n_adapters, n = next(iter(stacked.values())).shape[0], x.shape[0 if shared else 1]
     group = getattr(module, "eval_batch", None) or n_adapters
     out = []
     for a in range(0, n_adapters, group):
         part = {k: v[a : a + group] for k, v in stacked.items()}
         xs = x if shared else x[a : a + group]
-        chunks = [score(part, xs[i : i + batch_size] if shared else xs[:, i : i + batch_size]) for i in range(0, n, batch_size)]
+        chunks = []
+        for i in range(0, n, batch_size):
+            batch = xs[i : i + batch_size] if shared else xs[:, i : i + batch_size]
+            chunks.append(_scorer(module, batch, None if shared else 0)(part, batch))
         out.append(torch.cat(chunks, dim=-1).mean(-1))
     return torch.cat(out)
 
@@ -453,6 +516,11 @@ class AdapterGenerator:
             load_encoder(cfg["base"]), cfg.get("kind", "lora"), list(cfg["target_modules"]), list(cfg["layers"]),
             int(cfg["r"]), **dict(cfg.get("options") or {}),
         ).eval()
+        # Generation does not re-run layers with an explicit mask as the slice does (`load_encoder`'s eager
+        # attention): PyTorch's fused attention, as `AutoPeftModelForCausalLM` loads by default. Same greedy
+        # answers on a held-out task's 16 prompts under 16 adapters, 10% faster.
+        with contextlib.suppress(AttributeError, ValueError, ImportError):  # transformers without the switch
+            self.model.get_base_model().set_attn_implementation("sdpa")
         self.adapter_on = True
 
     def set_adapter(self, state: Mapping[str, torch.Tensor] | None) -> None:
@@ -471,14 +539,52 @@ class AdapterGenerator:
         """A ``transformers.DynamicCache`` of ``prefix``'s keys and values under the active adapter, repeated for
         ``rows`` rows: the prompt reuse of transformers' "KV cache strategies" guide, so a prefix every row shares
         (in-context examples) runs once per batch instead of once per row."""
+        cache = self._new_cache()
+        self.model(input_ids=torch.tensor([list(prefix)]), use_cache=True, **{self._cache_key: cache})
+        cache.batch_repeat_interleave(rows)
+        return cache
+
+    def _new_cache(self):
         from transformers import DynamicCache
 
         try:
-            cache = DynamicCache(config=self.model.config)
+            return DynamicCache(config=self.model.config)
         except TypeError:  # transformers < 4.56 builds its layers as they come
-            cache = DynamicCache()
-        self.model(input_ids=torch.tensor([list(prefix)]), use_cache=True, **{self._cache_key: cache})
-        cache.batch_repeat_interleave(rows)
+            return DynamicCache()
+
+    def _shared_base_cache(self, ids: torch.Tensor, mask: torch.Tensor, adapter_names: Sequence[str]):
+        """A ``DynamicCache`` of each left-padded prompt ``ids``/``mask`` [p, width] but its last token, for
+        ``p * n`` rows (row ``j * n + a``: prompt j under ``adapter_names[j * n + a]``, n adapters).
+
+        The layers below the adapted slice do not depend on the adapter: they run once per prompt, and their keys,
+        values and output are repeated for the n adapters; only the slice runs per row (through peft's mixed
+        adapter batches, on the repeated output, as ``inputs_embeds`` of the stack cut to the slice). For the
+        default `llm-lora` slice (6 of 30 layers) and 16 adapters this is a quarter of the prefill's work.
+        """
+        from d2nwg.adapters import block_list
+
+        n = len(adapter_names) // len(ids)
+        prefix, prefix_mask = ids[:, :-1], mask[:, :-1]
+        first = min(int(i) for i in self.config["layers"])
+        lm = self.model.get_base_model()
+        stack_name = block_list(lm)[0]  # "model.layers"
+        backbone_name, _, attr = stack_name.rpartition(".")
+        backbone, stack = lm.get_submodule(backbone_name), lm.get_submodule(stack_name)
+        below = self._new_cache()
+        hidden, _ = _hidden_entering(backbone, first, prefix, prefix_mask, need_final=False, use_cache=True, **{self._cache_key: below})
+        cache = self._new_cache()
+        setattr(backbone, attr, nn.ModuleList(list(stack)[first:]))  # each attention keeps its layer_idx in the cache
+        try:
+            self.model(
+                inputs_embeds=hidden.repeat_interleave(n, 0), attention_mask=prefix_mask.repeat_interleave(n, 0),
+                position_ids=positions(prefix_mask).repeat_interleave(n, 0), use_cache=True, logits_to_keep=1,
+                adapter_names=list(adapter_names), **{self._cache_key: cache},
+            )  # fmt: skip
+        finally:
+            setattr(backbone, attr, stack)
+        for layer in range(first):
+            keys, values = _layer_kv(below, layer)
+            cache.update(keys.repeat_interleave(n, 0), values.repeat_interleave(n, 0), layer)
         return cache
 
     @functools.cached_property
@@ -585,15 +691,16 @@ class AdapterGenerator:
         max_new_tokens = max_new_tokens or int(self.config["response_window"])
         prompts = encode_prompts(self.tokenizer, list(conversations))
         answers: list[list[str]] = [[] for _ in states]
+        n = len(states)
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             ids, mask = self._left_padded(chunk)
             width = ids.shape[1]
-            n = len(states)
-            out = self._generate(ids.repeat(n, 1), mask.repeat(n, 1), max_new_tokens, adapter_names=[a for a in names for _ in chunk])
+            rows = [name for _ in chunk for name in names]  # row j * n + a: prompt j, adapter a
+            cache = {self._cache_key: self._shared_base_cache(ids, mask, rows)} if width > 1 else {}
+            out = self._generate(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), max_new_tokens, adapter_names=rows, **cache)
             for a in range(n):
-                rows = out[a * len(chunk) : (a + 1) * len(chunk)]
-                answers[a] += [decode_response(self.tokenizer, row[width:], self.stops) for row in rows]
+                answers[a] += [decode_response(self.tokenizer, row[width:], self.stops) for row in out[a::n]]
         return answers
 
     def _left_padded(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -609,6 +716,13 @@ class AdapterGenerator:
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
             eos_token_id=self.stops, pad_token_id=int(self.tokenizer.pad_token_id), **kwargs,
         )
+
+
+def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keys, values)`` of one layer of a transformers ``DynamicCache`` (its ``layers`` from 4.56 on)."""
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]
 
 
 def peft_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
