@@ -285,3 +285,58 @@ def test_finetune_adapter_follows_its_settings_and_support_finetuning_scales_the
         support_finetuning(member, steps=0)
     with pytest.raises(ValueError, match="learning rate must be > 0, got -1"):
         support_finetuning(member, lr=-1.0)
+
+
+def test_caching_stops_at_the_slice_and_answer_many_runs_the_layers_below_it_once_per_prompt(chat_llama_dir):
+    from d2nwg.causal_lm import AdapterGenerator, CausalLMAdapter, architecture_spec, conversation_features
+    from d2nwg.text_classifier import load_encoder
+
+    base = str(chat_llama_dir)
+    encoder = load_encoder(base)
+    layers = encoder.base_model.layers
+    rows: dict[int, list[int]] = {0: [], 3: []}
+    for i in rows:
+        layers[i].register_forward_pre_hook(lambda _m, args, i=i: rows[i].append(args[0].shape[0]))
+    conversation_features(CONVERSATIONS, 2, 160, 16, base, encoder=encoder, pooling="prompt-response")
+    assert rows == {0: [3], 3: []}  # the layer above the cached input never ran
+    conversation_features(CONVERSATIONS, 2, 160, 16, base, encoder=encoder)  # final-mean needs the last layer
+    assert rows == {0: [3, 3], 3: [3]}
+
+    arch = architecture_spec(base, "lora", ["q_proj", "v_proj"], [2, 3], 2, 160, 16)
+    net = CausalLMAdapter(**arch["config"])
+    states = [random_adapter(net, seed=s, scale=1.0) for s in (7, 8, 9, 10)]
+    gen = AdapterGenerator(arch)
+    seen: dict[str, list[int]] = {"below": [], "slice": []}
+    stack = gen.model.get_base_model().model.layers
+    stack[0].register_forward_hook(lambda _m, args, _out: seen["below"].append(args[0].shape[0]))
+    stack[2].register_forward_hook(lambda _m, args, _out: seen["slice"].append(args[0].shape[0]))  # ran to the end
+    answers = gen.answer_many(states, CONVERSATIONS, max_new_tokens=4, batch_size=3)
+    # The prompts' prefill: 3 rows below the slice, 3 prompts x 4 adapters in it; decoding runs every row.
+    assert seen["below"][0] == 3 and seen["slice"][0] == 12 and set(seen["below"][1:]) == {12}
+    one_by_one = []
+    for state in states:
+        gen.set_adapter(state)
+        one_by_one.append(gen.answer(CONVERSATIONS, max_new_tokens=4, batch_size=3))
+    assert answers == one_by_one
+
+
+def test_response_extent_drops_padding_columns_and_unused_window_positions_not_the_score(chat_llama_dir):
+    from d2nwg.causal_lm import CausalLMAdapter, adapter_scores, conversation_features, train_adapters
+
+    net = CausalLMAdapter(str(chat_llama_dir), "lora", ["q_proj", "v_proj"], layers=[2, 3], r=2, max_length=160, response_window=16)
+    x = conversation_features(CONVERSATIONS, net.first, 160, 16, str(chat_llama_dir))
+    start, window = net.response_extent(x)
+    lengths = x[:, 32 + 160 * 32 : 32 + 160 * 32 + 160].sum(1)
+    first_label = int((x[:, -160:] != -100).float().argmax(1).min())  # rows are left-padded: responses end them
+    assert start == 160 - int(lengths.max()) and window == 160 - first_label < 16
+    assert net.response_extent(x[1:2])[0] > start  # a batch of shorter rows drops more columns
+    state = random_adapter(net, seed=11, scale=0.3)
+    net.load_state_dict(state)
+    torch.testing.assert_close(net(x, extent=(start, window)), net(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(net(x[1:2], extent=net.response_extent(x[1:2])), net(x[1:2]), atol=1e-5, rtol=1e-5)
+    # train_adapters and adapter_scores trim each batch: the same adapters and scores as the full rows give.
+    trained = train_adapters(net, state, x[None], steps=3, lr=1e-2, batch_size=2, seed=0)
+    scores = adapter_scores(net, trained, x)
+    net.response_extent = lambda _x: (0, 16)  # the untrimmed rows
+    torch.testing.assert_close(train_adapters(net, state, x[None], steps=3, lr=1e-2, batch_size=2, seed=0), trained, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(adapter_scores(net, trained, x), scores, atol=1e-5, rtol=1e-5)
