@@ -669,8 +669,9 @@ class AdapterGenerator:
 
         LoRA adapters answer together, ``len(states) * batch_size`` rows per ``generate()`` call, through peft's
         mixed adapter batches (each row routed to its own adapter): the frozen base runs one large batch instead
-        of one small batch per adapter, which is what costs on a CPU. Other kinds answer one adapter at a time.
-        The answers are `answer`'s, up to the rounding of a different batch size.
+        of one small batch per adapter, which is what costs on a CPU; the prompts' layers below the adapted slice run
+        once per prompt, not once per adapter and prompt (`_shared_base_cache`). Other kinds answer one adapter at
+        a time. The answers are `answer`'s, up to the rounding of a different batch size.
         """
         if not states:
             return []
