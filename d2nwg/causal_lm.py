@@ -288,7 +288,10 @@ class CausalLMAdapter(nn.Module):
         real, response = mask.reshape(-1, t).ne(0).any(0), labels.reshape(-1, t).ne(IGNORE_INDEX).any(0)
         start = int(real.long().argmax()) if bool(real.any()) else 0
         window = t - int(response.long().argmax()) if bool(response.any()) else 1
-        return start, max(1, min(window, self.response_window, t - start - 1))
+        window = max(1, min(window, self.response_window, t - 1))
+        # Keep the column before the window too (it scores the window's first label, even from a padding column, as
+        # the full rows do): shrinking the window instead would drop a label that starts a row.
+        return min(start, t - window - 1), window
 
     def token_logprobs(self, x: torch.Tensor, extent: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log p(label) [n, W], is_response [n, W])`` over the last ``W`` positions: ``response_window``, or the

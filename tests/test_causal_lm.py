@@ -340,3 +340,17 @@ def test_response_extent_drops_padding_columns_and_unused_window_positions_not_t
     net.response_extent = lambda _x: (0, 16)  # the untrimmed rows
     torch.testing.assert_close(train_adapters(net, state, x[None], steps=3, lr=1e-2, batch_size=2, seed=0), trained, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(adapter_scores(net, trained, x), scores, atol=1e-5, rtol=1e-5)
+
+
+def test_response_extent_keeps_the_position_before_a_rows_first_labelled_token(chat_llama_dir):
+    from d2nwg.causal_lm import CausalLMAdapter
+
+    net = CausalLMAdapter(str(chat_llama_dir), "lora", ["q_proj", "v_proj"], layers=[2, 3], r=2, max_length=160, response_window=16)
+    net.load_state_dict(random_adapter(net, seed=12, scale=0.3))
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 3):  # rows of k real tokens, every one labelled: the padding column before them scores the first
+        hidden, mask, labels = torch.zeros(2, 160, 32), torch.zeros(2, 160), torch.full((2, 160), -100.0)
+        hidden[:, -k:], mask[:, -k:] = torch.randn(2, k, 32, generator=g), 1.0
+        labels[:, -k:] = torch.randint(0, 100, (2, k), generator=g).float()
+        x = torch.cat([torch.zeros(2, 32), hidden.flatten(1), mask, labels], dim=1)
+        torch.testing.assert_close(net(x, extent=net.response_extent(x)), net(x), atol=1e-5, rtol=1e-5)
