@@ -550,10 +550,7 @@ class AdapterGenerator:
     def _new_cache(self):
         from transformers import DynamicCache
 
-        try:
-            return DynamicCache(config=self.model.config)
-        except TypeError:  # transformers < 4.56 builds its layers as they come
-            return DynamicCache()
+        return DynamicCache(config=self.model.config)
 
     def _shared_base_cache(self, ids: torch.Tensor, mask: torch.Tensor, adapter_names: Sequence[str]):
         """A ``DynamicCache`` of each left-padded prompt ``ids``/``mask`` [p, width] but its last token, for
@@ -723,10 +720,8 @@ class AdapterGenerator:
 
 
 def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(keys, values)`` of one layer of a transformers ``DynamicCache`` (its ``layers`` from 4.56 on)."""
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]
+    """``(keys, values)`` of one layer of a transformers ``DynamicCache``."""
+    return cache.layers[layer].keys, cache.layers[layer].values
 
 
 def peft_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
