@@ -33,7 +33,8 @@ def ridge_scores(zoo, stride: int = 1) -> list[tuple[float, float, float]]:
     tokens = zoo.tokens("train")
     cf = zoo.input_spec.condition_features  # what the dataset encoder and the regression see
     embeddings = torch.stack([class_means(zoo.class_samples(m.task, "train"), cf) for m in train])
-    predictions = {ridge: leave_one_out(embeddings, tokens, ridge) for ridge in RIDGE_GRID}
+    blocks = zoo.input_spec.condition_blocks
+    predictions = {ridge: leave_one_out(embeddings, tokens, ridge, blocks) for ridge in RIDGE_GRID}
     picked = range(0, len(train), stride)
     scores = dict.fromkeys(RIDGE_GRID, 0.0)
     for i in picked:

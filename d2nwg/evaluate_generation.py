@@ -10,8 +10,8 @@ method              adapter and prompt
 base                no adapter; the test prompt alone (zero-shot)
 icl                 no adapter; k support examples as earlier chat turns (k-shot)
 retrieval           the training member whose task's conversations embed nearest to the
-                    support set's (mean pooled embedding, cosine after subtracting the training
-                    tasks' mean embedding, which all tasks share)
+                    support set's (mean conditioning features, cosine after subtracting the training
+                    tasks' mean, which all tasks share; per block as the conditional mean's kernel)
 knn_ensemble        the element-wise mean of the k nearest training members
 multitask           one adapter of the same shape trained on the union of the training
                     tasks, with k in-context examples in every training and test prompt
@@ -178,6 +178,7 @@ def evaluate_generation(
     from d2nwg.causal_lm import AdapterGenerator, adapter_scores, exact_match, finetune_adapter, references
     from d2nwg.ensemble import mean_state_dict, stack_state_dicts
     from d2nwg.instructions import with_examples
+    from d2nwg.models.conditional_mean import kernel_keys
     from d2nwg.trust import (
         baseline_message,
         residual_message,
@@ -199,13 +200,13 @@ def evaluate_generation(
     generator = AdapterGenerator(zoo.architecture)
     members = {m.task: m for m in zoo.members()}
     train = [m for m in zoo.members("train")]
-    hidden = module.hidden
+    width, blocks = zoo.input_spec.condition_features or module.hidden, zoo.input_spec.condition_blocks
 
-    raw = torch.stack([zoo.class_samples(m.task, "train")[0][:, :hidden].mean(0) for m in train])  # (M, H)
+    raw = torch.stack([zoo.class_samples(m.task, "train")[0][:, :width].mean(0) for m in train])  # (M, C)
     center = raw.mean(0)  # every task's embedding shares this component (mean cosine 0.98 on llm-lora)
 
     def task_embedding(task: str, split: str) -> torch.Tensor:
-        return torch.nn.functional.normalize(zoo.class_samples(task, split)[0][:, :hidden].mean(0) - center, dim=0)
+        return kernel_keys(zoo.class_samples(task, split)[0][:, :width].mean(0, keepdim=True), center, blocks)[0]
 
     train_emb = torch.stack([task_embedding(m.task, "train") for m in train])  # (M, H)
     heldout = [t for t, r in zoo.tasks.items() if r["split"] != "train" and t in members]

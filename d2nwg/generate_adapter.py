@@ -91,7 +91,9 @@ def generate_adapter_folder(
         adapter_scores,
         conversation_features,
         exact_match,
+        GRADIENT_POOLING,
         finetune_adapter,
+        gradient_condition,
         member_training,
         references,
         save_causal_lm_adapter,
@@ -121,6 +123,8 @@ def generate_adapter_folder(
         )
     except ValueError as err:  # "conversation 5 has ..." -> the record the user can find in the file
         raise ValueError(re.sub(r"conversation (\d+)", lambda m: f"record {int(m.group(1)) + 1} of {source}", str(err))) from None
+    if module.pooling == GRADIENT_POOLING:  # the task's gradient at the zoo's warm start (the pipeline's anchor)
+        x = gradient_condition(module, pipe.anchor_state(), x)
     output = pipe(
         dataset=[x], num_samples=num_samples, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed),

@@ -36,6 +36,7 @@ from d2nwg.errors import Interrupted, UserError
 from d2nwg.guard import zoo_statistics
 from d2nwg.io import atomic_dir
 from d2nwg.pipeline import D2NWGPipeline
+from d2nwg.models import ConditionAnchor
 from d2nwg.provenance import training_provenance
 from d2nwg.specs import TargetSpec
 from d2nwg.stages import fit_stages
@@ -54,9 +55,11 @@ def pipeline_from_module(module: D2NWGModule, datamodule: ZooDataModule) -> D2NW
         zoo_recipe=(zoo.manifest.get("recipe") or {}).get("name", "custom"),
     )
     scheduler = module.make_sample_scheduler()
+    # Generation takes a user's task gradient where the zoo's were taken (causal-LM zoos with gradient pooling).
+    anchor = ConditionAnchor.for_zoo(zoo)
     pipe = D2NWGPipeline(
         vae=vae, dataset_encoder=encoder, denoiser=denoiser, scheduler=scheduler, target=target,
-        head_solver=module.hparams.head_solver, conditional_mean=module.export_conditional_mean(),
+        head_solver=module.hparams.head_solver, conditional_mean=module.export_conditional_mean(), condition_anchor=anchor,
     )
     pipe.set_progress_bar_config(disable=True)
     # What `d2nwg generate` compares a user's dataset with: the training tasks' feature range and embeddings.

@@ -31,12 +31,12 @@ from torch import nn
 from d2nwg.architectures import build_model
 from d2nwg.datasets import to_xy
 from d2nwg.heads import HEAD_SOLVERS, check_head_solver, head_inputs, head_module_name, with_head
-from d2nwg.models import ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
+from d2nwg.models import ConditionAnchor, ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
 from d2nwg.specs import TargetSpec
 from d2nwg.weights import WeightLayout
 
 PIPELINE_COMPONENTS = ("vae", "dataset_encoder", "denoiser", "scheduler")
-"""The components every pipeline folder holds; ``conditional_mean`` is optional."""
+"""The components every pipeline folder holds; ``conditional_mean`` and ``condition_anchor`` are optional."""
 
 
 @dataclass
@@ -85,6 +85,8 @@ class D2NWGPipeline(DiffusionPipeline):
             steps per stage, the zoo's name, member count and fingerprint, the d2nwg version, and the VAE
             reconstruction ratio and zoo spacing measured at export). Stored in ``model_index.json``; read it
             as `provenance`. ``None`` in pipelines exported before it was recorded.
+        condition_anchor: optional `d2nwg.models.ConditionAnchor`: the adapter at which a causal-LM dataset's
+            gradient block is taken (`d2nwg.causal_lm.gradient_condition`), for zoos built with that pooling.
 
     Example:
         >>> pipe = D2NWGPipeline.from_pretrained("runs/demo/run/pipeline")  # doctest: +SKIP
@@ -94,7 +96,7 @@ class D2NWGPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "dataset_encoder->denoiser->vae"
-    _optional_components = ["conditional_mean"]
+    _optional_components = ["conditional_mean", "condition_anchor"]
 
     def __init__(
         self,
@@ -106,13 +108,15 @@ class D2NWGPipeline(DiffusionPipeline):
         head_solver: str = "generated",
         provenance: dict | None = None,
         conditional_mean: ConditionalMean | None = None,
+        condition_anchor: ConditionAnchor | None = None,
     ):
         super().__init__()
         check_head_solver(head_solver)
         if isinstance(target, TargetSpec):
             target = target.to_dict()  # diffusers stores init kwargs as JSON
         self.register_modules(
-            vae=vae, dataset_encoder=dataset_encoder, denoiser=denoiser, scheduler=scheduler, conditional_mean=conditional_mean
+            vae=vae, dataset_encoder=dataset_encoder, denoiser=denoiser, scheduler=scheduler, conditional_mean=conditional_mean,
+            condition_anchor=condition_anchor,
         )
         self.register_to_config(target=target, head_solver=head_solver, provenance=provenance)
         self._layout = WeightLayout.from_dict(target["layout"]) if target else None
@@ -179,6 +183,16 @@ class D2NWGPipeline(DiffusionPipeline):
             return None
         x, mask = self.padded_dataset(dataset)
         return self.conditional_mean(x.to(self.device), mask.to(self.device)).float().cpu()
+
+    def anchor_state(self) -> dict[str, torch.Tensor]:
+        """The adapter a dataset's gradient block is taken at (`ConditionAnchor`).
+
+        Raises:
+            ValueError: the pipeline has none (its zoo was not built with gradient conditioning).
+        """
+        if self.condition_anchor is None:
+            raise ValueError("this pipeline has no condition_anchor: its zoo does not condition on task gradients")
+        return self.condition_anchor.state(self.layout)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -334,7 +348,7 @@ class D2NWGPipeline(DiffusionPipeline):
         # such unaligned memory, so copy them into fresh (aligned) storage: the loaded pipeline then samples
         # bit-identically to the one that was saved.
         with torch.no_grad():
-            for net in (pipe.vae, pipe.dataset_encoder, pipe.denoiser, pipe.conditional_mean):
+            for net in (pipe.vae, pipe.dataset_encoder, pipe.denoiser, pipe.conditional_mean, pipe.condition_anchor):
                 if net is None:
                     continue
                 for tensor in (*net.parameters(), *net.buffers()):

@@ -52,6 +52,9 @@ class InputSpec:
         condition_features: only the first this many numbers of a sample describe the
             dataset to the hyper-model (text samples also carry the cached encoder state);
             ``None``: all of them.
+        condition_blocks: equal-width blocks of those numbers that a conditioning kernel centres and normalises
+            apart (`d2nwg.models.conditional_mean.kernel_keys`): 2 for causal-LM zoos that condition on an
+            embedding and a gradient block (`d2nwg.causal_lm.GRADIENT_POOLING`), else 1.
 
     Raises:
         ValueError: an unknown ``kind``, or a kind missing the fields it needs.
@@ -64,8 +67,11 @@ class InputSpec:
     max_length: int | None = None
     first_layer: int | None = None
     condition_features: int | None = None
+    condition_blocks: int = 1
 
     def __post_init__(self):
+        if int(self.condition_blocks) < 1 or (self.condition_features or 0) % int(self.condition_blocks):
+            raise ValueError(f"condition_blocks must be >= 1 and divide condition_features, got {self.condition_blocks}")
         if self.kind not in INPUT_KINDS:
             raise ValueError(f"unknown input kind {self.kind!r}; expected one of {list(INPUT_KINDS)}")
         if self.image_size is not None:

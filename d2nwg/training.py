@@ -232,7 +232,9 @@ class D2NWGModule(L.LightningModule):
             )
         # Each member's whole training split, as the dataset encoder sees it (the leading conditioning features).
         embeddings = torch.stack([class_means(per_class, dm.condition_features) for per_class in dm.class_samples])
-        regression, fitted = ConditionalMean.fit(embeddings, dm.tokens, self.hparams.conditional_mean_ridge)
+        regression, fitted = ConditionalMean.fit(
+            embeddings, dm.tokens, self.hparams.conditional_mean_ridge, blocks=dm.zoo.input_spec.condition_blocks
+        )
         # Not a submodule: DDP would broadcast its buffers (M x T x chunk numbers) every step, and it is
         # refitted rather than restored on resume.
         object.__setattr__(self, "conditional_mean", regression)

@@ -39,7 +39,11 @@ zoo, same 500 steps). Conversations are embedded for conditioning
 with ``pooling="prompt-response"`` (`d2nwg.causal_lm.conversation_features`): the prompt and the
 response count equally, so the nearest training tasks share the held-out task's output format more
 often (24 of the 60 top-5 neighbours of the 12 ``new_combination`` tasks, against 5 of 60 when the
-template-heavy prompt dominates the mean). The configs (``configs/llm-lora.yaml``) add the conditional mean
+template-heavy prompt dominates the mean). After the warm start, each task's train and support records add
+a second block (``pooling="prompt-response-gradient"``, `d2nwg.causal_lm.gradient_condition`): the gradient
+of their response loss with respect to the adapter at the warm start, count-sketched to H numbers. It says
+which way the task pulls the shared adapter, which the hidden states only imply; the test split's block stays
+zero, since nothing may condition on test records. The configs (``configs/llm-lora.yaml``) add the conditional mean
 (`d2nwg.models.ConditionalMean`): with one member per task, each mostly the noise of its 32 steps, the
 diffusion model alone did not learn what its conditioning says (generated best exact match 0.052 on the 24
 held-out tasks); a closed-form regression of the members on the task embedding, plus a generated residual,
@@ -137,7 +141,7 @@ def recorded_settings(recipe: LLMAdapterRecipe) -> dict:
 
 def architecture(recipe: LLMAdapterRecipe) -> dict:
     from d2nwg.adapters import parse_layers
-    from d2nwg.causal_lm import NEW_ZOO_POOLING, architecture_spec
+    from d2nwg.causal_lm import GRADIENT_POOLING, architecture_spec
     from d2nwg.text_classifier import cached_encoder, canonical_base
 
     targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
@@ -145,7 +149,7 @@ def architecture(recipe: LLMAdapterRecipe) -> dict:
     # system="": the family's conversations carry an empty system message (date_formats.conversations), and
     # user records without one get it too, not the chat template's default persona.
     return architecture_spec(
-        recipe.base, recipe.kind, targets, layers, recipe.r, recipe.max_length, recipe.response_window, system="", pooling=NEW_ZOO_POOLING
+        recipe.base, recipe.kind, targets, layers, recipe.r, recipe.max_length, recipe.response_window, system="", pooling=GRADIENT_POOLING
     )
 
 
@@ -160,7 +164,9 @@ def build(out: str | Path, **settings) -> ModelZoo:
         AdapterGenerator,
         adapter_scores,
         conversation_features,
+        condition_blocks,
         exact_match,
+        gradient_condition,
         precision_context,
         references,
         train_adapters,
@@ -215,6 +221,15 @@ def build(out: str | Path, **settings) -> ModelZoo:
                 warm = train_adapters(model, init, union, steps=recipe.warm_start_steps, lr=recipe.lr, batch_size=16, seed=recipe.seed)
             init = {k: v[0].cpu().contiguous() for k, v in warm.items()}
             del union
+        # The gradient block of the conditioning features, at the members' shared initialisation. Not for the test
+        # split: no method conditions on a task's test records.
+        model.to(device)
+        with precision(), Progress(transient=True) as progress:
+            bar = progress.add_task("task gradients at the warm start", total=len(tasks))
+            for task in tasks:
+                for split in ("train", "support"):
+                    classes[task][split] = gradient_condition(model, init, classes[task][split].to(device)).cpu()
+                progress.advance(bar)
     zoo = ModelZoo.create(
         out,
         architecture=arch,
@@ -225,7 +240,7 @@ def build(out: str | Path, **settings) -> ModelZoo:
         input_spec=InputSpec(
             kind="generative-text", base=arch["config"]["base"], max_length=recipe.max_length, first_layer=model.first,
             # The pooled conversation embedding describes the task; the rest is the cached state the slice reads.
-            condition_features=model.hidden,
+            condition_features=model.condition_width, condition_blocks=condition_blocks(model.pooling),
         ),
         recipe={"name": "llm-lora" if recipe.kind == "lora" else "llm-miss", **recorded_settings(recipe)},
     )

@@ -38,7 +38,7 @@ def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated", cond
     import torch
     from diffusers import DDIMScheduler
 
-    from d2nwg.models import ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
+    from d2nwg.models import ConditionAnchor, ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
     from d2nwg.models.conditional_mean import class_means
     from d2nwg.pipeline import D2NWGPipeline
     from d2nwg.specs import TargetSpec
@@ -74,10 +74,11 @@ def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated", cond
         members = zoo.members("train")
         features = zoo.input_spec.condition_features
         embeddings = torch.stack([class_means(zoo.class_samples(m.task, "train"), features) for m in members])
-        prior, _ = ConditionalMean.fit(embeddings, zoo.tokens("train"))
+        prior, _ = ConditionalMean.fit(embeddings, zoo.tokens("train"), blocks=zoo.input_spec.condition_blocks)
     pipe = D2NWGPipeline(
         vae=vae.eval(), dataset_encoder=encoder.eval(), denoiser=denoiser.eval(),
         scheduler=DDIMScheduler(clip_sample=False), target=target, head_solver=head_solver, conditional_mean=prior,
+        condition_anchor=ConditionAnchor.for_zoo(zoo),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -354,3 +354,52 @@ def test_response_extent_keeps_the_position_before_a_rows_first_labelled_token(c
         labels[:, -k:] = torch.randint(0, 100, (2, k), generator=g).float()
         x = torch.cat([torch.zeros(2, 32), hidden.flatten(1), mask, labels], dim=1)
         torch.testing.assert_close(net(x, extent=net.response_extent(x)), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_condition_is_the_sketched_descent_direction_of_the_task(chat_llama_dir):
+    from d2nwg.causal_lm import (
+        GRADIENT_POOLING,
+        CausalLMAdapter,
+        adapter_scores,
+        architecture_spec,
+        conversation_features,
+        gradient_condition,
+        task_gradient,
+    )
+    from d2nwg.ensemble import stack_state_dicts
+
+    base, t, h = str(chat_llama_dir), 160, 32
+    arch = architecture_spec(base, "lora", ["q_proj", "v_proj"], [2, 3], 2, t, 16, pooling=GRADIENT_POOLING)
+    net = CausalLMAdapter(**arch["config"])
+    assert net.condition_width == 2 * h
+    x = conversation_features(CONVERSATIONS, net.first, t, 16, base, pooling=net.pooling)
+    plain = conversation_features(CONVERSATIONS, net.first, t, 16, base, pooling="prompt-response")
+    assert x.shape == (3, 2 * h + t * h + 2 * t) and not x[:, h : 2 * h].any()  # the block waits for the anchor
+    torch.testing.assert_close(x[:, :h], plain[:, :h])
+    anchor = random_adapter(net, seed=1, scale=0.1)
+    filled = gradient_condition(net, anchor, x)
+    block = filled[:, h : 2 * h]
+    torch.testing.assert_close(block, block[:1].expand_as(block))  # one dataset feature, in every row
+    assert abs(float(block[0].norm()) - 1) < 1e-5
+    torch.testing.assert_close(filled[:, :h], x[:, :h])
+    torch.testing.assert_close(filled[:, 2 * h :], x[:, 2 * h :])
+    assert not x[:, h : 2 * h].any()  # the input is not changed
+    # The same records in another order (and in other batches) give the same feature.
+    torch.testing.assert_close(gradient_condition(net, anchor, x.flip(0))[:, h : 2 * h], block, atol=1e-5, rtol=1e-4)
+    g = task_gradient(net, anchor, x)
+    torch.testing.assert_close(task_gradient(net, anchor, x, batch_size=1), g, atol=1e-6, rtol=1e-4)
+    # It is the gradient of the records' loss: a small step against it raises their log-likelihood.
+    keys = list(net.state_dict())
+    sizes = [anchor[k].numel() for k in keys]
+    step = {k: anchor[k] - 1e-2 * d.view_as(anchor[k]) / g.norm() for k, d in zip(keys, g.split(sizes))}
+    before, after = adapter_scores(net, stack_state_dicts([anchor, step]), x).tolist()
+    assert after > before
+    # Another task (other answers) pulls the adapter elsewhere.
+    other = [[*c[:-1], {"role": "assistant", "content": c[-1]["content"].replace("/", "-")}] for c in CONVERSATIONS]
+    y = gradient_condition(net, anchor, conversation_features(other, net.first, t, 16, base, pooling=net.pooling))
+    assert float(y[0, h : 2 * h] @ block[0]) < 0.99
+    # Only gradient-pooled architectures have the block.
+    with pytest.raises(ValueError, match="needs pooling 'prompt-response-gradient'"):
+        gradient_condition(CausalLMAdapter(base, "lora", ["q_proj", "v_proj"], [2, 3], 2, t, 16), anchor, plain)
+    with pytest.raises(ValueError, match="has no tensor"):
+        task_gradient(net, {}, x)

@@ -186,3 +186,35 @@ def test_a_ridge_that_is_not_positive_is_refused_before_training(tiny_digits_zoo
     err = capsys.readouterr().err
     assert code != 0 and "Traceback" not in err and "conditional_mean_ridge must be > 0" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_blocks_weigh_each_kind_of_feature_the_same_whatever_its_scale():
+    from d2nwg.models import ConditionalMean
+    from d2nwg.models.conditional_mean import kernel_keys, leave_one_out
+
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(12, 8, generator=g)
+    tokens = torch.randn(12, 3, 4, generator=g)
+    scaled = torch.cat([e[:, :4], 1000 * e[:, 4:]], dim=1)
+    two, fit2 = ConditionalMean.fit(e, tokens, 0.1, blocks=2)
+    _, fit2_scaled = ConditionalMean.fit(scaled, tokens, 0.1, blocks=2)
+    torch.testing.assert_close(fit2, fit2_scaled, atol=1e-4, rtol=1e-4)  # a block's scale does not matter
+    _, fit1_scaled = ConditionalMean.fit(scaled, tokens, 0.1)
+    _, fit_second = ConditionalMean.fit(e[:, 4:], tokens, 0.1)
+    torch.testing.assert_close(fit1_scaled, fit_second, atol=1e-3, rtol=1e-3)  # one block: the large half rules
+    # The kernel is the mean of the blocks' centred cosine similarities.
+    c = e.mean(0)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=-1)  # noqa: E731
+    expected = (cos(e[:2, None, :4] - c[:4], e[None, :, :4] - c[:4]) + cos(e[:2, None, 4:] - c[4:], e[None, :, 4:] - c[4:])) / 2
+    torch.testing.assert_close(two.similarity(e[:2]), expected, atol=1e-5, rtol=1e-5)
+    # Leave-one-out with blocks is the ridge regression on the block kernel without that member (kernel centring and
+    # token mean from all members, as the closed form keeps them), queried with its embedding.
+    loo = leave_one_out(e, tokens, 0.1, blocks=2)
+    keys = kernel_keys(e.double(), e.double().mean(0), 2)
+    y = tokens.double().flatten(1)
+    rest = torch.arange(1, 12)
+    alpha = torch.linalg.solve(keys[rest] @ keys[rest].T + 0.1 * torch.eye(11, dtype=torch.float64), y[rest] - y.mean(0))
+    torch.testing.assert_close(loo[0].double().flatten(), y.mean(0) + keys[0] @ keys[rest].T @ alpha, atol=1e-5, rtol=1e-5)
+    assert float((loo - tokens).pow(2).mean()) > float((fit2 - tokens).pow(2).mean())
+    with pytest.raises(ValueError, match="cannot split 8 embedding numbers into 3 equal blocks"):
+        ConditionalMean.fit(e, tokens, 0.1, blocks=3)

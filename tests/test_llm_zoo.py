@@ -364,7 +364,7 @@ def test_ridge_benchmark_scores_every_ridge_on_training_tasks(llm_zoo):
     e = torch.stack([class_means(llm_zoo.class_samples(m.task, "train"), cf) for m in train])
     tokens = llm_zoo.tokens("train")
     for ridge, _, loo_error in rows[::4]:
-        _, fitted = ConditionalMean.fit(e, tokens, ridge)
+        _, fitted = ConditionalMean.fit(e, tokens, ridge, blocks=llm_zoo.input_spec.condition_blocks)
         assert loo_error > float((fitted - tokens).pow(2).mean())
 
 
@@ -382,3 +382,52 @@ def test_finetune_benchmark_scores_both_starts_on_training_tasks(llm_zoo):
         assert set(rows) == {(0, 0.0), (4, 1e-2)} and all(v < 0 for v in rows.values())
         # Training on a task's own records makes its unseen test answers likelier than the start did.
         assert rows[(4, 1e-2)] > rows[(0, 0.0)]
+
+
+def test_zoo_conditions_on_task_gradients_at_its_warm_start(llm_zoo, llm_pipeline_dir):
+    from d2nwg.architectures import build_model
+    from d2nwg.causal_lm import gradient_condition
+    from d2nwg.pipeline import D2NWGPipeline
+
+    model = build_model(llm_zoo.architecture)
+    h = model.hidden
+    spec = llm_zoo.input_spec
+    assert (spec.condition_features, spec.condition_blocks) == (2 * h, 2)
+    task = llm_zoo.members("train")[0].task
+    for split in ("train", "support"):
+        x = llm_zoo.class_samples(task, split)[0]
+        assert abs(float(x[0, h : 2 * h].norm()) - 1) < 1e-4
+        # Stored at the warm start in the recipe's precision (bf16): recomputed in float32 it points the same way.
+        again = gradient_condition(model, llm_zoo.init_state(), x)[0, h : 2 * h]
+        assert float(again @ x[0, h : 2 * h]) > 0.95
+    assert not llm_zoo.class_samples(task, "test")[0][:, h : 2 * h].any()  # nothing conditions on test records
+    # Tasks pull the warm start apart: their blocks differ.
+    blocks = torch.stack([llm_zoo.class_samples(m.task, "train")[0][0, h : 2 * h] for m in llm_zoo.members("train")])
+    assert float((blocks @ blocks.T).triu(1).max()) < 0.999
+    # The pipeline carries the warm start exactly, for `d2nwg generate` to take a user's gradient at.
+    anchor = D2NWGPipeline.from_pretrained(llm_pipeline_dir).anchor_state()
+    init = llm_zoo.init_state()
+    assert anchor.keys() == init.keys() and all(torch.equal(anchor[k], init[k]) for k in init)
+
+
+def test_trained_pipeline_keeps_the_zoo_gradient_anchor_and_block_kernel(llm_zoo, tmp_path):
+    from pathlib import Path
+
+    from d2nwg.lightning_cli import train
+    from d2nwg.pipeline import D2NWGPipeline
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "llm-lora.yaml"
+    folder = train(
+        tmp_path / "run", str(config), str(llm_zoo.root),
+        ["model.vae_steps=2", "model.diffusion_steps=2", "data.batch_size=4", "data.samples_per_class=4", "trainer.default_root_dir=" + str(tmp_path / "run")],
+        progress_bar=False,
+    )  # fmt: skip
+    pipe = D2NWGPipeline.from_pretrained(folder)
+    assert pipe.conditional_mean.config.blocks == 2
+    anchor, init = pipe.anchor_state(), llm_zoo.init_state()
+    assert all(torch.equal(anchor[k], init[k]) for k in init)
+    # The regression reproduces a training member's tokens from its own task's conditioning (ridge 0.1: closely).
+    member = llm_zoo.members("train")[0]
+    prior = pipe.prior_tokens(llm_zoo.class_samples(member.task, "train"))[0]
+    tokens = llm_zoo.tokens("train")
+    assert float((prior - tokens[0]).pow(2).mean()) < float((tokens.mean(0) - tokens[0]).pow(2).mean())

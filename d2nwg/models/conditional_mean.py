@@ -43,23 +43,31 @@ def class_means(per_class: list[torch.Tensor], features: int | None = None) -> t
     return torch.cat([samples[:, :features].float().mean(0) for samples in per_class])
 
 
-def _kernel(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def kernel_keys(embeddings: torch.Tensor, center: torch.Tensor, blocks: int = 1) -> torch.Tensor:
+    """Unit-norm keys ``[B, D]`` of embeddings ``[B, D]``: each of ``blocks`` equal-width blocks centred on ``center``
+    and normalised apart, then scaled by ``blocks ** -0.5``, so the kernel ``keys @ keys.T`` is the mean of the
+    blocks' centred cosine similarities (each kind of feature weighs the same, whatever its scale)."""
+    parts = (embeddings.to(center.dtype) - center).chunk(blocks, dim=-1)
+    return torch.cat([nn.functional.normalize(p, dim=-1) for p in parts], dim=-1) / blocks**0.5
+
+
+def _kernel(embeddings: torch.Tensor, blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(center [D], keys [M, D], eigenvalues [M], eigenvectors [M, M])`` of the centered cosine kernel, float64."""
     e = embeddings.double()
     center = e.mean(0)
-    keys = nn.functional.normalize(e - center, dim=-1)
+    keys = kernel_keys(e, center, blocks)
     s, u = torch.linalg.eigh(keys @ keys.T)
     return center, keys, s.clamp_min(0), u
 
 
-def leave_one_out(embeddings: torch.Tensor, tokens: torch.Tensor, ridge: float) -> torch.Tensor:
+def leave_one_out(embeddings: torch.Tensor, tokens: torch.Tensor, ridge: float, blocks: int = 1) -> torch.Tensor:
     """Each member's tokens ``[M, T, chunk]`` as predicted by the regression fitted on the other M-1: what the
     regression would give a dataset no member was trained on.
 
     Closed form (the hat-matrix identity, Hastie et al., "Elements of Statistical Learning", eq. 7.52) with the
     kernel's centering and the token mean taken from all M members, as `ConditionalMean.fit`'s choice of ridge does.
     """
-    _, _, s, u = _kernel(embeddings)
+    _, _, s, u = _kernel(embeddings, blocks)
     y = tokens.double().flatten(1)
     yc = y - y.mean(0)
     hat = (u * (s / (s + ridge))) @ u.T
@@ -80,12 +88,16 @@ class ConditionalMean(ModelMixin, ConfigMixin):
         feature_dim: K * D, the embedding's width (D: the conditioning features the dataset encoder sees per sample).
         num_tokens, chunk_size: the weight layout's token grid ``[T, chunk]``.
         ridge: the ridge strength the fit chose (recorded; the coefficients already include it).
+        blocks: equal-width blocks of the embedding that are centred and normalised apart (`kernel_keys`), e.g. 2
+            for the causal-LM ``"prompt-response-gradient"`` pooling (an embedding block and a gradient block).
 
     Buffers (all float32): ``center [D]``, ``member_embeddings [M, D]`` (centered, unit norm), ``coef [M, T, chunk]``, ``bias [T, chunk]``.
     """
 
     @register_to_config
-    def __init__(self, num_members: int = 1, feature_dim: int = 1, num_tokens: int = 1, chunk_size: int = 1, ridge: float = 0.1):
+    def __init__(
+        self, num_members: int = 1, feature_dim: int = 1, num_tokens: int = 1, chunk_size: int = 1, ridge: float = 0.1, blocks: int = 1
+    ):
         super().__init__()
         self.register_buffer("center", torch.zeros(feature_dim))
         self.register_buffer("member_embeddings", torch.zeros(num_members, feature_dim))
@@ -94,8 +106,7 @@ class ConditionalMean(ModelMixin, ConfigMixin):
 
     def similarity(self, embedding: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` mean features -> ``[B, M]`` cosine similarity to each training member's, after centering."""
-        query = nn.functional.normalize(embedding.to(self.member_embeddings.dtype) - self.center, dim=-1)
-        return query @ self.member_embeddings.T
+        return kernel_keys(embedding.to(self.member_embeddings.dtype), self.center, self.config.blocks) @ self.member_embeddings.T
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Expected tokens ``[B, T, chunk]`` for datasets ``x [B, K, S, D]`` (``mask [B, K, S]``), K * D = ``feature_dim``."""
@@ -104,7 +115,9 @@ class ConditionalMean(ModelMixin, ConfigMixin):
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, embeddings: torch.Tensor, tokens: torch.Tensor, ridge: float | None = None) -> tuple[ConditionalMean, torch.Tensor]:
+    def fit(
+        cls, embeddings: torch.Tensor, tokens: torch.Tensor, ridge: float | None = None, blocks: int = 1
+    ) -> tuple[ConditionalMean, torch.Tensor]:
         """Fit on ``embeddings [M, K * D]`` (each member's dataset, `class_means`) and ``tokens [M, T, chunk]``.
 
         Args:
@@ -112,13 +125,15 @@ class ConditionalMean(ModelMixin, ConfigMixin):
                 squared error of the tokens (`leave_one_out`). Weight error is a proxy: on the `llm-lora` zoo it
                 picks 1.0 where the leave-one-out log-likelihood of the training tasks' answers picks 0.1
                 (`benchmarks/bench_ridge.py`), so that recipe's config sets the ridge.
+            blocks: see the class docstring; the embedding width must divide by it.
 
         Returns:
             ``(module, fitted)``: the regression and its in-sample predictions ``[M, T, chunk]`` (float32), whose
             residuals ``tokens - fitted`` are what the VAE and the diffusion model learn.
 
         Raises:
-            ValueError: fewer than 2 members, mismatched counts, non-finite inputs or fit, or a ridge that is not > 0.
+            ValueError: fewer than 2 members, mismatched counts, non-finite inputs or fit, a ridge that is not > 0, or
+                an embedding width that ``blocks`` does not divide.
         """
         m = len(tokens)
         if ridge is not None and not ridge > 0:
@@ -127,7 +142,9 @@ class ConditionalMean(ModelMixin, ConfigMixin):
             raise ValueError(f"the conditional mean needs >= 2 members with one embedding each, got {len(embeddings)} embeddings for {m} members")
         if not (torch.isfinite(embeddings).all() and torch.isfinite(tokens).all()):
             raise ValueError("the conditional mean got non-finite embeddings or weight tokens")
-        center, keys, s, u = _kernel(embeddings)
+        if blocks < 1 or embeddings.shape[-1] % blocks:
+            raise ValueError(f"the conditional mean cannot split {embeddings.shape[-1]} embedding numbers into {blocks} equal blocks")
+        center, keys, s, u = _kernel(embeddings, blocks)
         y = tokens.double().flatten(1)
         bias = y.mean(0)
         yc = y - bias
@@ -145,7 +162,10 @@ class ConditionalMean(ModelMixin, ConfigMixin):
         fitted = bias + (keys @ keys.T) @ alpha
         if not torch.isfinite(alpha).all():
             raise ValueError(f"the conditional mean's fit is not finite (ridge {ridge}); use a larger ridge")
-        module = cls(num_members=m, feature_dim=keys.shape[1], num_tokens=tokens.shape[1], chunk_size=tokens.shape[2], ridge=float(ridge))
+        module = cls(
+            num_members=m, feature_dim=keys.shape[1], num_tokens=tokens.shape[1], chunk_size=tokens.shape[2], ridge=float(ridge),
+            blocks=int(blocks),
+        )
         module.center.copy_(center)
         module.member_embeddings.copy_(keys)
         module.coef.copy_(alpha.view_as(tokens))
