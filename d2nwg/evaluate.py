@@ -349,20 +349,21 @@ def _novelty(
     return result
 
 
-def vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, seed: int = 0) -> dict:
+def vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, seed: int = 0, max_members: int = MAX_VAE_MEMBERS) -> dict:
     """The VAE figures of the report (``vae_recon_ratio``, ``vae_recon_acc``, ...) for ``pipeline`` on ``zoo``,
-    measured as `evaluate` measures them; an export records the ratio (`d2nwg.provenance`)."""
-    return _vae_reconstruction(pipeline, zoo, _target_module(zoo, zoo.init_state()).eval(), seed)
+    measured as `evaluate` measures them, on up to ``max_members`` members (held-out ones first, then a seeded
+    draw of training ones); an export records the ratio (`d2nwg.provenance`)."""
+    return _vae_reconstruction(pipeline, zoo, _target_module(zoo, zoo.init_state()).eval(), seed, max_members)
 
 
 @torch.no_grad()
-def _vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, module: nn.Module, seed: int) -> dict:
-    """Mean test accuracy of decode(encode(w)) (posterior mean) over that of w, on up to 200 members."""
+def _vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, module: nn.Module, seed: int, max_members: int = MAX_VAE_MEMBERS) -> dict:
+    """Mean test accuracy of decode(encode(w)) (posterior mean) over that of w, on up to ``max_members`` members."""
     heldout, train = zoo.members("heldout"), zoo.members("train")
-    members = heldout[:MAX_VAE_MEMBERS]
-    if len(members) < MAX_VAE_MEMBERS and train:
+    members = heldout[:max_members]
+    if len(members) < max_members and train:
         g = torch.Generator().manual_seed(seed)
-        picks = torch.randperm(len(train), generator=g)[: MAX_VAE_MEMBERS - len(members)].sort().values
+        picks = torch.randperm(len(train), generator=g)[: max_members - len(members)].sort().values
         members += [train[int(i)] for i in picks]
     layout, vae = pipeline.layout, pipeline.vae
     originals = [zoo.load_member(m) for m in members]
