@@ -18,15 +18,17 @@ import argparse
 import time
 
 
-def ridge_scores(zoo, stride: int = 1) -> list[tuple[float, float, float]]:
+def ridge_scores(zoo, stride: int = 1, query: str = "support") -> list[tuple[float, float, float]]:
     """``(ridge, leave-one-out test log-likelihood, leave-one-out token MSE)`` for each ridge of `RIDGE_GRID`,
-    over every ``stride``-th training task of the causal-LM adapter ``zoo``."""
+    over every ``stride``-th training task of the causal-LM adapter ``zoo``; the left-out task's regression is
+    queried at its ``query`` split (``support``: its 8 support records, as generation conditions on a user's
+    records; ``train``: the training embedding it was left out with, `leave_one_out`)."""
     import torch
 
     from d2nwg.architectures import build_model
     from d2nwg.causal_lm import adapter_scores
     from d2nwg.ensemble import stack_state_dicts
-    from d2nwg.models.conditional_mean import RIDGE_GRID, class_means, leave_one_out
+    from d2nwg.models.conditional_mean import RIDGE_GRID, class_means, leave_one_out, leave_one_out_at
 
     module = build_model(zoo.architecture).eval()
     train = zoo.members("train")
@@ -34,21 +36,28 @@ def ridge_scores(zoo, stride: int = 1) -> list[tuple[float, float, float]]:
     cf = zoo.input_spec.condition_features  # what the dataset encoder and the regression see
     embeddings = torch.stack([class_means(zoo.class_samples(m.task, "train"), cf) for m in train])
     blocks = zoo.input_spec.condition_blocks
-    predictions = {ridge: leave_one_out(embeddings, tokens, ridge, blocks) for ridge in RIDGE_GRID}
-    picked = range(0, len(train), stride)
+    picked = list(range(0, len(train), stride))
+    if query == "train":
+        predictions = {ridge: leave_one_out(embeddings, tokens, ridge, blocks)[picked] for ridge in RIDGE_GRID}
+    elif query == "support":
+        queries = torch.stack([class_means(zoo.class_samples(m.task, "support"), cf) for m in train])
+        predictions = dict(zip(RIDGE_GRID, leave_one_out_at(embeddings, tokens, queries, RIDGE_GRID, blocks, picked)))
+    else:
+        raise ValueError(f"unknown query split {query!r}; expected support or train")
     scores = dict.fromkeys(RIDGE_GRID, 0.0)
-    for i in picked:
-        states = zoo.layout.detokenize(torch.stack([predictions[r][i] for r in RIDGE_GRID]))
+    for n, i in enumerate(picked):
+        states = zoo.layout.detokenize(torch.stack([predictions[r][n] for r in RIDGE_GRID]))
         ll = adapter_scores(module, stack_state_dicts(states), zoo.class_samples(train[i].task, "test")[0])
         for j, ridge in enumerate(RIDGE_GRID):
             scores[ridge] += float(ll[j]) / len(picked)
-    return [(r, scores[r], float((predictions[r] - tokens).pow(2).mean())) for r in RIDGE_GRID]
+    return [(r, scores[r], float((predictions[r] - tokens[picked]).pow(2).mean())) for r in RIDGE_GRID]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", required=True, help="a causal-lm-adapter zoo (d2nwg zoo build llm-lora)")
     parser.add_argument("--stride", type=int, default=1, help="score every STRIDE-th training task (speed)")
+    parser.add_argument("--query", choices=("support", "train"), default="support", help="split the left-out task is conditioned on")
     args = parser.parse_args()
 
     from d2nwg.zoo import ModelZoo
@@ -57,7 +66,7 @@ def main() -> None:
     if zoo.architecture.get("name") != "causal-lm-adapter":
         raise SystemExit(f"error: {args.zoo} is not a causal-LM adapter zoo")
     started = time.perf_counter()
-    rows = ridge_scores(zoo, args.stride)
+    rows = ridge_scores(zoo, args.stride, args.query)
     for ridge, loglik, error in rows:
         print(f"ridge {ridge:8.4f}   leave-one-out test log-likelihood {loglik:8.4f}   token MSE {error:.4f}")
     tasks = len(range(0, len(zoo.members("train")), args.stride))

@@ -218,3 +218,18 @@ def test_blocks_weigh_each_kind_of_feature_the_same_whatever_its_scale():
     assert float((loo - tokens).pow(2).mean()) > float((fit2 - tokens).pow(2).mean())
     with pytest.raises(ValueError, match="cannot split 8 embedding numbers into 3 equal blocks"):
         ConditionalMean.fit(e, tokens, 0.1, blocks=3)
+
+
+def test_leave_one_out_at_a_query_is_the_fit_without_that_member_asked_there():
+    from d2nwg.models.conditional_mean import leave_one_out_at
+
+    e, y = linear_zoo(m=12, noise=0.3)[:2]
+    queries = e + 0.5 * torch.randn(e.shape, generator=torch.Generator().manual_seed(1))  # e.g. a task's support records
+    e2 = torch.cat([e, e.flip(1)], 1)  # two blocks of different content
+    for emb, q, blocks in ((e, queries, 1), (e2, torch.cat([queries, queries.flip(1)], 1), 2)):
+        got = leave_one_out_at(emb, y, q, (0.2, 3.0), blocks=blocks, rows=[0, 7])
+        for r, ridge in enumerate((0.2, 3.0)):
+            for n, i in enumerate((0, 7)):
+                rest = [j for j in range(12) if j != i]
+                module, _ = ConditionalMean.fit(emb[rest], y[rest], ridge=ridge, blocks=blocks)
+                torch.testing.assert_close(got[r, n], module(q[i][None, None, None])[0], atol=1e-5, rtol=1e-5)

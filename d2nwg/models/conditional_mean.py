@@ -75,6 +75,31 @@ def leave_one_out(embeddings: torch.Tensor, tokens: torch.Tensor, ridge: float, 
     return (y - (yc - hat @ yc) / (1 - leverage).clamp_min(1e-9)).float().view_as(tokens)
 
 
+
+def leave_one_out_at(
+    embeddings: torch.Tensor, tokens: torch.Tensor, queries: torch.Tensor, ridges, blocks: int = 1, rows=None
+) -> torch.Tensor:
+    """Member i's tokens ``[T, chunk]`` as predicted by the regression fitted on the other M-1 members
+    (``embeddings [M, D]``, ``tokens [M, T, chunk]``), queried at ``queries[i]`` (``[M, D]``: e.g. its task's
+    support records, what generation conditions on, where `leave_one_out` queries at its training embedding);
+    for each of ``ridges`` and the members ``rows`` (default: all) -> ``[len(ridges), len(rows), T, chunk]``.
+
+    Equal to `ConditionalMean.fit` on the others then ``forward`` at the query, without forming the fit's
+    ``[M, T * chunk]`` coefficients: the prediction is ``bias + ((K + ridge I)^-1 k)^T (Y - bias)`` (K symmetric),
+    so each member costs one ``[M-1, M-1]`` eigendecomposition and a weighted sum of the others' tokens per ridge.
+    """
+    e, q = embeddings.double(), queries.double()
+    y = tokens.double().flatten(1)
+    out = []
+    for i in range(len(e)) if rows is None else rows:
+        keep = torch.arange(len(e)) != i
+        center, keys, s, u = _kernel(e[keep], blocks)
+        k = u.T @ (keys @ kernel_keys(q[i : i + 1], center, blocks)[0])
+        bias = y[keep].mean(0)
+        weights = torch.stack([u @ (k / (s + ridge)) for ridge in ridges])  # (R, M-1)
+        out.append(bias + weights @ (y[keep] - bias))
+    return torch.stack(out, 1).float().view(len(ridges), len(out), *tokens.shape[1:])
+
 class ConditionalMean(ModelMixin, ConfigMixin):
     """Kernel ridge regression of weight tokens ``[T, chunk]`` on a dataset's per-class mean features ``[K * D]``
     (`padded_class_means`; for one-class datasets such as a task's conversations, its mean feature).
