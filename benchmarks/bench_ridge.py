@@ -1,15 +1,19 @@
 """Which ridge the conditional mean (`d2nwg.models.ConditionalMean`) should use on a causal-LM adapter zoo.
 
 For each ridge strength, every *training* task's adapter is predicted by the regression fitted on the other
-training tasks (closed-form leave-one-out, `d2nwg.models.conditional_mean.leave_one_out`), and scored by the
-mean log-likelihood of that task's test answers (nats per token, teacher-forced through the slice; the
-member never trained on them). Held-out tasks are not touched, so a ridge chosen here is chosen on training
-data only. It also prints the leave-one-out token error, what `ConditionalMean.fit` minimises by default.
+training tasks and scored by the mean log-likelihood of that task's test answers (nats per token,
+teacher-forced through the slice; the member never trained on them). The left-out task is queried at its 8
+support records (``--query support``, `d2nwg.models.conditional_mean.leave_one_out_at`), as generation
+conditions on a user's records, or at the training embedding it was left out with (``--query train``, the
+closed form `leave_one_out`). Held-out tasks are not touched, so a ridge chosen here is chosen on training data
+only. It also prints the leave-one-out token error, what `ConditionalMean.fit` minimises by default.
 
-    python benchmarks/bench_ridge.py --zoo runs/llm-lora [--stride 2]
+    python benchmarks/bench_ridge.py --zoo runs/llm-lora [--stride 4] [--query train]
 
-Measured on the default llm-lora zoo (stride 2, 96 training tasks): log-likelihood peaks at ridge 0.1 (-0.099;
-0.01: -0.118, 1.0: -0.139), while the token error is lowest at 1.0; `configs/llm-lora.yaml` sets 0.1.
+Measured on the default llm-lora zoo with task-gradient conditioning (``runs/s14``, stride 4: 48 training
+tasks, support query, 532 s with another job on the second core): log-likelihood peaks at ridge 0.316
+(-0.0809; 0.1: -0.0899, 1.0: -0.0903), while the token error is lowest at 1.78. On the earlier zoo without
+the gradient block (stride 2, train query) it peaked at 0.1 (-0.099; 0.01: -0.118, 1.0: -0.139).
 """
 
 from __future__ import annotations
