@@ -148,8 +148,8 @@ class ConditionalMean(ModelMixin, ConfigMixin):
         Args:
             ridge: the ridge strength; ``None`` picks the one of `RIDGE_GRID` with the lowest leave-one-out
                 squared error of the tokens (`leave_one_out`). Weight error is a proxy: on the `llm-lora` zoo it
-                picks 1.0 where the leave-one-out log-likelihood of the training tasks' answers picks 0.1
-                (`benchmarks/bench_ridge.py`), so that recipe's config sets the ridge.
+                picks 1.78 where the leave-one-out log-likelihood of the training tasks' answers picks 0.316
+                (`benchmarks/bench_ridge.py`, task-gradient conditioning), so that recipe's config sets the ridge.
             blocks: see the class docstring; the embedding width must divide by it.
 
         Returns:
