@@ -29,8 +29,8 @@ from typing import Any
 FINGERPRINT_DIGITS = 16
 EXPORT_VAE_MEMBERS = 64
 """Members whose reconstruction an export measures (`d2nwg.evaluate.vae_reconstruction`; held-out ones first): a
-mean ratio needs no more, and each causal-LM member costs two scorings of its test split (200 members took 130 s
-of the default ``llm-lora`` training's 320 s). ``d2nwg evaluate`` still measures up to 200."""
+mean ratio needs no more, and each causal-LM member costs two scorings of its test split (200 members: about 130 s
+of the default ``llm-lora`` training, scaled from a profile of a 20-task zoo). ``d2nwg evaluate`` still measures up to 200."""
 """Hex digits of the sha256 kept (64 bits: enough to tell zoos apart, short enough to print)."""
 
 

@@ -266,8 +266,8 @@ def build(out: str | Path, **settings) -> ModelZoo:
                     model, init, x, steps=recipe.steps, lr=recipe.member_lr or recipe.lr, batch_size=recipe.batch_size, seed=recipe.seed
                 )
             # The recorded metric (`zoo info`): test log-likelihood, in float32 (bf16 rounds it to 1/64 nat). Only the
-            # test split: scoring the train and support splits too took 190 of the default build's 2,300 s, and
-            # nothing reads them; the held-out members' exact match is the evaluation's oracle row.
+            # test split: scoring the train and support splits too cost about 190 s of the default build (a
+            # profile of a 20-task zoo, scaled), and nothing reads them; the held-out members' exact match is the evaluation's oracle row.
             scores = adapter_scores(model, params, torch.stack([zoo.class_samples(t, "test")[0] for t in group]).to(device))
             params = {k: v.cpu() for k, v in params.items()}
             for i, (task, sd) in enumerate(zip(group, unstack_state_dict(params))):
