@@ -350,8 +350,9 @@ def _scorer(module: nn.Module, x: torch.Tensor, in_dims=0):
     computed here, outside ``vmap``, where it may read the data."""
     from torch.func import functional_call, vmap
 
-    extent = module.response_extent(x) if hasattr(module, "response_extent") else None
-    kwargs = {"extent": extent} if extent is not None else {}
+    from d2nwg.ensemble import forward_kwargs
+
+    kwargs = forward_kwargs(module, x)
     return vmap(lambda p, xs: functional_call(module, p, (xs,), kwargs), in_dims=(0, in_dims))
 
 
@@ -707,11 +708,10 @@ class AdapterGenerator:
             if shared:
                 ids = torch.cat([torch.tensor(chunk[0][:shared]).expand(len(chunk), -1), ids], dim=1)
                 mask = torch.cat([torch.ones(len(chunk), shared, dtype=mask.dtype), mask], dim=1)
-            width = ids.shape[1]
             with self._active():
-                cache = {self._cache_key: self._prefix_cache(chunk[0][:shared], len(chunk))} if shared else {}
-                out = self._generate(ids, mask, max_new_tokens, **cache)
-            answers += [decode_response(self.tokenizer, row[width:], self.stops) for row in out]  # stops: found once
+                cache = self._prefix_cache(chunk[0][:shared], len(chunk)) if shared else None
+                out = self._generate(ids, mask, max_new_tokens, cache)
+            answers += [decode_response(self.tokenizer, row, self.stops) for row in out]  # stops: found once
         return answers
 
     @torch.no_grad()
@@ -749,19 +749,20 @@ class AdapterGenerator:
     @torch.no_grad()
     def answer_many(
         self,
-        states: Sequence[Mapping[str, torch.Tensor]],
+        states: Sequence[Mapping[str, torch.Tensor] | None],
         conversations: Sequence[Sequence[Mapping]],
         max_new_tokens: int | None = None,
         batch_size: int = 16,
     ) -> list[list[str]]:
-        """`answer` for each of ``states`` (members or generated adapters): ``answers[i][j]`` is adapter i's
-        greedy response to conversation j.
+        """`answer` for each of ``states`` (members or generated adapters; ``None``: the base alone, as
+        `set_adapter`): ``answers[i][j]`` is adapter i's greedy response to conversation j.
 
         LoRA adapters answer together, ``len(states) * batch_size`` rows per ``generate()`` call, through peft's
-        mixed adapter batches (each row routed to its own adapter): the frozen base runs one large batch instead
-        of one small batch per adapter, which is what costs on a CPU; the prompts' layers below the adapted slice run
-        once per prompt, not once per adapter and prompt (`_shared_base_cache`). Other kinds answer one adapter at
-        a time. The answers are `answer`'s, up to the rounding of a different batch size.
+        mixed adapter batches (each row routed to its own adapter, the base's rows to peft's ``"__base__"``): the
+        frozen base runs one large batch instead of one small batch per adapter, which is what costs on a CPU; the
+        prompts' layers below the adapted slice run once per prompt, not once per adapter and prompt
+        (`_shared_base_cache`). Other kinds answer one adapter at a time. The answers are `answer`'s, up to the
+        rounding of a different batch size.
         """
         if not states:
             return []
@@ -773,8 +774,10 @@ class AdapterGenerator:
             return out
         from d2nwg.adapters import inject_adapter
 
-        names = [f"d2nwg_{i}" for i in range(len(states))]
+        names = [f"d2nwg_{i}" if state is not None else "__base__" for i, state in enumerate(states)]
         for name, state in zip(names, states):
+            if state is None:
+                continue
             if name not in self.model.peft_config:
                 self.model.add_adapter(name, self.model.peft_config["default"])
             inject_adapter(self.model, peft_keys(state), adapter_name=name)
@@ -786,12 +789,11 @@ class AdapterGenerator:
         for i in range(0, len(prompts), batch_size):
             chunk = prompts[i : i + batch_size]
             ids, mask = self._left_padded(chunk)
-            width = ids.shape[1]
             rows = [name for _ in chunk for name in names]  # row j * n + a: prompt j, adapter a
-            cache = {self._cache_key: self._shared_base_cache(ids, mask, rows)} if width > 1 else {}
-            out = self._generate(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), max_new_tokens, adapter_names=rows, **cache)
+            cache = self._shared_base_cache(ids, mask, rows) if ids.shape[1] > 1 else None
+            out = self._generate(ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), max_new_tokens, cache, adapter_names=rows)
             for a in range(n):
-                answers[a] += [decode_response(self.tokenizer, row[width:], self.stops) for row in out[a::n]]
+                answers[a] += [decode_response(self.tokenizer, row, self.stops) for row in out[a::n]]
         return answers
 
     def _left_padded(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -802,11 +804,42 @@ class AdapterGenerator:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         return ids, mask
 
-    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        return self.model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            eos_token_id=self.stops, pad_token_id=int(self.tokenizer.pad_token_id), **kwargs,
-        )
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, cache=None, adapter_names=None) -> list[list[int]]:
+        """Greedy new tokens of each left-padded row ``ids``/``mask`` [n, width] (its stop token included, if it
+        made one), continuing ``cache`` (the rows' first ``cache.get_seq_length()`` tokens, when given).
+
+        What ``generate(do_sample=False)`` returns, but a row leaves the batch once it has made a stop token:
+        ``generate`` runs every row until the last one stops, and in an evaluation batch a few rambling rows (the
+        base zero-shot, a bad sample) run to ``max_new_tokens`` while most answers end at two thirds of it.
+        """
+        model = self.model
+        cache = cache if cache is not None else self._new_cache()
+        live = torch.arange(len(ids))  # batch row -> original row
+        names = list(adapter_names) if adapter_names is not None else None
+        stops = torch.tensor(self.stops)
+        out: list[list[int]] = [[] for _ in range(len(ids))]
+        step = ids[:, cache.get_seq_length() :]
+        for _ in range(max_new_tokens):
+            position = positions(mask)[:, -step.shape[1] :]
+            routing = {"adapter_names": names} if names is not None else {}
+            logits = model(
+                input_ids=step, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1,
+                **{self._cache_key: cache}, **routing,
+            ).logits[:, -1]  # fmt: skip
+            token = logits.argmax(-1)
+            for row, t in zip(live.tolist(), token.tolist()):
+                out[row].append(t)
+            going = ~torch.isin(token, stops)
+            if not going.any():
+                break
+            if not going.all():  # finished rows leave the batch, and the cache
+                keep = going.nonzero().flatten()
+                cache.batch_select_indices(keep)
+                live, token, mask = live[keep], token[keep], mask[keep]
+                names = [names[i] for i in keep.tolist()] if names is not None else None
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            step = token[:, None]
+        return out
 
 
 def _layer_kv(cache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

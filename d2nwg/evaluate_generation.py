@@ -220,9 +220,11 @@ def evaluate_generation(
     tuning = finetune_settings(zoo, finetune_steps, finetune_lr)  # bad settings fail before any training
     multitask = multitask_adapter(zoo, k_shot, multitask_per_task, multitask_steps, multitask_lr, seed)
     start = warm_start(zoo, seed)
+    zero = {k: torch.zeros_like(v) for k, v in start.items()}  # no update: the base's log-likelihood via the slice
 
     def judge(state, prompts, refs) -> tuple[float, float]:
-        """Exact match and log-likelihood through the whole LM (the base, or prompts with in-context examples)."""
+        """Exact match and log-likelihood through the whole LM (prompts with in-context examples, longer than the
+        cached features)."""
         generator.set_adapter(state)
         return exact_match(generator.answer(prompts, max_new_tokens=max_new_tokens), refs), fmean(generator.response_loglik(prompts))
 
@@ -237,7 +239,7 @@ def evaluate_generation(
         order = sims.argsort(descending=True).tolist()
         nearest = [zoo.load_member(train[j]) for j in order[:knn]]
         row: dict = {"task": task, "kind": zoo.task_kind(task), "retrieved": train[order[0]].task}
-        for name, state, prompts in (("base", None, test), ("icl", None, icl_prompts), ("multitask", multitask, icl_prompts)):
+        for name, state, prompts in (("icl", None, icl_prompts), ("multitask", multitask, icl_prompts)):
             row[f"{name}_em"], row[f"{name}_loglik"] = judge(state, prompts, refs)
         output = pipeline(
             dataset=[x_support], num_samples=num_samples, num_inference_steps=num_inference_steps,
@@ -245,9 +247,12 @@ def evaluate_generation(
         )
         support_ll = adapter_scores(module, stack_state_dicts(output.weights), x_support)
         best = int(support_ll.argmax())
-        # Every adapter that answers the bare test prompts answers in one batch (`AdapterGenerator.answer_many`);
-        # their log-likelihoods come from the cached features.
-        adapters = {"retrieval": nearest[0], "knn_ensemble": mean_state_dict(nearest), "oracle": zoo.load_member(members[task])}
+        # Every adapter that answers the bare test prompts answers in one batch (`AdapterGenerator.answer_many`), the
+        # base too (``None``); their log-likelihoods come from the cached features, the base's as a zero adapter
+        # (LoRA's and MiSS's update is then zero).
+        adapters = {
+            "base": None, "retrieval": nearest[0], "knn_ensemble": mean_state_dict(nearest), "oracle": zoo.load_member(members[task]),
+        }  # fmt: skip
         adapters["finetune"] = finetune_adapter(module, start, x_support, tuning["finetune"], seed)
         adapters["generated_finetune"] = finetune_adapter(module, output.weights[best], x_support, tuning["generated_finetune"], seed)
         prior = pipeline.prior_tokens([x_support])
@@ -257,7 +262,7 @@ def evaluate_generation(
             row["conditional_mean_em"] = row["conditional_mean_loglik"] = None
         states = [*adapters.values(), *output.weights]
         ems = [exact_match(a, refs) for a in generator.answer_many(states, test, max_new_tokens=max_new_tokens)]
-        test_ll = adapter_scores(module, stack_state_dicts(states), x_test)
+        test_ll = adapter_scores(module, stack_state_dicts([zero if s is None else s for s in states]), x_test)
         for j, name in enumerate(adapters):
             row[f"{name}_em"], row[f"{name}_loglik"] = ems[j], float(test_ll[j])
         ems, test_ll = ems[len(adapters) :], test_ll[len(adapters) :]

@@ -39,11 +39,13 @@ zoo, same 500 steps). Conversations are embedded for conditioning
 with ``pooling="prompt-response"`` (`d2nwg.causal_lm.conversation_features`): the prompt and the
 response count equally, so the nearest training tasks share the held-out task's output format more
 often (24 of the 60 top-5 neighbours of the 12 ``new_combination`` tasks, against 5 of 60 when the
-template-heavy prompt dominates the mean). After the warm start, each task's train and support records add
-a second block (``pooling="prompt-response-gradient"``, `d2nwg.causal_lm.gradient_condition`): the gradient
-of their response loss with respect to the adapter at the warm start, count-sketched to H numbers. It says
-which way the task pulls the shared adapter, which the hidden states only imply; the test split's block stays
-zero, since nothing may condition on test records. The configs (``configs/llm-lora.yaml``) add the conditional mean
+template-heavy prompt dominates the mean). After the warm start, a training task's train records and a
+held-out task's support records add a second block (``pooling="prompt-response-gradient"``,
+`d2nwg.causal_lm.gradient_condition`): the gradient of their response loss with respect to the adapter at the
+warm start, count-sketched to H numbers. It says which way the task pulls the shared adapter, which the hidden
+states only imply. The other splits' block stays zero: nothing may condition on test records, and nothing reads
+a training task's support block or a held-out task's train block (`benchmarks/bench_ridge.py` computes the
+former when it needs it). The configs (``configs/llm-lora.yaml``) add the conditional mean
 (`d2nwg.models.ConditionalMean`): with one member per task, each mostly the noise of its 32 steps, the
 diffusion model alone did not learn what its conditioning says (generated best exact match 0.052 on the 24
 held-out tasks); a closed-form regression of the members on the task embedding, plus a generated residual,
@@ -223,14 +225,16 @@ def build(out: str | Path, **settings) -> ModelZoo:
             init = {k: v[0].cpu().contiguous() for k, v in warm.items()}
             del union
         stages["warm_start_s"] = time.perf_counter() - started - stages["caching_s"]
-        # The gradient block of the conditioning features, at the members' shared initialisation. Not for the test
-        # split: no method conditions on a task's test records.
+        # The gradient block of the conditioning features, at the members' shared initialisation, only where it is
+        # read: a training task's train split (the regression and the generator fit on it) and a held-out task's
+        # support split (what its adapters are generated from). Elsewhere the block stays zero, as in the test split;
+        # filling it there cost about 60 s of the default build (0.2 s per support split, 0.64 per train split).
         model.to(device)
         with precision(), Progress(transient=True) as progress:
             bar = progress.add_task("task gradients at the warm start", total=len(tasks))
-            for task in tasks:
-                for split in ("train", "support"):
-                    classes[task][split] = gradient_condition(model, init, classes[task][split].to(device)).cpu()
+            for task, record in tasks.items():
+                split = "train" if record["split"] == "train" else "support"
+                classes[task][split] = gradient_condition(model, init, classes[task][split].to(device)).cpu()
                 progress.advance(bar)
         stages["gradients_s"] = time.perf_counter() - started - stages["caching_s"] - stages["warm_start_s"]
     zoo = ModelZoo.create(

@@ -57,6 +57,23 @@ def test_cached_features_score_like_the_full_peft_model(chat_llama_dir):
     assert not torch.allclose(net(x), score, atol=1e-3)
 
 
+@pytest.mark.parametrize("kind", ["lora", "miss", "miss-bat"])
+def test_a_zero_adapter_scores_as_the_base_alone(chat_llama_dir, kind):
+    # The evaluation scores the base zero-shot as a zero adapter on the cached features: every kind's update is zero.
+    from d2nwg.causal_lm import AdapterGenerator, CausalLMAdapter, adapter_scores, architecture_spec, conversation_features
+    from d2nwg.ensemble import stack_state_dicts
+
+    arch = architecture_spec(str(chat_llama_dir), kind, ["q_proj", "v_proj"], [2, 3], 2, 160, 16)
+    net = CausalLMAdapter(**arch["config"]).eval()
+    x = conversation_features(CONVERSATIONS, net.first, 160, 16, str(chat_llama_dir))
+    zero = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+    gen = AdapterGenerator(arch)
+    gen.set_adapter(None)
+    base = torch.tensor(gen.response_loglik(CONVERSATIONS)).mean()
+    torch.testing.assert_close(adapter_scores(net, stack_state_dicts([zero, random_adapter(net)]), x)[0], base, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(adapter_scores(net, stack_state_dicts([random_adapter(net, scale=1.0)]), x)[0], base, atol=1e-3)
+
+
 def test_prompt_response_pooling_weighs_the_answer_like_the_question(chat_llama_dir):
     from d2nwg.causal_lm import CausalLMAdapter, architecture_spec, conversation_features
 
@@ -129,13 +146,13 @@ def test_answer_many_gives_each_adapter_its_own_answers(chat_llama_dir):
 
     arch = architecture_spec(str(chat_llama_dir), "lora", ["q_proj", "v_proj"], [2, 3], 2, 160, 16)
     net = CausalLMAdapter(**arch["config"])
-    states = [random_adapter(net, seed=s, scale=1.0) for s in (4, 5, 6)]
+    states = [random_adapter(net, seed=s, scale=1.0) for s in (4, 5)] + [None] + [random_adapter(net, seed=6, scale=1.0)]
     gen = AdapterGenerator(arch)
     one_by_one = []
     for state in states:
-        gen.set_adapter(state)
+        gen.set_adapter(state)  # None: the base alone
         one_by_one.append(gen.answer(CONVERSATIONS, max_new_tokens=8, batch_size=2))
-    assert len({tuple(a) for a in one_by_one}) > 1  # the adapters differ, so routing rows to them matters
+    assert len({tuple(a) for a in one_by_one}) == len(states)  # the adapters and the base differ: routing rows matters
     assert gen.answer_many(states, CONVERSATIONS, max_new_tokens=8, batch_size=2) == one_by_one
     assert gen.answer_many(states[::-1], CONVERSATIONS, max_new_tokens=8, batch_size=2) == one_by_one[::-1]  # reloaded
     gen.set_adapter(states[0])

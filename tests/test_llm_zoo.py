@@ -358,6 +358,13 @@ def test_ridge_benchmark_scores_every_ridge_on_training_tasks(llm_zoo):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.ridge_scores(llm_zoo, stride=2)  # queried at each left-out task's support records
+    # The zoo stores no gradient block for a training task's support records; the benchmark takes it as generation does.
+    from d2nwg.architectures import build_model
+
+    module = build_model(llm_zoo.architecture)
+    h, task = module.hidden, llm_zoo.members("train")[0].task
+    assert not llm_zoo.class_samples(task, "support")[0][:, h : 2 * h].any()
+    assert abs(float(bench.support_features(llm_zoo, module, task)[0, h : 2 * h].norm()) - 1) < 1e-4
     assert [r[0] for r in rows] == list(RIDGE_GRID)
     assert all(torch.isfinite(torch.tensor(r[1])) and r[1] < 0 for r in rows)
     assert [r[1] for r in rows] != [r[1] for r in bench.ridge_scores(llm_zoo, stride=2, query="train")]
@@ -398,13 +405,19 @@ def test_zoo_conditions_on_task_gradients_at_its_warm_start(llm_zoo, llm_pipelin
     spec = llm_zoo.input_spec
     assert (spec.condition_features, spec.condition_blocks) == (2 * h, 2)
     task = llm_zoo.members("train")[0].task
-    for split in ("train", "support"):
-        x = llm_zoo.class_samples(task, split)[0]
+    heldout = next(t for t, r in llm_zoo.tasks.items() if r["split"] != "train")
+    # The block where something reads it: a training task's train records (the fit), a held-out task's support
+    # records (what it is generated from).
+    for t, split in ((task, "train"), (heldout, "support")):
+        x = llm_zoo.class_samples(t, split)[0]
         assert abs(float(x[0, h : 2 * h].norm()) - 1) < 1e-4
         # Stored at the warm start in the recipe's precision (bf16): recomputed in float32 it points the same way.
         again = gradient_condition(model, llm_zoo.init_state(), x)[0, h : 2 * h]
         assert float(again @ x[0, h : 2 * h]) > 0.95
     assert not llm_zoo.class_samples(task, "test")[0][:, h : 2 * h].any()  # nothing conditions on test records
+    # Nothing reads these: they are not computed (bench_ridge takes a training task's support block itself).
+    assert not llm_zoo.class_samples(task, "support")[0][:, h : 2 * h].any()
+    assert not llm_zoo.class_samples(heldout, "train")[0][:, h : 2 * h].any()
     # Tasks pull the warm start apart: their blocks differ.
     blocks = torch.stack([llm_zoo.class_samples(m.task, "train")[0][0, h : 2 * h] for m in llm_zoo.members("train")])
     assert float((blocks @ blocks.T).triu(1).max()) < 0.999
