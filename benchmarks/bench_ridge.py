@@ -45,8 +45,9 @@ def ridge_scores(zoo, stride: int = 1, query: str = "support") -> list[tuple[flo
         predictions = {ridge: leave_one_out(embeddings, tokens, ridge, blocks)[picked] for ridge in RIDGE_GRID}
     elif query == "support":
         queries = torch.zeros_like(embeddings)  # only the picked rows are queried
+        anchor = zoo.init_state()
         for i in picked:
-            queries[i] = class_means([support_features(zoo, module, train[i].task)], cf)
+            queries[i] = class_means([support_features(zoo, module, train[i].task, anchor)], cf)
         predictions = dict(zip(RIDGE_GRID, leave_one_out_at(embeddings, tokens, queries, RIDGE_GRID, blocks, picked)))
     else:
         raise ValueError(f"unknown query split {query!r}; expected support or train")
@@ -59,17 +60,17 @@ def ridge_scores(zoo, stride: int = 1, query: str = "support") -> list[tuple[flo
     return [(r, scores[r], float((predictions[r] - tokens[picked]).pow(2).mean())) for r in RIDGE_GRID]
 
 
-def support_features(zoo, module, task: str):
+def support_features(zoo, module, task: str, anchor=None):
     """``task``'s support samples ``[n, D]`` as generation would condition on them: the zoo stores a training
-    task's support split without the gradient block (`model_zoo.llm_lora`), so it is taken here, at the zoo's warm
-    start, as `d2nwg.causal_lm.gradient_condition` takes it for a held-out task."""
+    task's support split without the gradient block (`model_zoo.llm_lora`), so it is taken here, at ``anchor``
+    (default: the zoo's warm start), as `d2nwg.causal_lm.gradient_condition` takes it for a held-out task."""
     from d2nwg.causal_lm import GRADIENT_POOLING, gradient_condition, precision_context
 
     x = zoo.class_samples(task, "support")[0]
     if module.pooling != GRADIENT_POOLING:
         return x
     with precision_context(str((zoo.manifest.get("recipe") or {}).get("precision", "32-true")), x.device):
-        return gradient_condition(module, zoo.init_state(), x)
+        return gradient_condition(module, zoo.init_state() if anchor is None else anchor, x)
 
 
 def main() -> None:
