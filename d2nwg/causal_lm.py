@@ -757,10 +757,10 @@ class AdapterGenerator:
         """`answer` for each of ``states`` (members or generated adapters; ``None``: the base alone, as
         `set_adapter`): ``answers[i][j]`` is adapter i's greedy response to conversation j.
 
-        LoRA adapters answer together, ``len(states) * batch_size`` rows per ``generate()`` call, through peft's
-        mixed adapter batches (each row routed to its own adapter, the base's rows to peft's ``"__base__"``): the
-        frozen base runs one large batch instead of one small batch per adapter, which is what costs on a CPU; the
-        prompts' layers below the adapted slice run once per prompt, not once per adapter and prompt
+        LoRA adapters answer together, ``len(states) * batch_size`` rows per greedy batch (`_generate`), through
+        peft's mixed adapter batches (each row routed to its own adapter, the base's rows to peft's ``"__base__"``):
+        the frozen base runs one large batch instead of one small batch per adapter, which is what costs on a CPU;
+        the prompts' layers below the adapted slice run once per prompt, not once per adapter and prompt
         (`_shared_base_cache`). Other kinds answer one adapter at a time. The answers are `answer`'s, up to the
         rounding of a different batch size.
         """
@@ -798,7 +798,7 @@ class AdapterGenerator:
 
     def _left_padded(self, prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask)`` ``[n, width]``, left-padded: every row's next token is at the same
-        column, and generate() derives positions from the mask."""
+        column, and `_generate` derives positions from the mask (`positions`)."""
         pad, width = int(self.tokenizer.pad_token_id), max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
