@@ -431,11 +431,45 @@ def finetune_adapter(
 ) -> dict[str, torch.Tensor]:
     """One adapter ``init`` after ``settings["steps"]`` AdamW steps on the samples ``x [n, D]`` (`train_adapters`
     with ``settings``' ``lr``, ``batch_size`` and ``precision``, e.g. from `support_finetuning`)."""
-    with precision_context(settings["precision"], x.device):
-        trained = train_adapters(
-            module, init, x[None], steps=int(settings["steps"]), lr=float(settings["lr"]), batch_size=int(settings["batch_size"]), seed=seed
-        )
-    return {k: v[0].contiguous() for k, v in trained.items()}
+    return finetune_adapters(module, [init], [x], settings, seed)[0]
+
+
+def finetune_adapters(
+    module: CausalLMAdapter,
+    inits: Sequence[Mapping[str, torch.Tensor]],
+    xs: Sequence[torch.Tensor],
+    settings: Mapping,
+    seed: int = 0,
+    group_size: int = 8,
+) -> list[dict[str, torch.Tensor]]:
+    """`finetune_adapter` for each pair of ``inits[i]`` and its own samples ``xs[i] [n_i, D]``, vmapped in groups of
+    up to ``group_size`` adapters whose sample sets have the same shape (`train_adapters`: each trains as it would
+    alone, up to float rounding).
+
+    Why: one adapter at a time leaves a CPU's matrix units idle; on SmolLM2's 6-layer slice a step of 8 samples
+    costs 0.21 s for one adapter and 0.15 s per adapter for 4 to 8 at once (2 cores, bf16 autocast).
+
+    Raises:
+        ValueError: ``inits`` and ``xs`` of different lengths.
+    """
+    if len(inits) != len(xs):
+        raise ValueError(f"finetune_adapters got {len(inits)} initial adapters for {len(xs)} training sets")
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, x in enumerate(xs):
+        by_shape.setdefault(tuple(x.shape), []).append(i)
+    out: list[dict[str, torch.Tensor] | None] = [None] * len(xs)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), group_size):
+            group = indices[start : start + group_size]
+            x = torch.stack([xs[i] for i in group])
+            with precision_context(settings["precision"], x.device):
+                trained = train_adapters(
+                    module, [inits[i] for i in group], x, steps=int(settings["steps"]), lr=float(settings["lr"]),
+                    batch_size=int(settings["batch_size"]), seed=seed,
+                )  # fmt: skip
+            for j, i in enumerate(group):
+                out[i] = {k: v[j].contiguous() for k, v in trained.items()}
+    return out  # type: ignore[return-value]
 
 
 _LORA_MEMBERS = {"steps": 32, "lr": 5e-3, "batch_size": 8, "precision": "bf16-mixed"}

@@ -175,7 +175,7 @@ def evaluate_generation(
             ``finetune_lr`` <= 0.
     """
     from d2nwg.architectures import build_model
-    from d2nwg.causal_lm import AdapterGenerator, adapter_scores, exact_match, finetune_adapter, references
+    from d2nwg.causal_lm import AdapterGenerator, adapter_scores, exact_match, finetune_adapters, references
     from d2nwg.ensemble import mean_state_dict, stack_state_dicts
     from d2nwg.instructions import with_examples
     from d2nwg.models.conditional_mean import kernel_keys
@@ -229,11 +229,30 @@ def evaluate_generation(
         return exact_match(generator.answer(prompts, max_new_tokens=max_new_tokens), refs), fmean(generator.response_loglik(prompts))
 
     pipeline.set_progress_bar_config(disable=True)
+    # Pass 1: each task's generated adapters and the one chosen on support, so that both fine-tuning rows of every
+    # task can then train vmapped across tasks (`finetune_adapters`). One at a time they took 285 s of the default
+    # llm-lora evaluation (a sampling profile of runs/s17); a step costs 0.21 s alone and 0.15 s per adapter in groups.
+    supports, outputs, support_lls = [], [], []
+    for i, task in enumerate(task_ids):
+        x_support = zoo.class_samples(task, "support")[0]
+        output = pipeline(
+            dataset=[x_support], num_samples=num_samples, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + i),
+        )  # fmt: skip
+        supports.append(x_support)
+        outputs.append(output.weights)
+        support_lls.append(adapter_scores(module, stack_state_dicts(output.weights), x_support))
+    bests = [int(ll.argmax()) for ll in support_lls]
+    finetuned = finetune_adapters(module, [start] * len(task_ids), supports, tuning["finetune"], seed)
+    generated_finetuned = finetune_adapters(
+        module, [w[b] for w, b in zip(outputs, bests)], supports, tuning["generated_finetune"], seed
+    )  # fmt: skip
     rows = []
     for i, task in enumerate(task_ids):
         support, test = read_split(zoo, task, "support"), read_split(zoo, task, "test")
         refs = references(test)
-        x_support, x_test = zoo.class_samples(task, "support")[0], zoo.class_samples(task, "test")[0]
+        x_support, x_test = supports[i], zoo.class_samples(task, "test")[0]
+        weights, best, support_ll = outputs[i], bests[i], support_lls[i]
         icl_prompts = [with_examples(c, support, k_shot) for c in test]
         sims = train_emb @ task_embedding(task, "support")
         order = sims.argsort(descending=True).tolist()
@@ -241,32 +260,25 @@ def evaluate_generation(
         row: dict = {"task": task, "kind": zoo.task_kind(task), "retrieved": train[order[0]].task}
         for name, state, prompts in (("icl", None, icl_prompts), ("multitask", multitask, icl_prompts)):
             row[f"{name}_em"], row[f"{name}_loglik"] = judge(state, prompts, refs)
-        output = pipeline(
-            dataset=[x_support], num_samples=num_samples, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + i),
-        )
-        support_ll = adapter_scores(module, stack_state_dicts(output.weights), x_support)
-        best = int(support_ll.argmax())
         # Every adapter that answers the bare test prompts answers in one batch (`AdapterGenerator.answer_many`), the
         # base too (``None``); their log-likelihoods come from the cached features, the base's as a zero adapter
         # (LoRA's and MiSS's update is then zero).
         adapters = {
             "base": None, "retrieval": nearest[0], "knn_ensemble": mean_state_dict(nearest), "oracle": zoo.load_member(members[task]),
+            "finetune": finetuned[i], "generated_finetune": generated_finetuned[i],
         }  # fmt: skip
-        adapters["finetune"] = finetune_adapter(module, start, x_support, tuning["finetune"], seed)
-        adapters["generated_finetune"] = finetune_adapter(module, output.weights[best], x_support, tuning["generated_finetune"], seed)
         prior = pipeline.prior_tokens([x_support])
         if prior is not None:
             adapters["conditional_mean"] = pipeline.layout.detokenize(prior)[0]
         else:
             row["conditional_mean_em"] = row["conditional_mean_loglik"] = None
-        states = [*adapters.values(), *output.weights]
+        states = [*adapters.values(), *weights]
         ems = [exact_match(a, refs) for a in generator.answer_many(states, test, max_new_tokens=max_new_tokens)]
         test_ll = adapter_scores(module, stack_state_dicts([zero if s is None else s for s in states]), x_test)
         for j, name in enumerate(adapters):
             row[f"{name}_em"], row[f"{name}_loglik"] = ems[j], float(test_ll[j])
         ems, test_ll = ems[len(adapters) :], test_ll[len(adapters) :]
-        row.update(sample_diversity([flat_tokens(pipeline.layout, output.weights)], zoo_tokens, [m.id for m in train], spacing)[0])
+        row.update(sample_diversity([flat_tokens(pipeline.layout, weights)], zoo_tokens, [m.id for m in train], spacing)[0])
         row.update({
             "generated_mean_em": sum(ems) / len(ems), "generated_mean_loglik": float(test_ll.mean()),
             "generated_best_em": ems[best], "generated_best_loglik": float(test_ll[best]),

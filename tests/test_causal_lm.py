@@ -304,6 +304,32 @@ def test_finetune_adapter_follows_its_settings_and_support_finetuning_scales_the
         support_finetuning(member, lr=-1.0)
 
 
+def test_finetune_adapters_train_each_adapter_as_alone_in_groups_of_equal_shape(chat_llama_dir, monkeypatch):
+    import d2nwg.causal_lm as causal_lm
+    from d2nwg.causal_lm import CausalLMAdapter, conversation_features, finetune_adapter, finetune_adapters
+
+    net = CausalLMAdapter(str(chat_llama_dir), "lora", ["q_proj", "v_proj"], layers=[2, 3], r=2, max_length=160, response_window=16)
+    x = conversation_features(CONVERSATIONS, net.first, 160, 16, str(chat_llama_dir))
+    inits = [random_adapter(net, seed=s, scale=0.05) for s in (1, 2, 3)]
+    xs = [x, x.flip(0), x[:2]]  # the third has fewer samples: it trains in a group of its own
+    settings = {"steps": 3, "lr": 1e-2, "batch_size": 2, "precision": "32-true"}
+    groups = []
+    train = causal_lm.train_adapters
+    monkeypatch.setattr(causal_lm, "train_adapters", lambda m, init, xx, **kw: groups.append(len(init)) or train(m, init, xx, **kw))
+    together = finetune_adapters(net, inits, xs, settings, seed=4, group_size=8)
+    assert groups == [2, 1]
+    for init, xi, got in zip(inits, xs, together):
+        alone = finetune_adapter(net, init, xi, settings, seed=4)
+        assert got.keys() == init.keys()
+        assert all(torch.allclose(got[k], alone[k], atol=1e-5) for k in got)
+        assert not all(torch.equal(got[k], init[k]) for k in got)
+    groups.clear()
+    finetune_adapters(net, inits[:2], xs[:2], settings, seed=4, group_size=1)
+    assert groups == [1, 1]
+    with pytest.raises(ValueError, match="2 initial adapters for 3 training sets"):
+        finetune_adapters(net, inits[:2], xs, settings)
+
+
 def test_caching_stops_at_the_slice_and_answer_many_runs_the_layers_below_it_once_per_prompt(chat_llama_dir):
     from d2nwg.causal_lm import AdapterGenerator, CausalLMAdapter, architecture_spec, conversation_features
     from d2nwg.text_classifier import load_encoder

@@ -395,6 +395,31 @@ def test_finetune_benchmark_scores_both_starts_on_training_tasks(llm_zoo):
         assert rows[(4, 1e-2)] > rows[(0, 0.0)]
 
 
+def test_vocab_ceiling_counts_test_answers_whose_words_members_write(llm_zoo, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vocab_ceiling.py"
+    spec = importlib.util.spec_from_file_location("bench_vocab_ceiling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.words("4 ottobre 1957") == {"ottobre"} and bench.words("2023/04/17") == set()
+    assert bench.coverage(["4 ottobre 1957", "4 maggio 1957", "04.05.1957"], {"ottobre"}) == 2 / 3
+    rows = bench.ceilings(llm_zoo)
+    assert sorted(r["task"] for r in rows) == sorted(t for t, r in llm_zoo.tasks.items() if r["split"] != "train")
+    assert all(0 <= r[c] <= 1 for r in rows for c in ("support", "train", "zoo"))
+    # No training task writes Italian, so some Italian test answer has a word no member writes; the tasks' own
+    # training answers hold more of their words than the zoo's do.
+    italian = [r for r in rows if r["task"].endswith("__long-it")]
+    assert italian and all(r["zoo"] < 1 for r in italian)
+    assert sum(r["train"] for r in italian) > sum(r["zoo"] for r in italian)
+    numeric = [r for r in rows if not r["task"].split("__")[1].startswith(("long-", "medium-"))]
+    assert all(r["zoo"] == r["support"] == 1 for r in numeric)  # numeric outputs have no words
+    bench.main(["--zoo", str(llm_zoo.root)])
+    printed = capsys.readouterr().out
+    assert all(f"| {r['task']} | {r['kind']} |" in printed for r in rows) and "| mean, all (" in printed
+
+
 def test_zoo_conditions_on_task_gradients_at_its_warm_start(llm_zoo, llm_pipeline_dir):
     from d2nwg.architectures import build_model
     from d2nwg.causal_lm import gradient_condition
