@@ -52,7 +52,9 @@ def ceilings(zoo) -> list[dict]:
     from d2nwg.causal_lm import references
     from d2nwg.evaluate_generation import read_split
 
-    refs = lambda task, split: references(read_split(zoo, task, split))  # noqa: E731
+    def refs(task: str, split: str) -> list[str]:
+        return references(read_split(zoo, task, split))
+
     training = [t for t, r in zoo.tasks.items() if r["split"] == "train"]
     zoo_words = vocabulary(w for t in training for w in refs(t, "train"))
     rows = []
