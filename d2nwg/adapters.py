@@ -378,7 +378,8 @@ def convert_bone_folder(src: str | Path, out: str | Path) -> tuple[Path, list[st
 
     from peft import MissConfig
 
-    from d2nwg.io import atomic_dir, load_weights, save_safetensors
+    from d2nwg.io import atomic_dir, load_weights, read_json, save_safetensors
+    from d2nwg.security import check_folder_links
 
     src, out = Path(src), Path(out)
     if not src.is_dir():
@@ -386,10 +387,8 @@ def convert_bone_folder(src: str | Path, out: str | Path) -> tuple[Path, list[st
     config_path = src / "adapter_config.json"
     if not config_path.is_file():
         raise ValueError(f"{src} has no adapter_config.json; pass a PEFT adapter folder")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read {config_path}: {err}") from None
+    check_folder_links(src, "adapter folder")  # every other entry is copied into the output
+    config = read_json(config_path, "adapter config")
     peft_type = str(config.get("peft_type", "")).upper() if isinstance(config, dict) else ""
     if peft_type != "BONE":
         raise ValueError(f"{src} holds a {peft_type or 'untyped'} adapter, not a legacy Bone one (peft_type BONE)")

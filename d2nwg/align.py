@@ -45,7 +45,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from d2nwg.io import atomic_dir, atomic_write_json, atomic_write_text, save_safetensors
+from d2nwg.io import MAX_JSON_BYTES, atomic_dir, atomic_write_json, atomic_write_text, save_safetensors
+from d2nwg.security import check_name
 from d2nwg.zoo import ModelZoo
 
 ALIGNMENT_FORMAT = "d2nwg-alignment/1"
@@ -438,16 +439,22 @@ class Alignment:
             data = json.loads(text)
             if data.get("format") != ALIGNMENT_FORMAT:
                 raise ValueError(f"format {data.get('format')!r}, expected {ALIGNMENT_FORMAT!r}")
+            groups = {g: int(n) for g, n in data["groups"].items()}
+
             def as_perms(lists: Mapping) -> Permutations:
-                return {g: torch.tensor(p, dtype=torch.long) for g, p in lists.items()}
+                perms = {g: torch.tensor(p, dtype=torch.long) for g, p in lists.items()}
+                for g, p in perms.items():  # a hostile record must not index out of range when applied
+                    if g not in groups or p.dim() != 1 or not torch.equal(p.sort().values, torch.arange(groups[g])):
+                        raise ValueError(f"group {g!r} does not hold a permutation of its {groups.get(g)} units")
+                return perms
 
             return cls(
-                reference=data["reference"], seed=int(data["seed"]), max_iter=int(data["max_iter"]),
-                groups={g: int(n) for g, n in data["groups"].items()},
-                permutations={k: as_perms(v) for k, v in data["members"].items()},
+                reference=check_name(data["reference"], "alignment reference"), seed=int(data["seed"]),
+                max_iter=int(data["max_iter"]), groups=groups,
+                permutations={check_name(k, "alignment member id"): as_perms(v) for k, v in data["members"].items()},
                 init=None if data.get("init") is None else as_perms(data["init"]), source=data.get("source"),
             )
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as err:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError, RecursionError) as err:
             raise ValueError(f"invalid alignment file: {err}") from None
 
 
@@ -457,6 +464,8 @@ def read_alignment(path: str | Path) -> Alignment:
     path = path / ALIGNMENT_FILE if path.is_dir() else path
     if not path.is_file():
         raise ValueError(f"alignment file not found: {path}")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"alignment file {path} is over the {MAX_JSON_BYTES:,}-byte limit for JSON files")
     return Alignment.from_json(path.read_text())
 
 

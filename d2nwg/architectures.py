@@ -3,7 +3,9 @@
 An architecture is described by a JSON-able spec ``{"name": ..., "config": {...}}``
 so that a zoo or a pipeline stores it and `build_model` rebuilds a fresh module.
 The name is a key of `ARCHITECTURES` (an `Architecture` entry each), or
-``"package.module:callable"`` for a user's own builder, imported on use and not registered.
+``"package.module:callable"`` for a user's own builder, imported on use and not registered. Importing it
+runs code, so such a name needs the user's consent (`d2nwg.security`: ``--trust-remote-code``,
+``trust_remote_code=True``); registering the builder with `register_architecture` needs none.
 
 Built-in entries:
 
@@ -37,6 +39,7 @@ from pathlib import Path
 from torch import nn
 
 from d2nwg.registry import Registry
+from d2nwg.security import RemoteCodeError, TRUST_FLAG, code_name_allowed
 
 ExportFolder = Callable[[Mapping, Mapping, Path], Path]
 """``export_folder(weights, architecture_spec, out) -> out``: writes a standard folder for one weight set."""
@@ -114,9 +117,12 @@ def resolve_architecture(name: str) -> Architecture:
     """The `Architecture` of a spec name: registered, legacy (`LEGACY_NAMES`) or ``"module:callable"``.
 
     A ``"module:callable"`` name is imported from the user's environment and wrapped in an
-    unregistered `Architecture` without an export hook.
+    unregistered `Architecture` without an export hook, only where the user consented
+    (`d2nwg.security.code_name_allowed`): a zoo or pipeline opened with ``trust_remote_code=True``, a name
+    passed to `d2nwg.ingest.ingest`, or a `d2nwg.security.trust_remote_code` block.
 
     Raises:
+        RemoteCodeError: a ``"module:callable"`` name without consent (nothing is imported).
         ValueError: an unknown name (listing the registered ones) or an import that fails.
     """
     name = LEGACY_NAMES.get(name, name)
@@ -124,6 +130,8 @@ def resolve_architecture(name: str) -> Architecture:
         return ARCHITECTURES.get(name)
     if ":" not in name:
         raise ValueError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)} (or use 'module:callable')")
+    if not code_name_allowed(name):
+        raise RemoteCodeError(f"architecture '{name}' names code in module '{name.partition(':')[0]}'; pass {TRUST_FLAG} to import it")
     module_name, _, attr = name.partition(":")
     try:
         return Architecture(name, getattr(importlib.import_module(module_name), attr))
@@ -140,15 +148,23 @@ def build_model(spec: Mapping) -> nn.Module:
     """Build a fresh module from ``{"name": ..., "config": {...}}``.
 
     Raises:
-        ValueError: the spec has no name, the name is unknown, or the builder rejects the config.
+        RemoteCodeError: a ``"module:callable"`` name the user has not consented to (`resolve_architecture`).
+        ValueError: the spec has no name, the name is unknown, the builder rejects the config, or it
+            returns something that is not an ``nn.Module``.
     """
-    if "name" not in spec:
-        raise ValueError(f"architecture spec needs a 'name', got {dict(spec)}")
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(f"architecture spec needs a 'name', got {spec!r}")
     builder = resolve_builder(spec["name"])
+    config = spec.get("config", {})
+    if not isinstance(config, Mapping):
+        raise ValueError(f"architecture '{spec['name']}' needs a config object, got {type(config).__name__}")
     try:
-        return builder(**dict(spec.get("config", {})))
+        model = builder(**dict(config))
     except TypeError as err:
         raise ValueError(f"architecture '{spec['name']}' rejected its config: {err}") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"architecture '{spec['name']}' built a {type(model).__name__}, not a torch nn.Module")
+    return model
 
 
 def folder_exporter(spec: Mapping) -> ExportFolder | None:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from d2nwg.console import print_summary, print_summary_by_kind, print_table, print_zoo
-from d2nwg.errors import UserError, one_line
+from d2nwg.errors import UserError, escape_control, one_line
 
 EXIT_USER_ERROR = 2
 HEAD_SOLVER_CHOICES = ("generated", "lda", "class_mean")
@@ -26,7 +26,17 @@ FORMATTER = argparse.ArgumentDefaultsHelpFormatter
 
 def warn(message: str) -> None:
     """Print one ``warning: ...`` line on stderr."""
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {escape_control(message)}", file=sys.stderr)
+
+
+def load_pipeline(args: argparse.Namespace):
+    """``--pipeline`` at ``--revision``, printing which Hub commit it is (or that the cache was used)."""
+    from d2nwg.pipeline import D2NWGPipeline
+
+    pipe = D2NWGPipeline.from_pretrained(args.pipeline, revision=args.revision)
+    if pipe.hub_snapshot is not None:
+        print(f"pipeline: {pipe.hub_snapshot.describe()}")
+    return pipe
 
 
 # ----------------------------------------------------------------------------- zoo
@@ -147,7 +157,6 @@ def positive_float(text: str) -> float:
 # ----------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from d2nwg.evaluate import evaluate
-    from d2nwg.pipeline import D2NWGPipeline
     from d2nwg.provenance import provenance_rows
     from d2nwg.zoo import ModelZoo
 
@@ -157,7 +166,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise UserError(f"{leak}; --allow-split-leak evaluates anyway")
     if leak:
         print(f"warning: {leak}", file=sys.stderr)  # evaluate() records it in the report too
-    pipe = D2NWGPipeline.from_pretrained(args.pipeline)
+    pipe = load_pipeline(args)
     print_table("pipeline provenance", provenance_rows(pipe.provenance))
     if zoo.input_spec.kind == "generative-text":  # adapters judged on what they generate: exact match
         if args.head_solver or args.baselines:
@@ -210,9 +219,8 @@ def _evaluate_generation(pipe, zoo, args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from d2nwg.datasets import load_dataset
     from d2nwg.generate import generate_to_folder, use_base
-    from d2nwg.pipeline import D2NWGPipeline
 
-    pipe = D2NWGPipeline.from_pretrained(args.pipeline)
+    pipe = load_pipeline(args)
     if args.head_solver:
         pipe.set_head_solver(args.head_solver)
     if args.base and (message := use_base(pipe, args.base)):
@@ -270,7 +278,7 @@ def _generate_adapter(pipe, args: argparse.Namespace) -> None:
 def cmd_push(args: argparse.Namespace) -> None:
     from d2nwg.hub import push_pipeline
 
-    url = push_pipeline(args.pipeline, args.repo_id, private=args.private, report_dir=args.report)
+    url = push_pipeline(args.pipeline, args.repo_id, private=args.private, report_dir=args.report, revision=args.revision)
     print(f"pushed to {url}")
 
 
@@ -292,6 +300,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------- parser
+TRUST_HELP = (
+    "allow importing code that the files name (an architecture given as module:callable); it runs that module, "
+    "so pass it only for files you trust (transformers' trust_remote_code)"
+)
+REVISION_HELP = "branch, tag or commit of a Hub repo id (default: main); the commit used is printed and recorded"
+
+
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+
+
 def add_zoo_build_parser(zoo_sub) -> None:
     build = zoo_sub.add_parser("build", help="train a zoo from a recipe", formatter_class=FORMATTER)
     recipes = build.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
@@ -319,6 +338,7 @@ def add_zoo_info_parser(zoo_sub) -> None:
     info = zoo_sub.add_parser("info", help="print counts, sizes and accuracy of a zoo", formatter_class=FORMATTER)
     info.add_argument("zoo", help="zoo directory")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_trust_flag(info)
     info.set_defaults(func=cmd_zoo_info)
 
 
@@ -373,6 +393,7 @@ def add_zoo_align_parser(zoo_sub) -> None:
     align.add_argument("--out", required=True, help="new zoo directory (must not exist or be empty)")
     align.add_argument("--reference", default="auto", help="member id to align to ('auto': the first train member)")
     align.add_argument("--seed", type=int, default=0, help="seed of the layer order of weight matching")
+    add_trust_flag(align)
     align.set_defaults(func=cmd_zoo_align)
 
 
@@ -409,12 +430,14 @@ def add_train_parser(sub) -> None:
         help="config override, e.g. model.diffusion_steps=100 or checkpoint.every_n_train_steps=50 "
         "(last.ckpt is also saved at the end of each stage, of fit, and on Ctrl-C/SIGTERM)",
     )
+    add_trust_flag(train)
     train.set_defaults(func=cmd_train)
 
 
 def add_evaluate_parser(sub) -> None:
     ev = sub.add_parser("evaluate", help="evaluate a pipeline on a zoo's held-out tasks", formatter_class=FORMATTER)
     ev.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo id")
+    ev.add_argument("--revision", default=None, help=REVISION_HELP)
     ev.add_argument("--zoo", required=True, help="zoo directory with held-out tasks")
     ev.add_argument("--out", required=True, help="report folder (report.json, report.md, plots)")
     ev.add_argument("--num-samples", type=int, default=10, help="weight sets generated per task")
@@ -439,12 +462,14 @@ def add_evaluate_parser(sub) -> None:
     )
     ev.add_argument("--finetune-lr", type=positive_float, default=None, help="generative zoos: their learning rate (unset: a fifth of the members')")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="generative zoos: longest greedy answer, in tokens (default: the zoo's response window)")
+    add_trust_flag(ev)
     ev.set_defaults(func=cmd_evaluate)
 
 
 def add_generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate weights for your dataset", formatter_class=FORMATTER)
     gen.add_argument("--pipeline", required=True, help="pipeline folder or Hub repo id")
+    gen.add_argument("--revision", default=None, help=REVISION_HELP)
     gen.add_argument(
         "--dataset", required=True,
         help="folder of class subfolders of images, .npz (x, y) or .csv; text pipelines: .csv with text and label "
@@ -468,6 +493,7 @@ def add_generate_parser(sub) -> None:
         help="causal-LM pipelines: then fine-tune the chosen adapter on the records for this many steps (llm-lora: 16; unset: no fine-tuning)",
     )
     gen.add_argument("--finetune-lr", type=positive_float, default=None, help="causal-LM pipelines: its learning rate (unset: a fifth of the zoo members')")
+    add_trust_flag(gen)
     gen.set_defaults(func=cmd_generate)
 
 
@@ -476,6 +502,7 @@ def add_push_parser(sub) -> None:
     push.add_argument("--pipeline", required=True, help="saved pipeline folder")
     push.add_argument("--repo-id", required=True, help="user/name on the Hub")
     push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--revision", default=None, help="branch to push to (created from main if missing; default: main)")
     push.add_argument("--report", default=None, help="evaluation folder whose report.json and plots go in the card")
     push.set_defaults(func=cmd_push)
 
@@ -513,9 +540,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from d2nwg.security import trust_remote_code
+
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with trust_remote_code(getattr(args, "trust_remote_code", False)):
+            args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR

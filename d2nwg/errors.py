@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import re
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all but tab and newline
+
+
+def escape_control(text: str) -> str:
+    """``text`` with control characters (ANSI escapes, NUL, carriage returns) written as ``\\xNN``, so that
+    names read from a hostile file cannot rewrite the terminal when a message shows them."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
 
 class UserError(ValueError):
     """A mistake in the user's input: reported as one line, exit code 2."""
@@ -20,7 +30,7 @@ def one_line(err: BaseException, empty: str | None = None) -> str:
     text = str(err)
     if not text:
         return empty if empty is not None else type(err).__name__
-    return text.splitlines()[0]
+    return escape_control(text.splitlines()[0])
 
 
 class Interrupted(KeyboardInterrupt):

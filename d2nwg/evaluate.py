@@ -218,6 +218,7 @@ def evaluate(
     report = {"summary": summary, "summary_by_kind": by_kind, "per_task": rows, "finetune_curve": finetune_curve}
     report["warnings"] = report_warnings(summary, rows)  # one line each, with the figures (`d2nwg.trust`)
     report["provenance"] = pipeline.provenance  # where the pipeline came from; None for pipelines exported before it
+    report["pipeline_hub"] = pipeline.hub_record
     if out is not None:
         write_report(report, Path(out))
     return report

@@ -307,6 +307,7 @@ def evaluate_generation(
         "warnings": [w for w in warnings if w],
         "summary": summary,
         "summary_by_kind": {k: summarize_generation([r for r in rows if r["kind"] == k]) | {"tasks": sum(r["kind"] == k for r in rows)} for k in kinds},
+        "pipeline_hub": pipeline.hub_record,
     }
     from d2nwg.io import atomic_write_json, atomic_write_text
 

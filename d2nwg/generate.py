@@ -25,8 +25,9 @@ from d2nwg.architectures import build_model, folder_exporter
 from d2nwg.datasets import LabelledDataset, to_xy
 from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts
 from d2nwg.guard import chance_threshold, check_feature_range, embedding_distance, far_from_zoo_message
-from d2nwg.io import atomic_dir, load_safetensors, save_safetensors
+from d2nwg.io import atomic_dir, load_safetensors, read_json, save_safetensors
 from d2nwg.pipeline import D2NWGPipeline
+from d2nwg.security import check_architecture_spec
 from d2nwg.trust import generation_warnings, ncm_accuracy
 from d2nwg.weights import WeightLayout
 
@@ -146,6 +147,7 @@ def generate_to_folder(
         "input": target.input.to_dict(),
         "num_classes": target.num_classes,
         "pipeline": source,
+        "pipeline_hub": pipe.hub_record,
         "seed": seed,
         "num_inference_steps": num_inference_steps,
         "guidance_scale": guidance_scale,
@@ -220,8 +222,18 @@ def default_weights_file(selected: bool) -> str:
     return "best.safetensors" if selected else "weights_000.safetensors"
 
 
-def load_model(folder: str | Path, weights: str | None = None) -> nn.Module:
+def load_model(folder: str | Path, weights: str | None = None, *, trust_remote_code: bool | None = None) -> nn.Module:
     """A ready ``nn.Module`` from a `generate_to_folder` output (``best.safetensors`` if present).
+
+    Args:
+        folder: the output folder of ``d2nwg generate``.
+        weights: a weight file in ``folder`` (default: ``best.safetensors``, else ``weights_000.safetensors``).
+        trust_remote_code: allow an architecture recorded as ``"module:callable"`` to be imported (it runs
+            that module's code); ``None`` uses the ambient consent (`d2nwg.security.trust_remote_code`).
+
+    Raises:
+        d2nwg.security.RemoteCodeError: the config names code and consent is missing.
+        ValueError: not a generate output, a corrupt config or weight file, or weights that do not fit.
 
     Example:
         >>> import d2nwg
@@ -232,7 +244,10 @@ def load_model(folder: str | Path, weights: str | None = None) -> nn.Module:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{folder} has no config.json; is it a d2nwg generate output?")
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "generate config")
+    if not isinstance(config, dict) or "layout" not in config:
+        raise ValueError(f"{config_path} is not a d2nwg generate config (no layout)")
+    check_architecture_spec(config.get("architecture"), f"generated folder {folder}", trust_remote_code)
     if weights is None:
         weights = default_weights_file((folder / "best.safetensors").exists())
     model = build_model(config["architecture"])

@@ -147,6 +147,7 @@ def generate_adapter_folder(
             "best": best, "loglik": [float(v) for v in loglik], "exact_match": em, "records": len(conversations),
             "seed": seed, "num_samples": num_samples, "decoding": "greedy", "max_new_tokens": max_new_tokens or int(cfg["response_window"]),
             "warnings": warnings, "finetune": tuning,
+            "pipeline_hub": pipe.hub_record,
         }  # fmt: skip
         (tmp / "generation.json").write_text(json.dumps(record, indent=2))
     return AdapterResult(out, best, [float(v) for v in loglik], em, len(conversations), warnings, tuning)

@@ -69,6 +69,7 @@ from d2nwg.datasets import LabelledDataset, load_dataset, to_xy
 from d2nwg.ensemble import logits_accuracy
 from d2nwg.errors import one_line
 from d2nwg.io import atomic_dir, load_weights
+from d2nwg.security import allow_code_name, inside, is_code_name
 from d2nwg.specs import InputSpec
 from d2nwg.weights import WeightLayout
 from d2nwg.zoo import SPLITS, ModelZoo
@@ -152,7 +153,7 @@ def parse_arch_config(text: str | Mapping | None) -> dict:
         source, text = text, Path(text).read_text()
     try:
         config = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{source} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{source} must be a JSON object of builder arguments, got {type(config).__name__}")
@@ -186,7 +187,7 @@ def read_mapping(path: str | Path) -> list[MappingEntry]:
 def _read_json_mapping(path: Path, text: str) -> list[MappingEntry]:
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"mapping file {path} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"mapping file {path} must hold a JSON object {{checkpoint: dataset}}")
@@ -232,7 +233,7 @@ def _read_csv_mapping(path: Path, text: str) -> list[MappingEntry]:
 
 # ----------------------------------------------------------------------------- datasets
 def _resolve_dataset(root: Path, name: str) -> Path | None:
-    path = root / name
+    path = inside(root, name, "mapped dataset")
     if path.exists():
         return path
     if not Path(name).suffix:
@@ -531,7 +532,7 @@ class Sources:
     """Entry checkpoint -> the metrics its model folder's ``result.json`` gives for its epoch (``reported_<key>``)."""
 
     def checkpoint_path(self, entry: MappingEntry) -> Path:
-        return self.checkpoint_root / entry.checkpoint
+        return inside(self.checkpoint_root, entry.checkpoint, "mapped checkpoint")
 
     def dataset_key(self, entry: MappingEntry) -> str:
         """The class namespace of the entry's dataset (see `_dataset_key`)."""
@@ -592,7 +593,7 @@ def read_results(model_dir: Path, warn: Callable[[str], None]) -> dict[int, dict
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             bad += 1
             continue
         epoch = row.get("epoch", row.get("training_iteration")) if isinstance(row, dict) else None
@@ -1154,6 +1155,8 @@ def ingest(
         >>> zoo = ingest("ckpts", "data", "map.csv", "mlp", "runs/zoo", arch_config={"hidden": [32]})  # doctest: +SKIP
     """
     warn = warn or (lambda message: None)
+    if is_code_name(arch):  # the caller's own builder: consent given by passing it (a zoo read later asks again)
+        allow_code_name(arch)
     settings = parse_settings(arch, **options)
     out = check_new_folder(out)
     sources = discover(checkpoints, datasets, mapping, warn, settings.epochs)

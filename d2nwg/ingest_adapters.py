@@ -14,7 +14,6 @@ mismatch is refused with one line naming the adapter and what differs.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from d2nwg.io import read_json
+from d2nwg.security import inside
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -55,8 +57,8 @@ def read_adapter(folder: Path) -> tuple[AdapterShape, dict[str, torch.Tensor]]:
     from d2nwg.io import load_weights
 
     try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        config = read_json(folder / "adapter_config.json", f"adapter '{folder.name}' config")
+    except OSError as err:
         raise ValueError(f"adapter '{folder.name}': cannot read adapter_config.json: {err}") from None
     if not isinstance(config, dict):
         raise ValueError(f"adapter '{folder.name}': adapter_config.json is not a JSON object")
@@ -174,7 +176,8 @@ def ingest_adapters(
         folder = folders.get(entry.checkpoint) or (by_name.get(entry.checkpoint, [None])[0] if len(by_name.get(entry.checkpoint, [])) == 1 else None)
         if folder is None:
             raise ValueError(f"mapping names adapter '{entry.checkpoint}', which is not a unique adapter folder below {checkpoints}")
-        dataset = datasets / entry.dataset if (datasets / entry.dataset).is_file() else datasets / f"{entry.dataset}.jsonl"
+        named = inside(datasets, entry.dataset, "mapped dataset")
+        dataset = named if named.is_file() else inside(datasets, f"{entry.dataset}.jsonl", "mapped dataset")
         if not dataset.is_file():
             raise ValueError(f"adapter '{entry.checkpoint}': dataset '{entry.dataset}' not found in {datasets}")
         shape, weights = read_adapter(folder)

@@ -132,6 +132,8 @@ def read_instructions(path: str | Path) -> list[Conversation]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{where}: bad JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: bad JSON (nested too deeply)") from None
             conversation, problem = _parse_record(record)
             if problem:
                 raise ValueError(f"{where}: {problem}")

@@ -56,6 +56,41 @@ def atomic_write_json(path: Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+MAX_JSON_BYTES = 256 * 1024 * 1024
+"""Largest JSON file d2nwg reads (bytes). The largest it writes, a causal-LM zoo's layout with statistics,
+is a few MB; a bigger file is refused before it is read rather than filling memory."""
+
+
+def read_json(path: str | Path, what: str, max_bytes: int | None = None):
+    """Parse the JSON file ``path``, refusing oversized, undecodable or pathologically nested files.
+
+    Args:
+        path: the file.
+        what: what it is, for the message (``"zoo manifest"``).
+        max_bytes: the size limit; default `MAX_JSON_BYTES`.
+
+    Returns:
+        The parsed value (any JSON type: callers check the shape they expect).
+
+    Raises:
+        ValueError: one line naming ``what`` and ``path``: missing, too large, not UTF-8, not JSON, or
+            nested too deeply for the parser.
+    """
+    path = Path(path)
+    limit = MAX_JSON_BYTES if max_bytes is None else max_bytes
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise ValueError(f"{what} {path} is {size:,} bytes, over the {limit:,}-byte limit for JSON files")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{what} not found: {path}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"corrupt {what} {path}: {err}") from None
+    except RecursionError:
+        raise ValueError(f"corrupt {what} {path}: nested too deeply") from None
+
+
 # safetensors' dtype names (the format's spec); a dtype missing here is refused by `safetensors_bytes`.
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

@@ -38,6 +38,76 @@ from d2nwg.weights import WeightLayout
 PIPELINE_COMPONENTS = ("vae", "dataset_encoder", "denoiser", "scheduler")
 """The components every pipeline folder holds; ``conditional_mean`` and ``condition_anchor`` are optional."""
 
+COMPONENT_CLASSES = {
+    "vae": WeightVAE, "dataset_encoder": DatasetEncoder, "denoiser": Denoiser, "conditional_mean": ConditionalMean,
+    "condition_anchor": ConditionAnchor,
+}
+"""The only class each network component of ``model_index.json`` may name (diffusers imports what it names)."""
+
+
+def check_pipeline_folder(
+    path: Path, optional: Sequence[str], trust_remote_code: bool | None = None, hub_cache: bool = False
+) -> dict:
+    """Check a pipeline folder before diffusers reads it; returns its parsed ``model_index.json``.
+
+    diffusers imports the ``[library, class]`` each component of ``model_index.json`` names, so a
+    hostile index could make it import any module. Here every component must name its d2nwg class
+    (`COMPONENT_CLASSES`) or, for ``scheduler``, a diffusers scheduler; no other key may name a component;
+    no entry of the folder may link outside it (a Hub cache snapshot's links into its ``blobs/`` are
+    expected); and the target architecture passes `d2nwg.security.check_architecture_spec`.
+
+    Args:
+        path: the pipeline folder.
+        optional: the components that may be ``[null, null]`` or absent.
+        trust_remote_code: consent to a ``"module:callable"`` target architecture (``None``: the ambient one).
+        hub_cache: ``path`` is a snapshot in the Hub cache.
+
+    Raises:
+        d2nwg.security.RemoteCodeError, d2nwg.security.UnsafePathError, ValueError: one line each.
+    """
+    import diffusers
+
+    from d2nwg.hub import cache_blobs
+    from d2nwg.io import read_json
+    from d2nwg.security import check_architecture_spec, check_folder_links, printable
+
+    missing = [c for c in (*PIPELINE_COMPONENTS, "model_index.json") if not (path / c).exists()]
+    if missing:
+        raise ValueError(f"pipeline folder {path} is missing component(s): {', '.join(missing)}")
+    check_folder_links(path, "pipeline folder", cache_blobs(path) if hub_cache else None)
+    index = read_json(path / "model_index.json", "pipeline index")
+    if not isinstance(index, dict) or index.get("_class_name") != "D2NWGPipeline":
+        found = index.get("_class_name") if isinstance(index, dict) else type(index).__name__
+        raise ValueError(f"{path / 'model_index.json'} is not a d2nwg pipeline index (class {printable(found)})")
+    for key, value in index.items():
+        names_component = isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
+        if key.startswith("_") or not names_component:
+            continue
+        library, name = value
+        if key in optional and library is None and name is None:
+            continue
+        if key == "scheduler":
+            plain = isinstance(name, str) and name.isidentifier() and not name.startswith("_")
+            found = getattr(diffusers, name, None) if library == "diffusers" and plain else None
+            ok = isinstance(found, type) and issubclass(found, SchedulerMixin)
+        else:
+            cls = COMPONENT_CLASSES.get(key)
+            ok = cls is not None and name == cls.__name__ and library in ("d2nwg.models", cls.__module__)
+        if not ok:
+            raise ValueError(
+                f"{path / 'model_index.json'} names {printable(f'{library}.{name}')} for component {printable(key)}; "
+                "a d2nwg pipeline loads only its own networks and diffusers schedulers"
+            )
+    missing = [c for c in optional if (index.get(c) or [None])[0] and not (path / c).exists()]
+    if missing:
+        raise ValueError(f"pipeline folder {path} is missing component(s): {', '.join(missing)}")
+    target = index.get("target")
+    if target:
+        if not isinstance(target, dict):
+            raise ValueError(f"{path / 'model_index.json'} has a malformed target")
+        check_architecture_spec(target.get("architecture"), f"pipeline {path}", trust_remote_code)
+    return index
+
 
 @dataclass
 class D2NWGOutput(BaseOutput):
@@ -97,6 +167,8 @@ class D2NWGPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "dataset_encoder->denoiser->vae"
     _optional_components = ["conditional_mean", "condition_anchor"]
+    hub_snapshot = None
+    """The `d2nwg.hub.HubSnapshot` (repo, commit, whether the cache was used) of a pipeline loaded by repo id."""
 
     def __init__(
         self,
@@ -128,6 +200,12 @@ class D2NWGPipeline(DiffusionPipeline):
         if not self.config.target:
             raise ValueError("this pipeline has no target")
         return TargetSpec.from_dict(self.config.target)
+
+    @property
+    def hub_record(self) -> dict | None:
+        """``{"repo_id", "revision", "commit", "cached"}`` of a pipeline loaded by Hub repo id, else ``None``;
+        output folders and reports keep it so that a result names the commit it came from."""
+        return None if self.hub_snapshot is None else self.hub_snapshot.to_dict()
 
     @property
     def provenance(self) -> dict | None:
@@ -318,22 +396,46 @@ class D2NWGPipeline(DiffusionPipeline):
             )
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> D2NWGPipeline:
-        """Load from a local folder, or from a Hub repo id via ``snapshot_download`` first."""
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        trust_remote_code: bool | None = None,
+        **kwargs,
+    ) -> D2NWGPipeline:
+        """Load from a local folder, or from a Hub repo id via ``snapshot_download`` first.
+
+        The folder is checked before diffusers reads it (`check_pipeline_folder`): its ``model_index.json``
+        may name only d2nwg's own components and a diffusers scheduler, no entry may link outside the
+        folder, and a target architecture named as ``"module:callable"`` needs ``trust_remote_code``.
+
+        Args:
+            pretrained_model_name_or_path: a pipeline folder, or a Hub repo id ``user/name``.
+            revision: the branch, tag or commit of a Hub repo (``None``: ``main``); refused for a local folder.
+            trust_remote_code: allow a ``"module:callable"`` target architecture to be imported (it runs that
+                module's code); ``None`` uses the ambient consent (`d2nwg.security.trust_remote_code`).
+            kwargs: passed on to ``DiffusionPipeline.from_pretrained``.
+
+        Returns:
+            The pipeline; `hub_snapshot` records the commit of a Hub download (``None`` for a local folder).
+
+        Raises:
+            d2nwg.security.RemoteCodeError: the target names code and consent is missing.
+            d2nwg.security.UnsafePathError: an entry of the folder links outside it.
+            ValueError: a missing folder or component, an index naming other classes, or an unreachable repo.
+        """
         path = Path(pretrained_model_name_or_path)
-        if not path.is_dir():
+        snapshot = None
+        if path.is_dir():
+            if revision is not None:
+                raise ValueError(f"--revision applies to Hub repo ids; {path} is a local folder")
+        else:
             from d2nwg.hub import download_pipeline
 
-            path = download_pipeline(str(pretrained_model_name_or_path), revision=kwargs.pop("revision", None))
-        missing = [c for c in (*PIPELINE_COMPONENTS, "model_index.json") if not (path / c).exists()]
-        if not missing:
-            try:  # an optional component the index names must be there too
-                index = json.loads((path / "model_index.json").read_text())
-            except (OSError, ValueError) as err:
-                raise ValueError(f"pipeline folder {path} has an unreadable model_index.json ({err})") from None
-            missing = [c for c in cls._optional_components if (index.get(c) or [None])[0] and not (path / c).exists()]
-        if missing:
-            raise ValueError(f"pipeline folder {path} is missing component(s): {', '.join(missing)}")
+            snapshot = download_pipeline(str(pretrained_model_name_or_path), revision=revision)
+            path = snapshot.path
+        check_pipeline_folder(path, cls._optional_components, trust_remote_code, hub_cache=snapshot is not None)
         from diffusers.utils import logging as diffusers_logging
 
         from d2nwg.console import hidden_progress_bars
@@ -354,4 +456,5 @@ class D2NWGPipeline(DiffusionPipeline):
                 for tensor in (*net.parameters(), *net.buffers()):
                     tensor.data = tensor.data.clone()
         pipe.set_progress_bar_config(disable=True)
+        pipe.hub_snapshot = snapshot
         return pipe

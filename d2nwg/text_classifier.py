@@ -75,11 +75,12 @@ def cached_encoder(base: str) -> nn.Module:
     path = resolve_base(base)
     try:
         with hidden_progress_bars(hf_logging):  # no "Loading weights" bar on stderr: CLI errors stay one line
-            config = AutoConfig.from_pretrained(path)
+            # A base named by a downloaded pipeline or adapter may ship code (auto_map): never run it.
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False)
             auto = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
             # Eager attention: the adapted slice re-runs layers with an explicit mask; float32: the zoo, the head
             # and the evaluation compute in float32 whatever dtype the checkpoint was saved in.
-            return auto.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+            return auto.from_pretrained(path, attn_implementation="eager", dtype=torch.float32, trust_remote_code=False).eval()
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load base model {base!r}: {one_line(err)}") from None
 
@@ -94,7 +95,7 @@ def load_tokenizer(base: str = DEFAULT_BASE):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_base(base))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_base(base), trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load the tokenizer of {base!r}: {one_line(err)}") from None
     # Right padding keeps positions 0..len-1 for real tokens, so causal layers never see padding before them.

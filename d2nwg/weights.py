@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from d2nwg.io import atomic_write_text
+from d2nwg.io import atomic_write_text, read_json
 
 POSITIVE_TENSORS = ("*running_var",)
 """Globs of tensors that must stay positive: tokenised in log space (``transform="log"``)."""
@@ -426,4 +426,7 @@ class WeightLayout:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"layout file not found: {path}")
-        return cls.from_json(path.read_text())
+        data = read_json(path, "layout")
+        if not isinstance(data, Mapping):
+            raise ValueError(f"invalid layout description in {path}: expected a JSON object")
+        return cls.from_dict(data)

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from d2nwg.datasets import to_xy
-from d2nwg.io import atomic_write_json, load_safetensors, save_safetensors
+from d2nwg.io import atomic_write_json, load_safetensors, read_json, save_safetensors
+from d2nwg.security import check_architecture_spec, check_name
 from d2nwg.specs import InputSpec
 from d2nwg.weights import WeightLayout
 
@@ -41,6 +42,10 @@ class Member:
     split: str
     seed: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # The id names the member's file: from a manifest anyone can write, "../x" must not leave members/.
+        check_name(self.id, "member id")
 
     @property
     def file(self) -> str:
@@ -60,6 +65,8 @@ class ModelZoo:
         self.root = Path(root)
         self.manifest = manifest
         self.layout = layout
+        for task in manifest["tasks"]:  # task ids name files too (conversations/<task>.<split>.jsonl)
+            check_name(task, "task id")
         self._members = {m["id"]: Member(**m) for m in manifest["members"]}
         self._pool: dict[str, torch.Tensor] | None = None
 
@@ -131,19 +138,29 @@ class ModelZoo:
         return cls(root, manifest, layout)
 
     @classmethod
-    def open(cls, root: str | Path) -> ModelZoo:
-        """Open an existing zoo; a missing or malformed manifest or layout raises ``ValueError``."""
+    def open(cls, root: str | Path, *, trust_remote_code: bool | None = None) -> ModelZoo:
+        """Open an existing zoo; a missing or malformed manifest or layout raises ``ValueError``.
+
+        Args:
+            root: the zoo folder.
+            trust_remote_code: allow an architecture named as ``"module:callable"`` to be imported (it runs
+                that module's code); ``None`` uses the ambient consent (`d2nwg.security.trust_remote_code`,
+                what ``--trust-remote-code`` sets).
+
+        Raises:
+            d2nwg.security.RemoteCodeError: the manifest names code and consent is missing.
+            d2nwg.security.UnsafePathError: a member or task id is not a plain name (``../x``).
+            ValueError: no zoo there, or a corrupt, oversized or malformed manifest or layout.
+        """
         root = Path(root)
         path = root / "manifest.json"
         if not path.is_file():
             raise ValueError(f"{root} is not a model zoo (no manifest.json)")
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"corrupt zoo manifest {path}: {err}") from None
+        manifest = read_json(path, "zoo manifest")
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         if found != ZOO_FORMAT:
             raise ValueError(f"{path} has format {found!r}, expected {ZOO_FORMAT!r}")
+        check_architecture_spec(manifest.get("architecture"), f"zoo {root}", trust_remote_code)
         layout = WeightLayout.load(root / "layout.json")
         try:
             return cls(root, manifest, layout)

@@ -27,7 +27,7 @@ MAX_BODY = 256 * 1024 * 1024  # larger request bodies are refused
 _TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _API_RE = re.compile(
     r"^/api/(models|datasets|spaces)/([^/]+(?:/[^/]+)?)"
-    r"(?:/(revision|tree|preupload|commit|paths-info)/([^/]+)(/.*)?)?$"
+    r"(?:/(revision|tree|preupload|commit|paths-info|branch)/([^/]+)(/.*)?)?$"
 )
 _RESOLVE_RE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+(?:/[^/]+)?)/resolve/([^/]+)/(.+)$")
 
@@ -201,6 +201,12 @@ class _Handler(BaseHTTPRequestHandler):
         rtype, repo_id, action, revision = _TYPES[m.group(1)], unquote(m.group(2)), m.group(3), m.group(4)
         with store.lock:
             repo = store.get(rtype, repo_id)
+            if action == "branch" and method == "POST":  # create_branch: from startingPoint, else main
+                branch, start = unquote(revision), json.loads(body or b"{}").get("startingPoint") or "main"
+                if branch in repo.refs:
+                    raise HubError(409, None, f"Reference already exists: {branch}")
+                repo.refs[branch] = repo.snapshot(start)[0]
+                return self._json({})
             sha, files = repo.snapshot(unquote(revision or "main"))
             extra["X-Repo-Commit"] = sha
             if action in (None, "revision") and method == "GET":

@@ -105,16 +105,21 @@ def test_export_folder_is_an_explicit_field():
     assert folder_exporter({"name": "text-adapter"}) is save_text_adapter
 
 
-def test_module_callable_names_still_build_without_registering(monkeypatch):
+def test_module_callable_names_build_without_registering_only_with_consent(monkeypatch):
+    from d2nwg.security import RemoteCodeError, trust_remote_code
+
     module = type(sys)("d2nwg_user_arch")
     module.Tiny = lambda width=3: torch.nn.Linear(2, width)
     monkeypatch.setitem(sys.modules, "d2nwg_user_arch", module)
-    net = build_model({"name": "d2nwg_user_arch:Tiny", "config": {"width": 4}})
+    with pytest.raises(RemoteCodeError, match="module 'd2nwg_user_arch'.*--trust-remote-code"):
+        build_model({"name": "d2nwg_user_arch:Tiny", "config": {"width": 4}})
+    with trust_remote_code():
+        net = build_model({"name": "d2nwg_user_arch:Tiny", "config": {"width": 4}})
+        assert resolve_architecture("d2nwg_user_arch:Tiny").export_folder is None
+        with pytest.raises(ValueError, match="cannot import architecture 'd2nwg_user_arch:Nope'"):
+            build_model({"name": "d2nwg_user_arch:Nope"})
     assert net.out_features == 4
-    assert resolve_architecture("d2nwg_user_arch:Tiny").export_folder is None
     assert "d2nwg_user_arch:Tiny" not in ARCHITECTURES
-    with pytest.raises(ValueError, match="cannot import architecture 'd2nwg_user_arch:Nope'"):
-        build_model({"name": "d2nwg_user_arch:Nope"})
 
 
 def test_legacy_text_architecture_name_maps_to_the_registered_entry():
