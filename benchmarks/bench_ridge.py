@@ -10,7 +10,7 @@ only. It also prints the leave-one-out token error, what `ConditionalMean.fit` m
 
     python benchmarks/bench_ridge.py --zoo runs/llm-lora [--stride 4] [--query train]
 
-Measured on the default llm-lora zoo with task-gradient conditioning (``runs/s14``, stride 4: 48 training
+Measured on the default llm-lora zoo with task-gradient conditioning (docs/results/llm-lora.md; stride 4: 48 training
 tasks, support query, 532 s with another job on the second core): log-likelihood peaks at ridge 0.316
 (-0.0809; 0.1: -0.0899, 1.0: -0.0903), while the token error is lowest at 1.78. On the earlier zoo without
 the gradient block (stride 2, train query) it peaked at 0.1 (-0.099; 0.01: -0.118, 1.0: -0.139).

@@ -16,8 +16,8 @@ methods, to set them against these ceilings.
 
     python benchmarks/bench_vocab_ceiling.py --zoo runs/llm-lora [--report runs/llm-lora-eval/report.json]
 
-Measured on the default llm-lora zoo (`runs/s17`): see the README, "Adapters that change what a causal LM
-generates".
+Measured on a from-scratch build of the default llm-lora recipe: docs/results/llm-lora.md, "Where it falls short:
+Italian".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Time the default digits zoo build (issue: at most 3 minutes on 2 cores).
+"""Time the default digits zoo build (the project's target: at most 3 minutes on 2 cores).
 
     python benchmarks/bench_zoo_build.py --out runs/bench_zoo
 """

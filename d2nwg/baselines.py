@@ -1,4 +1,4 @@
-"""The baselines of the evaluation protocol (README, "Evaluation protocol"), one registered object each.
+"""The baselines of the evaluation protocol (docs/concepts/evaluation-protocol.md), one registered object each.
 
 A baseline is a function of an `EvalContext` (the zoo, the held-out tasks, their data,
 the target module and the zoo's train members) that returns per-task figures:

@@ -584,10 +584,11 @@ def gradient_condition(module: CausalLMAdapter, anchor: Mapping[str, torch.Tenso
     count sketch (`SKETCH_SEED`) of `task_gradient` at ``anchor`` (the zoo's warm start), in H numbers, the same in
     every row. A new tensor; ``x`` is not changed.
 
-    Why: on the default `llm-lora` zoo (``runs/s12``), the regression of members on the prompt-response embedding
-    alone predicted left-out training tasks' adapters at -0.127 nats/token of test log-likelihood (48 tasks, the
-    query from 8 records as at generation); with this block, -0.077 at ridge 0.1. On ``runs/s14`` (48 tasks,
-    ``benchmarks/bench_ridge.py``): -0.090 at 0.1, and -0.081 at the configs' ridge 0.3.
+    Why: on the default `llm-lora` zoo conditioned on conversations alone, the regression of members on the
+    prompt-response embedding predicted left-out training tasks' adapters at -0.127 nats/token of test
+    log-likelihood (48 tasks, the query from 8 records as at generation); with this block, -0.077 at ridge 0.1.
+    On the gradient-conditioned zoo (48 tasks, ``benchmarks/bench_ridge.py``): -0.090 at 0.1, and -0.081 at the
+    configs' ridge 0.3. Measured in docs/results/llm-lora.md.
 
     Raises:
         ValueError: an architecture whose pooling is not `GRADIENT_POOLING`; see `task_gradient`.

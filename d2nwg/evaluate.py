@@ -1,4 +1,4 @@
-"""The evaluation protocol (README, "Evaluation protocol"): generated weights vs cheap baselines on held-out tasks.
+"""The evaluation protocol (docs/concepts/evaluation-protocol.md): generated weights vs cheap baselines on held-out tasks.
 
 For every held-out task of a zoo (its member is the oracle), the pipeline is
 conditioned on the task's *support* samples and generates N weight sets. We report

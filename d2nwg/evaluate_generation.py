@@ -231,7 +231,7 @@ def evaluate_generation(
     pipeline.set_progress_bar_config(disable=True)
     # Pass 1: each task's generated adapters and the one chosen on support, so that both fine-tuning rows of every
     # task can then train vmapped across tasks (`finetune_adapters`). One at a time they took 285 s of the default
-    # llm-lora evaluation (a sampling profile of runs/s17); a step costs 0.21 s alone and 0.15 s per adapter in groups.
+    # llm-lora evaluation (docs/results/llm-lora.md); a step costs 0.21 s alone and 0.15 s per adapter in groups.
     supports, outputs, support_lls = [], [], []
     for i, task in enumerate(task_ids):
         x_support = zoo.class_samples(task, "support")[0]

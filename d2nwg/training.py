@@ -130,7 +130,7 @@ class D2NWGModule(L.LightningModule):
             tokens on their dataset's per-class mean conditioning features) before training; the VAE and the diffusion model
             then learn each member's residual from it, and the pipeline adds the regression back. For zoos with
             one noisy member per task (`llm-lora`: generated best exact match 0.052 -> 0.544 on 24 held-out
-            tasks; README "LLM adapters"). Needs the zoo's tokens in memory (``data.memory_limit_mb``).
+            tasks; docs/results/ablations.md). Needs the zoo's tokens in memory (``data.memory_limit_mb``).
         conditional_mean_ridge: its ridge strength (> 0); ``None`` picks it by leave-one-out error on the members.
 
     Attributes:

@@ -1,6 +1,6 @@
 """Trust checks: say, with the figures, when generated weights are not to be trusted.
 
-An under-trained generator gives honest numbers that look like a normal result (issue 15):
+An under-trained generator gives honest numbers that look like a normal result:
 generated accuracy just below the zoo mean, samples that are all alike, a VAE that keeps a third of
 the members' accuracy. These checks turn such numbers into one warning line each:
 

@@ -243,7 +243,7 @@ class ModelZoo:
         )
 
     def task_kind(self, task: str) -> str:
-        """``"train"``, or the kind of a held-out task (README, "Evaluation protocol"):
+        """``"train"``, or the kind of a held-out task (docs/concepts/evaluation-protocol.md):
 
         * ``"unseen_classes"``: it contains at least one class that no training task contains,
           the honest test of "a new dataset";

@@ -28,7 +28,7 @@ class LLMMissRecipe(LLMAdapterRecipe):
     members were under-trained (oracle exact match 0.539 on the 24 held-out tasks; LoRA's 0.839). Chosen on 8
     *training* tasks (every 24th), 32 steps from the default warm start, test log-likelihood (nats/token) and exact
     match: 5e-4 -0.166 / 0.555, 1e-3 -0.133 / 0.648, 2e-3 -0.120 / 0.688, 4e-3 -0.098 / 0.758, 8e-3 -0.070 / 0.789,
-    1.6e-2 -0.063 / 0.836, 3.2e-2 -0.087 / 0.766. With it, the held-out oracles reach 0.716 (README, LLM adapters)."""
+    1.6e-2 -0.063 / 0.836, 3.2e-2 -0.087 / 0.766. With it, the held-out oracles reach 0.716 (docs/results/llm-miss.md)."""
     precision: str = "32-true"
     """Float32, not LoRA's bf16 autocast: under bf16 the MiSS warm start diverges even at lr 5e-4. Measured on 96
     training tasks' conversations, 400 warm-start steps at lr 5e-4, test log-likelihood on 8 other tasks:

@@ -9,7 +9,7 @@ their variance, and a diffusion model trained on 192 such members ignored its co
 adapters wrote the wrong format even for training tasks). A linear map from the dataset embedding to the
 weights, fitted in closed form, averages that noise away. On the 24 held-out tasks of that zoo, exact match of
 the best of 10 generated adapters rose from 0.052 (diffusion alone) to 0.544 (regression alone: 0.539;
-retrieval 0.372, multi-task LoRA with 4 in-context examples 0.534; README, "LLM adapters").
+retrieval 0.372, multi-task LoRA with 4 in-context examples 0.534; docs/results/ablations.md).
 
 The regression is in the dual (kernel) form, so its size grows with the number of training members M, not
 with the embedding width: ``coef [M, T, chunk]`` beside the ``member_embeddings [M, D]`` that weigh them.
