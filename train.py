@@ -5,7 +5,7 @@
 The same run, plus evaluation-ready export to ``RUN/pipeline``, is ``d2nwg train``.
 """
 
-from d2nwg.lightning_cli import make_cli
+from d2nwg.training.lightning_cli import make_cli
 
 if __name__ == "__main__":
     make_cli()

@@ -69,9 +69,9 @@ def run_phase(size: str, phase: str) -> dict:
     import torch
     from diffusers import DDIMScheduler
 
-    from d2nwg.pipeline import D2NWGPipeline
-    from d2nwg.training import D2NWGModule, DenoiserSettings, EncoderSettings, VAESettings
-    from d2nwg.weights import WeightLayout
+    from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
+    from d2nwg.training.lightning_module import D2NWGModule, DenoiserSettings, EncoderSettings, VAESettings
+    from d2nwg.zoo.layout import WeightLayout
 
     torch.set_num_threads(1)
     hidden, layers, v_out = SIZES[size]

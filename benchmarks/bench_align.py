@@ -1,4 +1,4 @@
-"""How much permutation alignment tightens a random-init zoo (`d2nwg.align.align_zoo_dir`).
+"""How much permutation alignment tightens a random-init zoo (`d2nwg.zoo.alignment.align_zoo_dir`).
 
 Builds a digits zoo whose members start from independent random initialisations
 (``init="random"``), aligns it to its first train member, and prints for the zoo
@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def describe(zoo) -> dict:
-    from d2nwg.align import distance_summary
+    from d2nwg.zoo.alignment import distance_summary
 
     sds = zoo.state_dicts("train")
     hidden = distance_summary(sds, names=["fc0.weight", "fc0.bias"])
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="weight-matching seed")
     args = parser.parse_args()
 
-    from d2nwg.align import align_zoo_dir
+    from d2nwg.zoo.alignment import align_zoo_dir
     from model_zoo.digits import build
 
     out = Path(args.out)

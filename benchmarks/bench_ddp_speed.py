@@ -31,8 +31,8 @@ def worker(args: argparse.Namespace) -> None:
     """Train once with ``args.devices`` CPU processes; rank 0 writes the step times to ``args.result``."""
     import lightning as L
 
-    from d2nwg.lightning_cli import make_cli, train_args
-    from d2nwg.stages import fit_stages
+    from d2nwg.training.lightning_cli import make_cli, train_args
+    from d2nwg.training.stages import fit_stages
 
     class StepClock(L.Callback):
         def __init__(self):

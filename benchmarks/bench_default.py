@@ -31,13 +31,13 @@ def main() -> None:
     parser.add_argument("--max-tasks", type=int, default=None, help="evaluate only the first N held-out tasks of each kind")
     args = parser.parse_args()
 
-    from d2nwg.align import align_zoo_dir
-    from d2nwg.console import print_summary, print_summary_by_kind
-    from d2nwg.evaluate import evaluate
-    from d2nwg.evaluate_generation import evaluate_generation
-    from d2nwg.lightning_cli import train
-    from d2nwg.pipeline import D2NWGPipeline
-    from d2nwg.zoo import ModelZoo
+    from d2nwg.evaluation.protocol import evaluate
+    from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
+    from d2nwg.targets.causal_lm.evaluate import evaluate_generation
+    from d2nwg.training.lightning_cli import train
+    from d2nwg.utils.console import print_summary, print_summary_by_kind
+    from d2nwg.zoo.alignment import align_zoo_dir
+    from d2nwg.zoo.model_zoo import ModelZoo
     from model_zoo import get_recipe
 
     out = Path(args.out)
@@ -72,7 +72,7 @@ def main() -> None:
     t = time.perf_counter()
     pipe = D2NWGPipeline.from_pretrained(out / "run" / "pipeline")
     generative = zoo.input_spec.kind == "generative-text"
-    if generative:  # causal-LM adapters: exact match of greedy answers (d2nwg/evaluate_generation.py)
+    if generative:  # causal-LM adapters: exact match of greedy answers (d2nwg/targets/causal_lm/evaluate.py)
         report = evaluate_generation(pipe, zoo, out / "report", max_tasks=args.max_tasks)
     else:
         report = evaluate(pipe, zoo, out / "report", progress=False, max_tasks=args.max_tasks)

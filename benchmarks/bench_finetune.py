@@ -31,11 +31,11 @@ def finetune_scores(zoo, stride: int = 8, ridge: float = 0.1, steps=STEPS, lrs=L
     ``stride``-th training task of the causal-LM adapter ``zoo``; starts: ``"warm_start"`` and ``"loo_conditional_mean"``."""
     import torch
 
-    from d2nwg.architectures import build_model
-    from d2nwg.causal_lm import adapter_scores, member_training, precision_context, train_adapters
-    from d2nwg.ensemble import stack_state_dicts
-    from d2nwg.evaluate_generation import warm_start
     from d2nwg.models.conditional_mean import class_means, leave_one_out
+    from d2nwg.targets.architectures import build_model
+    from d2nwg.targets.causal_lm.evaluate import warm_start
+    from d2nwg.targets.causal_lm.finetune import adapter_scores, member_training, precision_context, train_adapters
+    from d2nwg.targets.population import stack_state_dicts
 
     module = build_model(zoo.architecture).eval()
     train = zoo.members("train")
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--ridge", type=float, default=0.1, help="the conditional mean's ridge (configs/llm-lora.yaml)")
     args = parser.parse_args()
 
-    from d2nwg.zoo import ModelZoo
+    from d2nwg.zoo.model_zoo import ModelZoo
 
     zoo = ModelZoo.open(args.zoo)
     if zoo.architecture.get("name") != "causal-lm-adapter":

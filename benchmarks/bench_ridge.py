@@ -29,10 +29,10 @@ def ridge_scores(zoo, stride: int = 1, query: str = "support") -> list[tuple[flo
     records; ``train``: the training embedding it was left out with, `leave_one_out`)."""
     import torch
 
-    from d2nwg.architectures import build_model
-    from d2nwg.causal_lm import adapter_scores
-    from d2nwg.ensemble import stack_state_dicts
     from d2nwg.models.conditional_mean import RIDGE_GRID, class_means, leave_one_out, leave_one_out_at
+    from d2nwg.targets.architectures import build_model
+    from d2nwg.targets.causal_lm.finetune import adapter_scores
+    from d2nwg.targets.population import stack_state_dicts
 
     module = build_model(zoo.architecture).eval()
     train = zoo.members("train")
@@ -63,8 +63,10 @@ def ridge_scores(zoo, stride: int = 1, query: str = "support") -> list[tuple[flo
 def support_features(zoo, module, task: str, anchor=None):
     """``task``'s support samples ``[n, D]`` as generation would condition on them: the zoo stores a training
     task's support split without the gradient block (`model_zoo.llm_lora`), so it is taken here, at ``anchor``
-    (default: the zoo's warm start), as `d2nwg.causal_lm.gradient_condition` takes it for a held-out task."""
-    from d2nwg.causal_lm import GRADIENT_POOLING, gradient_condition, precision_context
+    (default: the zoo's warm start), as `d2nwg.targets.causal_lm.conditioning.gradient_condition` takes it for a held-out task."""
+    from d2nwg.targets.causal_lm.conditioning import gradient_condition
+    from d2nwg.targets.causal_lm.features import GRADIENT_POOLING
+    from d2nwg.targets.causal_lm.finetune import precision_context
 
     x = zoo.class_samples(task, "support")[0]
     if module.pooling != GRADIENT_POOLING:
@@ -80,7 +82,7 @@ def main() -> None:
     parser.add_argument("--query", choices=("support", "train"), default="support", help="split the left-out task is conditioned on")
     args = parser.parse_args()
 
-    from d2nwg.zoo import ModelZoo
+    from d2nwg.zoo.model_zoo import ModelZoo
 
     zoo = ModelZoo.open(args.zoo)
     if zoo.architecture.get("name") != "causal-lm-adapter":

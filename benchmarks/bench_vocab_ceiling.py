@@ -49,8 +49,8 @@ def vocabulary(texts: Iterable[str]) -> set[str]:
 def ceilings(zoo) -> list[dict]:
     """One row per held-out task of ``zoo``: ``task``, ``kind`` and the ``support``/``train``/``zoo`` coverage of its
     test references (module docstring)."""
-    from d2nwg.causal_lm import references
-    from d2nwg.evaluate_generation import read_split
+    from d2nwg.targets.causal_lm.decoding import references
+    from d2nwg.targets.causal_lm.evaluate import read_split
 
     def refs(task: str, split: str) -> list[str]:
         return references(read_split(zoo, task, split))
@@ -72,7 +72,7 @@ def ceilings(zoo) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from d2nwg.zoo import ModelZoo
+    from d2nwg.zoo.model_zoo import ModelZoo
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--zoo", required=True, help="a causal-lm-adapter zoo (d2nwg zoo build llm-lora)")

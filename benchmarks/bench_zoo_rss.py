@@ -3,13 +3,13 @@
 For each zoo size (default 250, 1,000 and 4,000 members) it builds a synthetic zoo of the 3.4M-parameter
 adapter shape of `bench_adapter_scale` (size ``l``: rank-8 q/v LoRA of Llama-3-8B, 32 layers, 832 tokens of
 4096 numbers), stored as fp16 safetensors (6.8 MB a member, 27 GB for 4,000), then runs a few steps of both
-stages of ``d2nwg train`` (its LightningCLI and `d2nwg.stages.fit_stages`, without the pipeline export) in a
+stages of ``d2nwg train`` (its LightningCLI and `d2nwg.training.stages.fit_stages`, without the pipeline export) in a
 fresh process and reads that process's peak RSS (``os.wait4``). The float32
 tokens of these zoos (3.4 GB to 54 GB) exceed ``data.memory_limit_mb``, so the DataModule reads members from
-disk (`d2nwg.member_tokens.MemberTokens`); the diffusion stage still holds the zoo's latents in memory
+disk (`d2nwg.zoo.streamed_tokens.MemberTokens`); the diffusion stage still holds the zoo's latents in memory
 (208 x 32 float32 numbers a member: 27 KB, 0.1 GB for 4,000).
 
-The export is left out because the provenance it records (`d2nwg.provenance.zoo_record`: nearest-member
+The export is left out because the provenance it records (`d2nwg.training.provenance.zoo_record`: nearest-member
 distances over up to 500 reference members, read 256 at a time in float64) holds ~20 GB for 250 members of
 this size; that is the export's memory, not training's.
 
@@ -64,7 +64,7 @@ def write_members(pool_dir: Path, count: int) -> tuple[bytes, int]:
     """Write ``count`` member files into ``pool_dir`` (skipping those already there); returns (header, body size)."""
     import torch
 
-    from d2nwg.io import safetensors_bytes
+    from d2nwg.utils.io import safetensors_bytes
 
     blob = safetensors_bytes(template())
     header_len = 8 + int.from_bytes(blob[:8], "little")
@@ -88,8 +88,8 @@ def build_zoo(root: Path, pool_dir: Path, count: int) -> Path:
     """A zoo of ``count`` members whose files are hard links into ``pool_dir``."""
     import torch
 
-    from d2nwg.weights import WeightLayout
-    from d2nwg.zoo import Member, ModelZoo
+    from d2nwg.zoo.layout import WeightLayout
+    from d2nwg.zoo.model_zoo import Member, ModelZoo
 
     zoo_dir = root / f"zoo{count}"
     if (zoo_dir / "manifest.json").exists():
@@ -115,9 +115,9 @@ def build_zoo(root: Path, pool_dir: Path, count: int) -> Path:
 
 
 def worker(zoo: str, run: str) -> None:
-    """What ``d2nwg train`` does (`d2nwg.lightning_cli.train`), less the `ExportPipeline` callback."""
-    from d2nwg.lightning_cli import ExportPipeline, make_cli, train_args
-    from d2nwg.stages import fit_stages
+    """What ``d2nwg train`` does (`d2nwg.training.lightning_cli.train`), less the `ExportPipeline` callback."""
+    from d2nwg.training.lightning_cli import ExportPipeline, make_cli, train_args
+    from d2nwg.training.stages import fit_stages
 
     overrides = [f"{k}={v}" for k, v in TRAIN.items()] + ["trainer.accelerator=cpu"]
     cli = make_cli(train_args(None, zoo, overrides), run=False, out=run)
@@ -160,7 +160,7 @@ def main() -> None:
             t = time.perf_counter()
             zoo_dir = build_zoo(root, root / "pool", count)
             built = time.perf_counter() - t
-            from d2nwg.zoo import ModelZoo
+            from d2nwg.zoo.model_zoo import ModelZoo
 
             info = ModelZoo.open(zoo_dir).summary()
             row = {"members": count, "token_bytes": info["token_bytes"], "params_per_member": info["params_per_member"],

@@ -3,7 +3,7 @@
 Train a latent diffusion hyper-model on a model zoo, then generate weights for
 datasets it has never seen.
 
-The public names below are imported on first use (PEP 562), so that ``import d2nwg.cli``
+The public names below are imported on first use (PEP 562), so that ``import d2nwg.commands``
 (every ``d2nwg`` command, ``--help`` included) does not pay for torch and diffusers up front.
 """
 
@@ -12,14 +12,14 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "D2NWGOutput": "d2nwg.pipeline",
-    "D2NWGPipeline": "d2nwg.pipeline",
+    "D2NWGOutput": "d2nwg.pipelines.pipeline_d2nwg",
+    "D2NWGPipeline": "d2nwg.pipelines.pipeline_d2nwg",
     "DatasetEncoder": "d2nwg.models",
     "Denoiser": "d2nwg.models",
-    "ModelZoo": "d2nwg.zoo",
-    "WeightLayout": "d2nwg.weights",
+    "ModelZoo": "d2nwg.zoo.model_zoo",
+    "WeightLayout": "d2nwg.zoo.layout",
     "WeightVAE": "d2nwg.models",
-    "load_model": "d2nwg.generate",
+    "load_model": "d2nwg.pipelines.output_folder",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

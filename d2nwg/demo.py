@@ -26,7 +26,7 @@ def write_task_images(
         per_class: at most this many samples per class and split (default: all).
 
     Returns:
-        ``out``, a class-folder image dataset that `d2nwg.datasets.load_dataset` reads.
+        ``out``, a class-folder image dataset that `d2nwg.data.labelled.load_dataset` reads.
     """
     from PIL import Image
 
@@ -43,13 +43,13 @@ def write_task_images(
 
 def run_demo(out: Path, config: str | None = None, fast: bool = False) -> dict:
     """Run every stage into ``out`` and print what was produced; returns the paths and timings."""
-    from d2nwg.console import print_heading, print_summary, print_summary_by_kind, print_table
-    from d2nwg.datasets import load_dataset
-    from d2nwg.evaluate import evaluate
-    from d2nwg.generate import generate_to_folder, load_model
-    from d2nwg.lightning_cli import train
-    from d2nwg.pipeline import D2NWGPipeline
-    from d2nwg.plots import plot_training_curves
+    from d2nwg.data.labelled import load_dataset
+    from d2nwg.evaluation.protocol import evaluate
+    from d2nwg.pipelines.output_folder import generate_to_folder, load_model
+    from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
+    from d2nwg.training.lightning_cli import train
+    from d2nwg.utils.console import print_heading, print_summary, print_summary_by_kind, print_table
+    from d2nwg.utils.plots import plot_training_curves
     from model_zoo import get_recipe
 
     timings: dict[str, float] = {}

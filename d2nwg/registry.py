@@ -1,7 +1,7 @@
 """`Registry`: one name -> entry table for every swappable part of d2nwg.
 
-Target architectures (`d2nwg.architectures.ARCHITECTURES`), adapter types
-(`d2nwg.adapters.ADAPTER_KINDS`), zoo recipes (`model_zoo.RECIPES`) and evaluation
+Target architectures (`d2nwg.targets.architectures.ARCHITECTURES`), adapter types
+(`d2nwg.targets.adapters.kinds.ADAPTER_KINDS`), zoo recipes (`model_zoo.RECIPES`) and evaluation
 baselines all follow the same pattern: a module-level `Registry`, entries added with
 `Registry.register` (directly or as a decorator), looked up with `Registry.get`.
 

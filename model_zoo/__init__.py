@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from d2nwg.registry import Registry
 
 if TYPE_CHECKING:
-    from d2nwg.zoo import ModelZoo
+    from d2nwg.zoo.model_zoo import ModelZoo
 
 
 @dataclass(frozen=True)

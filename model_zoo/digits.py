@@ -12,7 +12,7 @@ different random seeds differ by a permutation of their hidden units, which a VA
 cannot average over; from a shared start, unit *j* plays a comparable role in
 every member, so the zoo is a smooth family that a generator can learn. With
 ``init="random"`` each member starts from its own seeded initialisation instead, as
-collected checkpoints do; align such a zoo with `d2nwg.align.align_zoo_dir`.
+collected checkpoints do; align such a zoo with `d2nwg.zoo.alignment.align_zoo_dir`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from d2nwg.architectures import build_model
-from d2nwg.ensemble import initial_state, recipe_optimizer
-from d2nwg.specs import InputSpec
-from d2nwg.weights import WeightLayout
-from d2nwg.zoo import ModelZoo
+from d2nwg.targets.architectures import build_model
+from d2nwg.targets.population import initial_state, recipe_optimizer
+from d2nwg.zoo.layout import WeightLayout
+from d2nwg.zoo.model_zoo import ModelZoo
+from d2nwg.zoo.specs import InputSpec
 from model_zoo import Recipe
 from model_zoo.members import train_members
 from model_zoo.splits import draw_split_tasks, parse_class_list

@@ -21,27 +21,27 @@ above, ``long-de__ymd-dot``, ``dmy-dot__medium-es``), 32 examples each, warm sta
 tasks: 32 member steps of 8 give exact match 0.50, 0.69, 0.88 and 1.00 at 5.5 s per member; with a warm start
 of 300 steps on 64 tasks and 24 member steps, 0.38 to 0.56. The warm start is the zoo's shared initialisation
 (``init.safetensors``): one gauge, so the weight VAE need not learn symmetries, and the multi-task baseline
-of `d2nwg.evaluate_generation` starts from it too.
+of `d2nwg.targets.causal_lm.evaluate` starts from it too.
 
 **Speed.** The 24 frozen layers below the slice run once per conversation: their output is
-the cached sample (`d2nwg.causal_lm.conversation_features`). Members recompute only the slice
+the cached sample (`d2nwg.targets.causal_lm.features.conversation_features`). Members recompute only the slice
 and the LM head on the response positions, in vmapped groups. ``precision="bf16-mixed"`` autocasts
 caching and training to bfloat16 (about 2x faster on this CPU; weights and recorded metrics stay float32).
 Groups are the unit of resuming; a killed build redoes only the group it was in (a build killed before the
 zoo exists, during caching or the warm start, starts over).
 
 **What the hyper-model sees.** Members are the warm start plus a small task delta, so the layout is fitted
-with ``scale="residual"`` (`d2nwg.weights.WeightLayout.fit_stats`): each tensor is scaled by the spread
+with ``scale="residual"`` (`d2nwg.zoo.layout.WeightLayout.fit_stats`): each tensor is scaled by the spread
 of its members around their element-wise mean, which the VAE subtracts. With the per-tensor scale the
 deltas were 4.2% of the tokens' variance, and the default VAE's reconstruction ratio (decoded members' mean
 per-token probability of the reference over the members') was 0.656; with the residual scale, 0.873 (same
 zoo, same 500 steps). Conversations are embedded for conditioning
-with ``pooling="prompt-response"`` (`d2nwg.causal_lm.conversation_features`): the prompt and the
+with ``pooling="prompt-response"`` (`d2nwg.targets.causal_lm.features.conversation_features`): the prompt and the
 response count equally, so the nearest training tasks share the held-out task's output format more
 often (24 of the 60 top-5 neighbours of the 12 ``new_combination`` tasks, against 5 of 60 when the
 template-heavy prompt dominates the mean). After the warm start, a training task's train records and a
 held-out task's support records add a second block (``pooling="prompt-response-gradient"``,
-`d2nwg.causal_lm.gradient_condition`): the gradient of their response loss with respect to the adapter at the
+`d2nwg.targets.causal_lm.conditioning.gradient_condition`): the gradient of their response loss with respect to the adapter at the
 warm start, count-sketched to H numbers. It says which way the task pulls the shared adapter, which the hidden
 states only imply. The other splits' block stays zero: nothing may condition on test records, and nothing reads
 a training task's support block or a held-out task's train block (`benchmarks/bench_ridge.py` computes the
@@ -69,12 +69,12 @@ from pathlib import Path
 import torch
 from rich.progress import Progress
 
-from d2nwg.architectures import build_model
-from d2nwg.ensemble import initial_state, unstack_state_dict
-from d2nwg.io import atomic_write_text
-from d2nwg.specs import InputSpec
-from d2nwg.weights import WeightLayout
-from d2nwg.zoo import SPLITS, ModelZoo, member_groups
+from d2nwg.targets.architectures import build_model
+from d2nwg.targets.population import initial_state, unstack_state_dict
+from d2nwg.utils.io import atomic_write_text
+from d2nwg.zoo.layout import WeightLayout
+from d2nwg.zoo.model_zoo import SPLITS, ModelZoo, member_groups
+from d2nwg.zoo.specs import InputSpec
 from model_zoo import Recipe
 from model_zoo.date_formats import conversations, split_tasks
 
@@ -142,9 +142,10 @@ def recorded_settings(recipe: LLMAdapterRecipe) -> dict:
 
 
 def architecture(recipe: LLMAdapterRecipe) -> dict:
-    from d2nwg.adapters import parse_layers
-    from d2nwg.causal_lm import GRADIENT_POOLING, architecture_spec
-    from d2nwg.text_classifier import cached_encoder, canonical_base
+    from d2nwg.targets.adapters.frozen_base import cached_encoder, canonical_base
+    from d2nwg.targets.adapters.kinds import parse_layers
+    from d2nwg.targets.causal_lm.features import GRADIENT_POOLING
+    from d2nwg.targets.causal_lm.modeling import architecture_spec
 
     targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
     layers = parse_layers(cached_encoder(canonical_base(recipe.base)), str(recipe.layers), targets)
@@ -164,16 +165,11 @@ def build(out: str | Path, **settings) -> ModelZoo:
         ValueError: unknown formats in ``unseen_outputs``, too few pairs, or conversations longer than
             ``max_length`` / ``response_window``.
     """
-    from d2nwg.causal_lm import (
-        adapter_scores,
-        conversation_features,
-        condition_blocks,
-        gradient_condition,
-        precision_context,
-        train_adapters,
-    )
-    from d2nwg.evaluate_generation import write_conversations
-    from d2nwg.text_classifier import load_encoder, load_tokenizer
+    from d2nwg.targets.adapters.frozen_base import load_encoder, load_tokenizer
+    from d2nwg.targets.causal_lm.conditioning import gradient_condition
+    from d2nwg.targets.causal_lm.evaluate import write_conversations
+    from d2nwg.targets.causal_lm.features import conversation_features, condition_blocks
+    from d2nwg.targets.causal_lm.finetune import adapter_scores, precision_context, train_adapters
 
     recipe = LLMAdapterRecipe(**settings)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if recipe.device == "auto" else recipe.device)

@@ -8,8 +8,8 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from d2nwg.ensemble import ensemble_accuracy, stack_state_dicts, train_ensemble, unstack_state_dict
-from d2nwg.zoo import SPLITS, ModelZoo, member_groups
+from d2nwg.targets.population import ensemble_accuracy, stack_state_dicts, train_ensemble, unstack_state_dict
+from d2nwg.zoo.model_zoo import SPLITS, ModelZoo, member_groups
 
 
 def stacked_task_data(zoo: ModelZoo, task_ids: list[str], split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,7 +4,7 @@ Every recipe draws *ordered* class tuples (the order is the label order). Traini
 and *unseen-order* tasks use only the seen classes; every *unseen-class* task holds
 at least one class that no training task contains, so that evaluation can tell a
 generator that handles a new dataset from one that recombines memorised classes
-(`d2nwg.zoo.ModelZoo.task_kind` derives the kind back from the tasks alone).
+(`d2nwg.zoo.model_zoo.ModelZoo.task_kind` derives the kind back from the tasks alone).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from d2nwg.zoo import ModelZoo
+from d2nwg.zoo.model_zoo import ModelZoo
 from model_zoo import Recipe
 from model_zoo.text_lora import TextAdapterRecipe
 from model_zoo.text_lora import build as build_text_adapters

@@ -21,7 +21,7 @@ training task uses.
 
 **Speed on CPU.** The encoder below the first adapted layer is frozen, so its
 output is computed once per sentence and stored as the sample's features (see
-`d2nwg.text_classifier`); members recompute only the adapted slice, in vmapped groups
+`d2nwg.targets.text_classifier.modeling`); members recompute only the adapted slice, in vmapped groups
 that share one initialisation (as in the digits recipe).
 """
 
@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
-from d2nwg.architectures import build_model
-from d2nwg.ensemble import ensemble_accuracy, initial_state, train_ensemble
-from d2nwg.specs import InputSpec
-from d2nwg.weights import WeightLayout
-from d2nwg.zoo import ModelZoo
+from d2nwg.targets.architectures import build_model
+from d2nwg.targets.population import ensemble_accuracy, initial_state, train_ensemble
+from d2nwg.zoo.layout import WeightLayout
+from d2nwg.zoo.model_zoo import ModelZoo
+from d2nwg.zoo.specs import InputSpec
 from model_zoo import Recipe
 from model_zoo.members import stacked_task_data, train_members
 from model_zoo.splits import draw_split_tasks, parse_class_list
@@ -57,7 +57,7 @@ class TextAdapterRecipe:
     """Base model: the packaged all-MiniLM-L6-v2, or a local Hugging Face folder or Hub id of a BERT encoder or a Llama-architecture causal LM (then use --target-modules q_proj,v_proj)."""
     layers: str = "5"
     """Adapted layers, e.g. "5", "4,5" or "auto:top25%" (the layers whose weights have the highest
-    signal-to-noise ratio, as Spectrum ranks them; see d2nwg.adapters.weight_snr). Each extra layer of
+    signal-to-noise ratio, as Spectrum ranks them; see d2nwg.targets.adapters.kinds.weight_snr). Each extra layer of
     the 6-layer encoder roughly doubles build time."""
     target_modules: str = "query,value"
     """Linear layers adapted inside each block (BERT: query,value; Llama: q_proj,v_proj)."""
@@ -191,8 +191,9 @@ def _mirrored(order: tuple[str, ...]) -> int:
 
 # ----------------------------------------------------------------------------- zoo
 def architecture(recipe: TextAdapterRecipe) -> dict:
-    from d2nwg.adapters import parse_layers
-    from d2nwg.text_classifier import ARCHITECTURE_NAME, cached_encoder, canonical_base
+    from d2nwg.targets.adapters.frozen_base import cached_encoder, canonical_base
+    from d2nwg.targets.adapters.kinds import parse_layers
+    from d2nwg.targets.text_classifier.modeling import ARCHITECTURE_NAME
 
     targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
     # "auto:top25%" ranks the base's layers by weight SNR once; the zoo stores the resolved indices.
@@ -225,7 +226,8 @@ def frozen_head_accuracy(zoo: ModelZoo, task_ids: list[str], recipe: TextAdapter
 
 def build(out: str | Path, **settings) -> ModelZoo:
     """Build (or resume building) a text-adapter zoo in ``out``; writes ``gap.json`` and ``build_time.json``."""
-    from d2nwg.text_classifier import load_tokenizer, text_features
+    from d2nwg.targets.adapters.frozen_base import load_tokenizer
+    from d2nwg.targets.text_classifier.modeling import text_features
 
     recipe = TextAdapterRecipe(**settings)
     started = time.perf_counter()

@@ -40,8 +40,8 @@ def _make_tiny_pipeline(zoo, seed: int = 0, head_solver: str = "generated", cond
 
     from d2nwg.models import ConditionAnchor, ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
     from d2nwg.models.conditional_mean import class_means
-    from d2nwg.pipeline import D2NWGPipeline
-    from d2nwg.specs import TargetSpec
+    from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
+    from d2nwg.zoo.specs import TargetSpec
 
     torch.manual_seed(seed)
     n, layout = TINY_NETS, zoo.layout
@@ -139,7 +139,8 @@ def tiny_llama_dir(tmp_path_factory, tiny_llama):
     """A tiny LlamaForCausalLM folder (``save_pretrained``) with MiniLM's tokenizer: a real vocabulary, offline."""
     from transformers import AutoTokenizer
 
-    from d2nwg.text_classifier import DEFAULT_BASE, resolve_base
+    from d2nwg.targets.adapters.frozen_base import DEFAULT_BASE
+    from d2nwg.targets.adapters.packaged_bases import resolve_base
 
     folder = tmp_path_factory.mktemp("tiny_llama") / "model"
     tokenizer = AutoTokenizer.from_pretrained(resolve_base(DEFAULT_BASE))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from d2nwg.datamodule import ZooDataModule
-from d2nwg.lightning_cli import make_cli
-from d2nwg.training import D2NWGModule
+from d2nwg.training.datamodule import ZooDataModule
+from d2nwg.training.lightning_cli import make_cli
+from d2nwg.training.lightning_module import D2NWGModule
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.y*ml"))
 
@@ -78,7 +78,7 @@ def test_unknown_key_is_rejected(tiny_digits_zoo, tmp_path):
 
 
 def test_cli_reports_a_bad_override_in_one_line(tiny_digits_zoo, tmp_path, capsys):
-    from d2nwg.cli import main
+    from d2nwg.commands import main
 
     code = main(["train", "--zoo", str(tiny_digits_zoo.root), "--out", str(tmp_path / "run"), "--set", "model.nope=3"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from d2nwg.adapters import ADAPTER_KINDS, adapter_config, register_adapter
-from d2nwg.architectures import (
+from d2nwg.registry import Registry
+from d2nwg.targets.adapters.kinds import ADAPTER_KINDS, adapter_config, register_adapter
+from d2nwg.targets.architectures import (
     ARCHITECTURES,
     Architecture,
     build_model,
@@ -19,10 +20,9 @@ from d2nwg.architectures import (
     register_architecture,
     resolve_architecture,
 )
-from d2nwg.registry import Registry
-from d2nwg.specs import InputSpec, TargetSpec
-from d2nwg.weights import WeightLayout
-from d2nwg.zoo import ModelZoo
+from d2nwg.zoo.layout import WeightLayout
+from d2nwg.zoo.model_zoo import ModelZoo
+from d2nwg.zoo.specs import InputSpec, TargetSpec
 from model_zoo import RECIPES, Recipe
 
 
@@ -96,7 +96,7 @@ def test_architectures_registry():
 
 
 def test_export_folder_is_an_explicit_field():
-    from d2nwg.text_classifier import TextAdapterClassifier, save_text_adapter
+    from d2nwg.targets.text_classifier.modeling import TextAdapterClassifier, save_text_adapter
 
     text = ARCHITECTURES.get("text-adapter")
     assert text.build is TextAdapterClassifier and text.export_folder is save_text_adapter
@@ -153,7 +153,7 @@ def test_recipes_registry():
 @pytest.mark.parametrize("name", RECIPES.names())
 def test_recipe_help_lists_every_setting_with_its_docstring_and_default(name, capsys, monkeypatch):
     """Help comes from the field docstrings (via jsonargparse); a "%" in one must not crash argparse."""
-    from d2nwg.cli import main
+    from d2nwg.commands import main
 
     recipe = RECIPES.get(name)
     docs = recipe.settings_help()
@@ -268,7 +268,7 @@ def test_zoo_writes_kind_not_feature_and_reads_old_manifests(tmp_path):
 
 
 def test_pipeline_exposes_its_target_typed(tiny_pipeline, tiny_pipeline_dir):
-    from d2nwg.pipeline import D2NWGPipeline
+    from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
 
     spec = tiny_pipeline.target_spec
     assert isinstance(tiny_pipeline.config.target, dict)  # model_index.json keeps a plain dict

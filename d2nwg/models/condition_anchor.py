@@ -1,7 +1,7 @@
 """`ConditionAnchor`: the adapter at which a dataset's conditioning gradient is taken.
 
 Causal-LM zoos built with ``pooling="prompt-response-gradient"`` describe a task partly by the gradient of its
-response loss with respect to the adapter, taken at the zoo's warm start (`d2nwg.causal_lm.gradient_condition`).
+response loss with respect to the adapter, taken at the zoo's warm start (`d2nwg.targets.causal_lm.conditioning.gradient_condition`).
 A pipeline trained on such a zoo carries that warm start so that ``d2nwg generate`` computes a user's dataset's
 gradient at the same point the zoo's were taken.
 """
@@ -17,7 +17,7 @@ class ConditionAnchor(ModelMixin, ConfigMixin):
     """An adapter state stored as raw (unnormalised) weight tokens ``[T, chunk]`` of the pipeline's layout.
 
     Args:
-        num_tokens, chunk_size: the layout's token grid (`d2nwg.weights.WeightLayout`).
+        num_tokens, chunk_size: the layout's token grid (`d2nwg.zoo.layout.WeightLayout`).
 
     Buffers: ``tokens [T, chunk]`` (float32; ``WeightLayout.tokenize(state, normalize=False)``, which
     ``detokenize(..., normalize=False)`` inverts exactly).
@@ -38,13 +38,13 @@ class ConditionAnchor(ModelMixin, ConfigMixin):
 
     @classmethod
     def for_zoo(cls, zoo) -> ConditionAnchor | None:
-        """The anchor a pipeline trained on ``zoo`` (a `d2nwg.zoo.ModelZoo`) carries: its warm start
+        """The anchor a pipeline trained on ``zoo`` (a `d2nwg.zoo.model_zoo.ModelZoo`) carries: its warm start
         (``init.safetensors``) when its architecture's pooling is ``"prompt-response-gradient"``, else ``None``.
 
         Raises:
             ValueError: such a zoo without ``init.safetensors``.
         """
-        from d2nwg.causal_lm import GRADIENT_POOLING
+        from d2nwg.targets.causal_lm.features import GRADIENT_POOLING
 
         if (zoo.architecture.get("config") or {}).get("pooling") != GRADIENT_POOLING:
             return None

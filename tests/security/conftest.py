@@ -13,7 +13,7 @@ Path({marker!r}).write_text("imported")   # what a hostile module does at import
 
 
 def build(**config):
-    from d2nwg.architectures import MLP
+    from d2nwg.targets.mlp.model import MLP
     return MLP(**config)
 '''
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """``d2nwg ARGV`` in-process: ``(exit code, stdout, stderr)``; an uncaught exception fails the test."""
-    from d2nwg.cli import main
+    from d2nwg.commands import main
 
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from hostile import assert_one_error, copy_tree, run_cli
+from tests.security.hostile import assert_one_error, copy_tree, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,18 +34,18 @@ def test_broken_model_index_is_one_error_line(content, tmp_path, tiny_pipeline_d
 
 
 def test_oversized_json_is_refused_before_it_is_read(tmp_path, tiny_digits_zoo, monkeypatch, capsys):
-    import d2nwg.io
+    import d2nwg.utils.io
 
     zoo = copy_tree(tiny_digits_zoo.root, tmp_path / "zoo")
     limit = (zoo / "manifest.json").stat().st_size - 1
-    monkeypatch.setattr(d2nwg.io, "MAX_JSON_BYTES", limit)
+    monkeypatch.setattr(d2nwg.utils.io, "MAX_JSON_BYTES", limit)
     code, _, err = run_cli(["zoo", "info", zoo], capsys)
     assert_one_error(code, err, f"over the {limit:,}-byte limit")
 
 
 def test_default_json_limit_refuses_a_huge_sparse_file(tmp_path):
     """The real limit, on a sparse file (no disk used): refused from its size, never parsed."""
-    from d2nwg.io import MAX_JSON_BYTES, read_json
+    from d2nwg.utils.io import MAX_JSON_BYTES, read_json
 
     path = tmp_path / "huge.json"
     with open(path, "wb") as f:
@@ -106,8 +106,8 @@ def test_adapter_config_naming_an_unknown_peft_type_is_one_error_line(peft_type,
 
 def test_jsonl_records_with_control_characters(tmp_path):
     """Escaped control characters are data and read as such; raw ones are bad JSON, reported escaped."""
+    from d2nwg.data.instructions import read_instructions
     from d2nwg.errors import one_line
-    from d2nwg.instructions import read_instructions
 
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"prompt": "red \x1b[31m text\x00", "response": "ok\r"}) + "\n")

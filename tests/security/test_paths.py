@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from hostile import assert_one_error, copy_tree, edit_json, files_under, run_cli
+from tests.security.hostile import assert_one_error, copy_tree, edit_json, files_under, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,7 +50,7 @@ def test_task_id_that_leaves_the_folder_is_refused(runs, capsys):
 
 def test_writing_a_member_with_a_traversal_id_is_refused(tmp_path, tiny_digits_zoo):
     from d2nwg.security import UnsafePathError
-    from d2nwg.zoo import ModelZoo
+    from d2nwg.zoo.model_zoo import ModelZoo
 
     zoo = ModelZoo.open(copy_tree(tiny_digits_zoo.root, tmp_path / "zoo"))
     member = zoo.members("train")[0]
@@ -65,7 +65,7 @@ def npz_inputs(tmp_path):
     import numpy as np
     from safetensors.torch import save_file
 
-    from d2nwg.architectures import MLP
+    from d2nwg.targets.mlp.model import MLP
 
     ckpts, data = tmp_path / "ckpts", tmp_path / "data"
     ckpts.mkdir(), data.mkdir()
@@ -95,7 +95,7 @@ def test_mapping_entries_that_leave_their_folder_are_refused(row, needle, npz_in
 
 
 def test_alignment_record_with_traversal_ids_or_bad_permutations_is_refused(tmp_path):
-    from d2nwg.align import ALIGNMENT_FORMAT, read_alignment
+    from d2nwg.zoo.alignment import ALIGNMENT_FORMAT, read_alignment
 
     base = {"format": ALIGNMENT_FORMAT, "reference": "m0", "seed": 0, "max_iter": 10, "groups": {"fc0": 3}, "init": None}
     cases = {

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from hostile import assert_one_error, copy_tree, edit_json, files_under, run_cli
+from tests.security.hostile import assert_one_error, copy_tree, edit_json, files_under, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 STEPS = ["--steps", "2", "--num-samples", "2"]
@@ -39,7 +39,7 @@ def test_issue_scenario_subprocess_call_runs_nothing(tmp_path, tiny_pipeline_dir
     edit_json(evil / "model_index.json", lambda d: d["target"].__setitem__("architecture", spec))
     before = files_under(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    argv = [sys.executable, "-m", "d2nwg.cli", "generate", "--pipeline", evil, "--dataset", heldout_images, "--out", tmp_path / "gen"]
+    argv = [sys.executable, "-m", "d2nwg.commands", "generate", "--pipeline", evil, "--dataset", heldout_images, "--out", tmp_path / "gen"]
     proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, timeout=120)
     assert_one_error(proc.returncode, proc.stderr, "subprocess:call", "module 'subprocess'", "--trust-remote-code")
     assert not marker.exists()
@@ -74,7 +74,7 @@ def test_consented_user_architecture_generates(coded_pipeline, heldout_images, t
 
 
 def test_python_api_needs_trust_remote_code(coded_pipeline):
-    from d2nwg.pipeline import D2NWGPipeline
+    from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
     from d2nwg.security import RemoteCodeError
 
     pipe_dir, marker = coded_pipeline
@@ -145,8 +145,8 @@ def test_consented_zoo_opens_and_its_module_builds(coded_zoo, capsys):
     zoo, marker = coded_zoo
     code, stdout, err = run_cli(["zoo", "info", zoo, "--json", "--trust-remote-code"], capsys)
     assert code == 0, err
-    from d2nwg.architectures import build_model
-    from d2nwg.zoo import ModelZoo
+    from d2nwg.targets.architectures import build_model
+    from d2nwg.zoo.model_zoo import ModelZoo
 
     opened = ModelZoo.open(zoo, trust_remote_code=True)
     assert isinstance(build_model(opened.architecture), torch.nn.Module) and marker.exists()
@@ -156,7 +156,7 @@ def test_ingest_with_own_module_callable_needs_no_flag_but_its_zoo_does(tmp_path
     """``zoo ingest --arch module:callable`` is the user's own code; the zoo it writes asks again when read."""
     from safetensors.torch import save_file
 
-    from d2nwg.architectures import MLP
+    from d2nwg.targets.mlp.model import MLP
 
     module, marker = hostile
     ckpts, data = tmp_path / "ckpts", tmp_path / "data"

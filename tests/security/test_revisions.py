@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hostile import assert_one_error, run_cli
+from tests.security.hostile import assert_one_error, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 STEPS = ["--steps", "2", "--num-samples", "2"]
@@ -20,7 +20,7 @@ def hub(tmp_path, monkeypatch):
     """A loopback Hub with huggingface_hub pointed at it and a fresh cache; repo ids never resolve locally."""
     from huggingface_hub import constants
 
-    from hub_server import LoopbackHub
+    from tests.fixtures.hub_server import LoopbackHub
 
     cache = tmp_path / "hf-home" / "hub"
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))

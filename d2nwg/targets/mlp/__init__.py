@@ -1,0 +1,1 @@
+"""The ``mlp`` target family: small classifier networks on vector inputs."""

@@ -1,0 +1,1 @@
+"""The ``text-adapter`` target family: a frozen sentence encoder + adapter slice + head."""

@@ -1,0 +1,1 @@
+"""Hostile inputs: files that name code, paths that leave their folder, malformed files, Hub revisions."""
