@@ -21,14 +21,24 @@ from d2nwg.commands.zoo import add_zoo_parser
 from d2nwg.errors import one_line
 
 
+COMMANDS = {
+    "zoo": add_zoo_parser,
+    "train": add_train_parser,
+    "evaluate": add_evaluate_parser,
+    "generate": add_generate_parser,
+    "push": add_push_parser,
+    "adapters": add_adapters_parser,
+    "demo": add_demo_parser,
+}
+"""Command -> the function that adds its subparser, in ``--help`` order; each command is a module of this package
+(`d2nwg.commands.zoo`, ...) whose subparser's ``func`` calls the library function that does the work."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``d2nwg`` argument parser: one subcommand per ``add_<command>_parser``."""
+    """The ``d2nwg`` argument parser: one subcommand per entry of `COMMANDS`."""
     parser = argparse.ArgumentParser(prog="d2nwg", description="Diffusion-based neural network weight generation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (
-        add_zoo_parser, add_train_parser, add_evaluate_parser, add_generate_parser, add_push_parser, add_adapters_parser,
-        add_demo_parser,
-    ):
+    for add in COMMANDS.values():
         add(sub)
     return parser
 

@@ -7,7 +7,7 @@ import argparse
 
 import pytest
 
-from d2nwg.commands import build_parser, main
+from d2nwg.commands import COMMANDS, build_parser, main
 
 
 def commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
@@ -20,6 +20,10 @@ def commands(parser: argparse.ArgumentParser, prefix: tuple[str, ...] = ()):
 
 
 ALL = list(commands(build_parser()))
+
+
+def test_the_command_table_is_the_parser():
+    assert [argv for argv, _ in ALL if len(argv) == 1] == [(name,) for name in COMMANDS]
 
 
 def test_every_command_and_recipe_is_listed():
