@@ -116,7 +116,8 @@ def build_zoo(root: Path, pool_dir: Path, count: int) -> Path:
 
 def worker(zoo: str, run: str) -> None:
     """What ``d2nwg train`` does (`d2nwg.training.lightning_cli.train`), less the `ExportPipeline` callback."""
-    from d2nwg.training.lightning_cli import ExportPipeline, make_cli, train_args
+    from d2nwg.training.callbacks import ExportPipeline
+    from d2nwg.training.lightning_cli import make_cli, train_args
     from d2nwg.training.stages import fit_stages
 
     overrides = [f"{k}={v}" for k, v in TRAIN.items()] + ["trainer.accelerator=cpu"]

@@ -23,7 +23,7 @@ from d2nwg.utils.console import print_summary, print_summary_by_kind, print_tabl
 # ----------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from d2nwg.evaluation.protocol import evaluate
-    from d2nwg.training.provenance import provenance_rows
+    from d2nwg.evaluation.report import provenance_rows
     from d2nwg.zoo.model_zoo import ModelZoo
 
     zoo = ModelZoo.open(args.zoo)

@@ -8,9 +8,12 @@ from d2nwg.commands.options import FORMATTER
 
 
 def cmd_push(args: argparse.Namespace) -> None:
+    from d2nwg.evaluation.model_card import model_card
     from d2nwg.pipelines.hub import push_pipeline
 
-    url = push_pipeline(args.pipeline, args.repo_id, private=args.private, report_dir=args.report, revision=args.revision)
+    url = push_pipeline(
+        args.pipeline, args.repo_id, card=model_card, private=args.private, report_dir=args.report, revision=args.revision
+    )
     print(f"pushed to {url}")
 
 

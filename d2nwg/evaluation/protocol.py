@@ -22,23 +22,20 @@ from pathlib import Path
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import nn
 
 from d2nwg.evaluation.baselines import BASELINES, EvalContext
+from d2nwg.evaluation.diagnostics import _novelty, _target_module, _vae_reconstruction
 from d2nwg.evaluation.metrics import METRICS
 from d2nwg.evaluation.report import summarize, summarize_by_kind, write_report
-from d2nwg.evaluation.trust import flat_tokens, median, nearest_members, report_warnings, sample_diversity, zoo_spacing
+from d2nwg.evaluation.trust import flat_tokens, median, report_warnings, sample_diversity
 from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
-from d2nwg.targets.architectures import build_model
-from d2nwg.targets.population import paired_accuracy, recipe_optimizer, shared_accuracy
+from d2nwg.targets.population import recipe_optimizer, shared_accuracy
 from d2nwg.zoo.layout import WeightLayout
 from d2nwg.zoo.model_zoo import Member, ModelZoo
 
 SUMMARY_ACCURACIES = tuple(m.summary_key for m in METRICS)
 FINETUNE_STEPS = (1, 2, 5, 10, 20, 50, 100)
 """Step counts of the fine-tuning baseline, capped by the members' own training steps."""
-MAX_NOVELTY_REFERENCE = 500  # zoo members whose nearest-neighbour distance is the novelty reference
-MAX_VAE_MEMBERS = 200  # members whose reconstruction accuracy is measured
 
 
 def default_finetune_steps(recipe: Mapping) -> list[int]:
@@ -75,14 +72,6 @@ def _context(
         zoo=zoo, task_ids=task_ids, oracles=oracles, module=module.to(device).eval(), init=init, data=data,
         optim=recipe_optimizer(zoo.manifest.get("recipe") or {}), raw_features=not zoo.input_spec.is_text, **settings,
     )
-
-
-def _target_module(zoo: ModelZoo, init: Mapping[str, torch.Tensor] | None) -> nn.Module:
-    """A fresh module of the zoo's architecture, its non-layout tensors from the shared init when there is one."""
-    module = build_model(zoo.architecture)
-    if init is not None:
-        module.load_state_dict(init, strict=False)
-    return module
 
 
 def evaluate(
@@ -322,79 +311,3 @@ def _head_only(layout: WeightLayout, init: Mapping[str, torch.Tensor] | None):
     if init is None or not body:
         return None
     return lambda sd: {k: init[k] if k in body else v for k, v in sd.items()}
-
-
-# ----------------------------------------------------------------------------- diagnostics
-def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Euclidean distance of each query row to its nearest reference row (``exclude[i]``: a row to skip)."""
-    return nearest_members(queries, reference, exclude)[0].float()
-
-
-def _novelty(
-    layout: WeightLayout, generated: Sequence[Mapping[str, torch.Tensor]], train: Sequence[Mapping[str, torch.Tensor]], seed: int
-) -> dict:
-    """Generated sets' nearest-train-member distances vs the zoo's own nearest-neighbour distances."""
-    finite = [sd for sd in generated if all(torch.isfinite(sd[n]).all() for n in layout.names)]
-    zoo_tokens = flat_tokens(layout, train)
-    result = {
-        "novelty_ratio": None,
-        "generated_nn_distance": None,
-        "zoo_nn_distance": None,
-        "generated_nonfinite": len(generated) - len(finite),
-    }
-    if finite:
-        result["generated_nn_distance"] = float(nearest_distances(flat_tokens(layout, finite), zoo_tokens).median())
-    result["zoo_nn_distance"] = zoo_spacing(zoo_tokens, seed, MAX_NOVELTY_REFERENCE)
-    if result["generated_nn_distance"] is not None and result["zoo_nn_distance"]:
-        result["novelty_ratio"] = result["generated_nn_distance"] / result["zoo_nn_distance"]
-    return result
-
-
-def vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, seed: int = 0, max_members: int = MAX_VAE_MEMBERS) -> dict:
-    """The VAE figures of the report (``vae_recon_ratio``, ``vae_recon_acc``, ...) for ``pipeline`` on ``zoo``,
-    measured as `evaluate` measures them, on up to ``max_members`` members (held-out ones first, then a seeded
-    draw of training ones); an export records the ratio (`d2nwg.training.provenance`)."""
-    return _vae_reconstruction(pipeline, zoo, _target_module(zoo, zoo.init_state()).eval(), seed, max_members)
-
-
-@torch.no_grad()
-def _vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, module: nn.Module, seed: int, max_members: int = MAX_VAE_MEMBERS) -> dict:
-    """Mean test accuracy of decode(encode(w)) (posterior mean) over that of w, on up to ``max_members`` members."""
-    heldout, train = zoo.members("heldout"), zoo.members("train")
-    members = heldout[:max_members]
-    if len(members) < max_members and train:
-        g = torch.Generator().manual_seed(seed)
-        picks = torch.randperm(len(train), generator=g)[: max_members - len(members)].sort().values
-        members += [train[int(i)] for i in picks]
-    layout, vae = pipeline.layout, pipeline.vae
-    originals = [zoo.load_member(m) for m in members]
-    tokens = layout.tokenize(originals)  # (M, T, chunk), normalised as the VAE saw them in training
-    # With a conditional mean the VAE encodes each member's residual from it (its task's training split).
-    if pipeline.conditional_mean is not None:
-        prior = torch.cat([pipeline.prior_tokens(zoo.class_samples(m.task, "train")) for m in members])
-    else:
-        prior = torch.zeros_like(tokens)
-    recon = []
-    for s in range(0, len(tokens), 64):
-        mean, _ = vae.encode((tokens - prior)[s : s + 64].to(device=vae.device, dtype=vae.dtype))
-        recon.append(vae.decode(mean).float().cpu())  # the posterior mean is unscaled: decode it directly
-    recon_sds = [{**orig, **rec} for orig, rec in zip(originals, layout.detokenize(torch.cat(recon) + prior))]
-    device = next(module.parameters()).device
-    test = [tuple(t.to(device) for t in zoo.task_data(m.task, "test")) for m in members]
-    orig = paired_accuracy(module, originals, test)
-    recon = paired_accuracy(module, recon_sds, test)
-    orig_acc, recon_acc = float(orig.mean()), float(recon.mean())
-    # Members of unseen-class tasks hold head rows for classes the VAE never saw: report them apart.
-    kinds = [zoo.task_kind(m.task) for m in members]
-    by_kind = {}
-    for kind in sorted(set(kinds)):
-        idx = torch.tensor([i for i, k in enumerate(kinds) if k == kind])
-        o = float(orig[idx].mean())
-        by_kind[kind] = float(recon[idx].mean()) / o if o > 0 else None
-    return {
-        "vae_recon_ratio": recon_acc / orig_acc if orig_acc > 0 else None,
-        "vae_recon_ratio_by_kind": by_kind,
-        "vae_recon_acc": recon_acc,
-        "vae_original_acc": orig_acc,
-        "vae_members": len(members),
-    }

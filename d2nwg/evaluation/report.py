@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from d2nwg.evaluation.metrics import METRICS, ZERO_TRAINING_BARS
-from d2nwg.training.provenance import provenance_rows
 from d2nwg.utils.io import atomic_write_json, atomic_write_text
 
 TASK_KINDS = ("unseen_order", "unseen_classes")
@@ -169,3 +168,37 @@ def write_report(report: Mapping, out: Path) -> None:
     plot_finetune_curve(report["finetune_curve"], report["summary"], out / "finetune_curve.png")
     atomic_write_text(out / "report.md", report_markdown(report))
     atomic_write_json(out / "report.json", report)
+
+
+def provenance_rows(provenance: Mapping | None) -> list[tuple[str, str]]:
+    """``(label, value)`` rows describing a provenance for a terminal table or a model card.
+
+    The config row lists the top-level scalar settings of ``model`` and ``data`` (steps, learning rates,
+    head solver, batch size, zoo) and the seed; network sizes and the rest stay in ``model_index.json``.
+    """
+    if not provenance:
+        return [("provenance", "none recorded (exported before d2nwg recorded provenance)")]
+    steps = provenance.get("steps") or {}
+    zoo = provenance.get("zoo") or {}
+    ratio = provenance.get("vae_recon_ratio")
+    config = provenance.get("config") or {}
+    settings = [
+        f"{section}.{key}={value}"
+        for section in ("model", "data")
+        if isinstance(config.get(section), Mapping)
+        for key, value in config[section].items()
+        if not isinstance(value, (Mapping, list))
+    ]
+    if "seed_everything" in config:
+        settings.append(f"seed_everything={config['seed_everything']}")
+    return [
+        ("d2nwg version", str(provenance.get("d2nwg_version"))),
+        ("training steps", f"VAE {steps.get('vae')} + diffusion {steps.get('diffusion')}"),
+        (
+            "zoo",
+            f"{zoo.get('name')} (recipe {zoo.get('recipe')}): {zoo.get('members')} members, trained on "
+            f"{zoo.get('trained_on')} ({zoo.get('split')}), fingerprint {zoo.get('fingerprint')}, at {zoo.get('path')}",
+        ),
+        ("VAE reconstruction ratio at export", "n/a" if ratio is None else f"{ratio:.3f}"),
+        ("training config", ", ".join(settings) or "n/a"),
+    ]

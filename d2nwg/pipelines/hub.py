@@ -1,4 +1,4 @@
-"""Hugging Face Hub I/O: push a pipeline with a model card, and download one by repo id.
+"""Hugging Face Hub I/O: push a pipeline with the model card its caller writes, and download one by repo id.
 
 Tokens come from huggingface_hub's usual sources (``HF_TOKEN``, ``hf auth login``)
 and are never printed. A custom ``DiffusionPipeline`` cannot be loaded straight
@@ -8,15 +8,17 @@ pipeline loads from that folder.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from d2nwg.errors import one_line
-from d2nwg.evaluation.metrics import METRICS
+
+CardWriter = Callable[[Path, str, Mapping | None], str]
+"""``card(folder, repo_id, report) -> README.md text`` for the staged folder (pipeline plus report plots), the
+repo id and the evaluation report (None without one): `d2nwg.evaluation.model_card.model_card`."""
 
 
 def looks_like_local_path(text: str) -> bool:
@@ -122,113 +124,11 @@ def cache_blobs(snapshot: Path) -> Path:
     return snapshot.parent.parent / "blobs"
 
 
-def model_card(pipeline_dir: Path, repo_id: str, report: Mapping | None = None) -> str:
-    """A model card (YAML front matter from ``ModelCardData``) with results, plot, trust checks, provenance and usage."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
-    from d2nwg.utils.io import read_json
-
-    index = read_json(pipeline_dir / "model_index.json", "pipeline index")
-    target = index.get("target") or {}
-    recipe = target.get("zoo_recipe", "custom")
-    summary = (report or {}).get("summary", {})
-    eval_results = [
-        EvalResult(
-            task_type="weight-generation",
-            dataset_type=f"d2nwg-zoo-{recipe}",
-            dataset_name=f"{recipe} zoo, held-out tasks",
-            metric_type="accuracy",
-            metric_name=metric.label,
-            metric_value=float(summary[metric.summary_key]),
-        )
-        for metric in METRICS
-        if metric.role != "ablation" and summary.get(metric.summary_key) is not None
-    ]
-    data = ModelCardData(
-        library_name="d2nwg",
-        license="apache-2.0",
-        tags=["d2nwg", "weight-generation", "diffusion", "hypernetwork", f"zoo-{recipe}"],
-        model_name=repo_id.split("/")[-1],
-        eval_results=eval_results or None,
-    )
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in summary.items() if not isinstance(v, dict))
-    results = f"## Results on held-out tasks\n\n| metric | value |\n|---|---|\n{rows}\n" if rows else ""
-    by_kind = (report or {}).get("summary_by_kind") or {}
-    if by_kind:
-        kinds = list(by_kind)
-        header = " | ".join(f"{k} ({by_kind[k]['num_tasks']} tasks)" for k in kinds)
-        lines = [f"| metric | {header} |", "|---|" + "---|" * len(kinds)]
-        for metric in METRICS:
-            values = [by_kind[k].get(metric.summary_key) for k in kinds]
-            if any(v is not None for v in values):
-                lines.append(f"| {metric.label} | " + " | ".join("n/a" if v is None else f"{v:.4f}" for v in values) + " |")
-        results += "\n### By kind of held-out task\n\n" + "\n".join(lines) + "\n"
-    plot = "![accuracy by method](accuracy_by_method.png)\n" if (pipeline_dir / "accuracy_by_method.png").exists() else ""
-    trust = _trust_section(report) + _provenance_section(index.get("provenance"))
-    arch = json.dumps(target.get("architecture", {}))
-    content = f"""---
-{data.to_yaml()}
----
-
-# {repo_id.split('/')[-1]}
-
-A [d2nwg](https://pypi.org/project/d2nwg/) weight generator (D2NWG: a weight VAE plus a latent diffusion model
-conditioned on a dataset embedding). Given a labelled dataset it generates weights for the target
-architecture `{arch}` with zero gradient steps.
-
-{results}
-{plot}
-{trust}
-## Usage
-
-```python
-import torch
-from d2nwg import D2NWGPipeline
-
-pipe = D2NWGPipeline.from_pretrained("{repo_id}")
-out = pipe(dataset=per_class_samples, num_samples=10, generator=torch.Generator().manual_seed(0))
-model = pipe.build_model(out.weights[0])
-```
-
-or from the command line:
-
-```bash
-d2nwg generate --pipeline {repo_id} --dataset my_images/ --num-samples 10 --select support --out generated/
-```
-"""
-    return ModelCard(content).content
-
-
-def _trust_section(report: Mapping | None) -> str:
-    """The evaluation's sample spread and trust warnings (`d2nwg.evaluation.trust`), or nothing without a report."""
-    if not report:
-        return ""
-    ratio = (report.get("summary") or {}).get("within_task_spread_ratio")
-    lines = [
-        "## Trust checks",
-        "",
-        "- within-task spread ratio (median pairwise distance among a task's samples over the zoo's nearest-neighbour "
-        "spacing; near 0: the samples collapsed): " + ("n/a" if ratio is None else f"{ratio:.3f}"),
-    ]
-    lines += [f"- **warning:** {m}" for m in report.get("warnings") or []]
-    return "\n".join(lines) + "\n\n"
-
-
-def _provenance_section(provenance: Mapping | None) -> str:
-    """Where the pipeline came from (`d2nwg.training.provenance`): versions, steps per stage, the zoo and the training config."""
-    from d2nwg.training.provenance import provenance_rows
-
-    lines = ["## Provenance", ""] + [f"- {label}: {value}" for label, value in provenance_rows(provenance)]
-    if provenance and provenance.get("config"):
-        config = json.dumps(provenance["config"], indent=2)
-        lines += ["", "<details><summary>full training config</summary>", "", "```json", config, "```", "", "</details>"]
-    return "\n".join(lines) + "\n"
-
-
 def push_pipeline(
     pipeline_dir: str | Path,
     repo_id: str,
     *,
+    card: CardWriter,
     private: bool = False,
     report_dir: str | Path | None = None,
     token: str | None = None,
@@ -238,6 +138,8 @@ def push_pipeline(
     """Upload a saved pipeline folder plus a model card (and report plots if given); returns the repo URL.
 
     Args:
+        card: writes the model card (``README.md``) from the staged folder, ``repo_id`` and the report
+            (`CardWriter`; `d2nwg.evaluation.model_card.model_card` for d2nwg's own card).
         revision: the branch to commit to; created from ``main`` when missing (``None``: ``main``).
 
     Raises:
@@ -268,7 +170,7 @@ def push_pipeline(
             shutil.copy2(report_dir / "report.json", staged / "report.json")
             for png in report_dir.glob("*.png"):
                 shutil.copy2(png, staged / png.name)
-        (staged / "README.md").write_text(model_card(staged, repo_id, report))
+        (staged / "README.md").write_text(card(staged, repo_id, report))
         api = HfApi(token=token)
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

@@ -387,12 +387,14 @@ class D2NWGPipeline(DiffusionPipeline):
         """Save, then upload to ``repo_id`` with a model card (results and plots from ``report_dir``)."""
         import tempfile
 
+        from d2nwg.evaluation.model_card import model_card
         from d2nwg.pipelines.hub import push_pipeline
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
             return push_pipeline(
-                tmp, repo_id, private=private, report_dir=report_dir, token=token, commit_message=commit_message
+                tmp, repo_id, card=model_card, private=private, report_dir=report_dir, token=token,
+                commit_message=commit_message,
             )
 
     @classmethod

@@ -20,7 +20,7 @@ and is checked to agree across ranks at the end of each fit.
 A checkpoint holds the networks, both optimisers and schedulers, the EMA, the
 global RNG state and the data loader's place in its epoch, so a run resumed
 from it continues at the same step and stage and reproduces the uninterrupted
-run (`d2nwg.training.lightning_cli.ResumeCheckpoint` says when checkpoints are written).
+run (`d2nwg.training.callbacks.ResumeCheckpoint` says when checkpoints are written).
 A run resumed in the diffusion stage re-encodes the zoo with the restored,
 frozen VAE (encoding draws nothing) and keeps the saved ``latent_scale``.
 The module holds only losses, optimisers and the EMA; the networks live in

@@ -23,12 +23,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Mapping
 from typing import Any
 
 FINGERPRINT_DIGITS = 16
 EXPORT_VAE_MEMBERS = 64
-"""Members whose reconstruction an export measures (`d2nwg.evaluation.protocol.vae_reconstruction`; held-out ones first): a
+"""Members whose reconstruction an export measures (`d2nwg.evaluation.diagnostics.vae_reconstruction`; held-out ones first): a
 mean ratio needs no more, and each causal-LM member costs two scorings of its test split (200 members: about 130 s
 of the default ``llm-lora`` training, scaled from a profile of a 20-task zoo). ``d2nwg evaluate`` still measures up to 200."""
 """Hex digits of the sha256 kept (64 bits: enough to tell zoos apart, short enough to print)."""
@@ -118,7 +117,7 @@ def training_provenance(trainer, module, pipe, seed: int = 0) -> dict:
     Returns:
         A JSON-ready dict.
     """
-    from d2nwg.evaluation.protocol import vae_reconstruction
+    from d2nwg.evaluation.diagnostics import vae_reconstruction
 
     datamodule = trainer.datamodule
     zoo, split = datamodule.zoo, datamodule.hparams.split
@@ -130,37 +129,3 @@ def training_provenance(trainer, module, pipe, seed: int = 0) -> dict:
         "zoo": zoo_record(zoo, split, seed),
         "vae_recon_ratio": vae_reconstruction(pipe, zoo, seed, EXPORT_VAE_MEMBERS)["vae_recon_ratio"],
     }
-
-
-def provenance_rows(provenance: Mapping | None) -> list[tuple[str, str]]:
-    """``(label, value)`` rows describing a provenance for a terminal table or a model card.
-
-    The config row lists the top-level scalar settings of ``model`` and ``data`` (steps, learning rates,
-    head solver, batch size, zoo) and the seed; network sizes and the rest stay in ``model_index.json``.
-    """
-    if not provenance:
-        return [("provenance", "none recorded (exported before d2nwg recorded provenance)")]
-    steps = provenance.get("steps") or {}
-    zoo = provenance.get("zoo") or {}
-    ratio = provenance.get("vae_recon_ratio")
-    config = provenance.get("config") or {}
-    settings = [
-        f"{section}.{key}={value}"
-        for section in ("model", "data")
-        if isinstance(config.get(section), Mapping)
-        for key, value in config[section].items()
-        if not isinstance(value, (Mapping, list))
-    ]
-    if "seed_everything" in config:
-        settings.append(f"seed_everything={config['seed_everything']}")
-    return [
-        ("d2nwg version", str(provenance.get("d2nwg_version"))),
-        ("training steps", f"VAE {steps.get('vae')} + diffusion {steps.get('diffusion')}"),
-        (
-            "zoo",
-            f"{zoo.get('name')} (recipe {zoo.get('recipe')}): {zoo.get('members')} members, trained on "
-            f"{zoo.get('trained_on')} ({zoo.get('split')}), fingerprint {zoo.get('fingerprint')}, at {zoo.get('path')}",
-        ),
-        ("VAE reconstruction ratio at export", "n/a" if ratio is None else f"{ratio:.3f}"),
-        ("training config", ", ".join(settings) or "n/a"),
-    ]

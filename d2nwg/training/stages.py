@@ -4,7 +4,7 @@ One fit over both stages leaves one stage's networks idle in every step, which L
 ``ddp`` strategy refuses (unused parameters). A fit per stage lets the module freeze the other stage's
 networks before the strategy wraps it (`D2NWGModule.freeze_idle_stage`), so every step's graph uses
 exactly the parameters DDP synchronises. The second fit resumes from the checkpoint that the first wrote
-at the stage boundary (`d2nwg.training.lightning_cli.ResumeCheckpoint`); that resume is exact, so in one process
+at the stage boundary (`d2nwg.training.callbacks.ResumeCheckpoint`); that resume is exact, so in one process
 the two fits train bit for bit as the single fit did.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from d2nwg.training.callbacks import STOP, ResumeCheckpoint
 from d2nwg.training.lightning_module import D2NWGModule
 
 
@@ -33,7 +34,7 @@ def fit_stages(
     """Run the stages that remain, each as one ``trainer.fit``; the second resumes from the first's ``last.ckpt``.
 
     Args:
-        trainer: a trainer with a `d2nwg.training.lightning_cli.ResumeCheckpoint` callback (it writes the hand-over
+        trainer: a trainer with a `d2nwg.training.callbacks.ResumeCheckpoint` callback (it writes the hand-over
             checkpoint); its ``max_steps`` is set per stage.
         model: the module; its ``fit_stage`` is set per fit.
         datamodule: the zoo data.
@@ -45,8 +46,6 @@ def fit_stages(
     Raises:
         ValueError: the trainer has no ``ResumeCheckpoint`` to hand the VAE stage over to the diffusion stage.
     """
-    from d2nwg.training.lightning_cli import STOP, ResumeCheckpoint  # the CLI module imports this one
-
     saver = next((c for c in trainer.callbacks if isinstance(c, ResumeCheckpoint)), None)
     if saver is None:
         raise ValueError("fit_stages needs a ResumeCheckpoint callback: the diffusion stage resumes from its last.ckpt")

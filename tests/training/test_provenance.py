@@ -128,7 +128,7 @@ def test_evaluate_prints_provenance_and_warns(evaluated):
 
 
 def test_model_card_shows_provenance_spread_and_warnings(evaluated, under_trained):
-    from d2nwg.pipelines.hub import model_card
+    from d2nwg.evaluation.model_card import model_card
 
     out, code, _, stderr = evaluated
     assert code == 0, stderr

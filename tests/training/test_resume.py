@@ -70,7 +70,7 @@ def test_uninterrupted_run_leaves_a_checkpoint_of_its_last_step(uninterrupted):
 
 
 def test_checkpoints_at_every_n_steps_and_at_the_end_of_the_vae_stage(tiny_digits_zoo, tmp_path, monkeypatch):
-    from d2nwg.training.lightning_cli import ResumeCheckpoint
+    from d2nwg.training.callbacks import ResumeCheckpoint
 
     saved: list[tuple[int, str]] = []
     original = ResumeCheckpoint.save
@@ -87,14 +87,14 @@ def test_checkpoints_at_every_n_steps_and_at_the_end_of_the_vae_stage(tiny_digit
 
 
 def test_killed_while_exporting_resumes_by_exporting_only(tiny_digits_zoo, uninterrupted, tmp_path, monkeypatch, capsys):
-    from d2nwg.training import lightning_cli
+    from d2nwg.training import callbacks
 
     run = tmp_path / "run"
     with monkeypatch.context() as patch:
         def killed(module, datamodule):
             raise KeyboardInterrupt  # e.g. Ctrl-C, or the OOM killer, while the pipeline is assembled
 
-        patch.setattr(lightning_cli, "pipeline_from_module", killed)
+        patch.setattr(callbacks, "pipeline_from_module", killed)
         assert train(tiny_digits_zoo.root, run) == 130
     assert checkpoint_step(run) == VAE_STEPS + DIFFUSION_STEPS  # saved before the export started
     assert not (run / "pipeline").exists()

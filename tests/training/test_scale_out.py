@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from d2nwg.commands import main
+from d2nwg.training.callbacks import ExportPipeline
 from d2nwg.training.datamodule import ZooDataModule
-from d2nwg.training.lightning_cli import ExportPipeline
 from d2nwg.zoo.streamed_tokens import MemberTokens
 
 
