@@ -33,7 +33,7 @@ def main() -> None:
 
     from d2nwg.evaluation.protocol import evaluate
     from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
-    from d2nwg.targets.causal_lm.evaluate import evaluate_generation
+    from d2nwg.targets.causal_lm.evaluate import evaluate_causal_lm
     from d2nwg.training.lightning_cli import train
     from d2nwg.utils.console import print_summary, print_summary_by_kind
     from d2nwg.zoo.alignment import align_zoo_dir
@@ -73,7 +73,7 @@ def main() -> None:
     pipe = D2NWGPipeline.from_pretrained(out / "run" / "pipeline")
     generative = zoo.input_spec.kind == "generative-text"
     if generative:  # causal-LM adapters: exact match of greedy answers (d2nwg/targets/causal_lm/evaluate.py)
-        report = evaluate_generation(pipe, zoo, out / "report", max_tasks=args.max_tasks)
+        report = evaluate_causal_lm(pipe, zoo, out / "report", max_tasks=args.max_tasks)
     else:
         report = evaluate(pipe, zoo, out / "report", progress=False, max_tasks=args.max_tasks)
     times["evaluate_s"] = time.perf_counter() - t

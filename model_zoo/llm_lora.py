@@ -142,13 +142,13 @@ def recorded_settings(recipe: LLMAdapterRecipe) -> dict:
 
 
 def architecture(recipe: LLMAdapterRecipe) -> dict:
-    from d2nwg.targets.adapters.frozen_base import cached_encoder, canonical_base
+    from d2nwg.targets.adapters.frozen_base import cached_base_model, canonical_base
     from d2nwg.targets.adapters.kinds import parse_layers
     from d2nwg.targets.causal_lm.features import GRADIENT_POOLING
     from d2nwg.targets.causal_lm.modeling import architecture_spec
 
     targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
-    layers = parse_layers(cached_encoder(canonical_base(recipe.base)), str(recipe.layers), targets)
+    layers = parse_layers(cached_base_model(canonical_base(recipe.base)), str(recipe.layers), targets)
     # system="": the family's conversations carry an empty system message (date_formats.conversations), and
     # user records without one get it too, not the chat template's default persona.
     return architecture_spec(
@@ -165,7 +165,7 @@ def build(out: str | Path, **settings) -> ModelZoo:
         ValueError: unknown formats in ``unseen_outputs``, too few pairs, or conversations longer than
             ``max_length`` / ``response_window``.
     """
-    from d2nwg.targets.adapters.frozen_base import load_encoder, load_tokenizer
+    from d2nwg.targets.adapters.frozen_base import load_base_model, load_tokenizer
     from d2nwg.targets.causal_lm.conditioning import gradient_condition
     from d2nwg.targets.causal_lm.evaluate import write_conversations
     from d2nwg.targets.causal_lm.features import conversation_features, condition_blocks
@@ -192,7 +192,7 @@ def build(out: str | Path, **settings) -> ModelZoo:
     stages: dict[str, float] = {}  # seconds of each feature stage, for build_time.json
     if not (out / "manifest.json").exists():  # resuming: ModelZoo.create reopens the zoo and keeps its data
         base = arch["config"]["base"]
-        encoder, tokenizer = load_encoder(base).to(device), load_tokenizer(base)
+        encoder, tokenizer = load_base_model(base).to(device), load_tokenizer(base)
         with Progress(transient=True) as progress:
             bar = progress.add_task("caching base states", total=len(tasks))
             for task in tasks:

@@ -8,7 +8,7 @@ import torch
 from rich.progress import Progress
 from torch import nn
 
-from d2nwg.targets.population import ensemble_accuracy, stack_state_dicts, train_ensemble, unstack_state_dict
+from d2nwg.targets.population import population_accuracy, stack_state_dicts, train_population, unstack_state_dict
 from d2nwg.zoo.model_zoo import SPLITS, ModelZoo, member_groups
 
 
@@ -47,10 +47,10 @@ def train_members(
             x, y = stacked_task_data(zoo, group, "train")
             if callable(init):
                 stacked = stack_state_dicts([init(t) for t in group])
-                params, _ = train_ensemble(model, stacked, x, y, steps=steps, stacked_init=True, **optim)
+                params, _ = train_population(model, stacked, x, y, steps=steps, stacked_init=True, **optim)
             else:
-                params, _ = train_ensemble(model, init, x, y, steps=steps, **optim)
-            accs = {s: ensemble_accuracy(model, params, *stacked_task_data(zoo, group, s)) for s in SPLITS}
+                params, _ = train_population(model, init, x, y, steps=steps, **optim)
+            accs = {s: population_accuracy(model, params, *stacked_task_data(zoo, group, s)) for s in SPLITS}
             for i, (task, sd) in enumerate(zip(group, unstack_state_dict(params))):
                 zoo.add(sd, task, {f"{s}_acc": float(acc[i]) for s, acc in accs.items()}, seed=seed, flush=False)
             zoo.flush()

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from d2nwg.targets.architectures import build_model
-from d2nwg.targets.population import ensemble_accuracy, initial_state, train_ensemble
+from d2nwg.targets.population import population_accuracy, initial_state, train_population
 from d2nwg.zoo.layout import WeightLayout
 from d2nwg.zoo.model_zoo import ModelZoo
 from d2nwg.zoo.specs import InputSpec
@@ -191,13 +191,13 @@ def _mirrored(order: tuple[str, ...]) -> int:
 
 # ----------------------------------------------------------------------------- zoo
 def architecture(recipe: TextAdapterRecipe) -> dict:
-    from d2nwg.targets.adapters.frozen_base import cached_encoder, canonical_base
+    from d2nwg.targets.adapters.frozen_base import cached_base_model, canonical_base
     from d2nwg.targets.adapters.kinds import parse_layers
     from d2nwg.targets.text_classifier.modeling import ARCHITECTURE_NAME
 
     targets = [t.strip() for t in recipe.target_modules.split(",") if t.strip()]
     # "auto:top25%" ranks the base's layers by weight SNR once; the zoo stores the resolved indices.
-    layers = parse_layers(cached_encoder(canonical_base(recipe.base)), str(recipe.layers), targets)
+    layers = parse_layers(cached_base_model(canonical_base(recipe.base)), str(recipe.layers), targets)
     return {
         "name": ARCHITECTURE_NAME,
         "config": {
@@ -219,9 +219,9 @@ def frozen_head_accuracy(zoo: ModelZoo, task_ids: list[str], recipe: TextAdapter
     model = build_model(arch)
     init = initial_state(lambda: build_model(arch), recipe.seed)
     x, y = stacked_task_data(zoo, task_ids, "train")
-    params, _ = train_ensemble(model, init, x[..., :hidden], y, steps=steps, lr=1e-2)
+    params, _ = train_population(model, init, x[..., :hidden], y, steps=steps, lr=1e-2)
     xt, yt = stacked_task_data(zoo, task_ids, "test")
-    return ensemble_accuracy(model, params, xt[..., :hidden], yt)
+    return population_accuracy(model, params, xt[..., :hidden], yt)
 
 
 def build(out: str | Path, **settings) -> ModelZoo:

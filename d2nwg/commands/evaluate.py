@@ -37,7 +37,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if zoo.input_spec.kind == "generative-text":  # adapters judged on what they generate: exact match
         if args.head_solver or args.baselines:
             raise UserError("--head-solver and --baselines apply to classifier zoos; a generative zoo runs every method of d2nwg.targets.causal_lm.evaluate")
-        return _evaluate_generation(pipe, zoo, args)
+        return _evaluate_causal_lm(pipe, zoo, args)
     if args.finetune_steps or args.finetune_lr:
         raise UserError("--finetune-steps/--finetune-lr apply to generative (causal-LM adapter) zoos only")
     if args.head_solver:
@@ -61,10 +61,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.out) / 'report.md'}")
 
 
-def _evaluate_generation(pipe, zoo, args: argparse.Namespace) -> None:
-    from d2nwg.targets.causal_lm.evaluate import evaluate_generation, generation_table
+def _evaluate_causal_lm(pipe, zoo, args: argparse.Namespace) -> None:
+    from d2nwg.targets.causal_lm.evaluate import evaluate_causal_lm, generation_table
 
-    report = evaluate_generation(
+    report = evaluate_causal_lm(
         pipe, zoo, Path(args.out), num_samples=args.num_samples, num_inference_steps=args.steps,
         guidance_scale=args.guidance, seed=args.seed, max_tasks=args.max_tasks, k_shot=args.k_shot,
         multitask_steps=args.multitask_steps, finetune_steps=args.finetune_steps, finetune_lr=args.finetune_lr,

@@ -26,7 +26,7 @@ from d2nwg.models.conditional_mean import class_means
 from d2nwg.registry import Registry
 from d2nwg.targets.architectures import build_model
 from d2nwg.targets.heads import class_mean_head, head_inputs, head_module_name, lda_cv_head, with_head
-from d2nwg.targets.population import mean_state_dict, paired_accuracy, shared_accuracy, train_ensemble
+from d2nwg.targets.population import mean_state_dict, paired_accuracy, shared_accuracy, train_population
 from d2nwg.zoo.model_zoo import Member, ModelZoo
 
 KNN_K = 5
@@ -298,7 +298,7 @@ def finetune(ctx: EvalContext) -> dict[str, list]:
         x, y = (torch.stack([ctx.data["train"][i][j] for i in idx]) for j in (0, 1))  # (N, n, D), (N, n)
         tx, ty = (torch.stack([ctx.data["test"][i][j] for i in idx]) for j in (0, 1))
         with torch.enable_grad():
-            _, recorded = train_ensemble(ctx.module, start, x, y, steps=max(steps), **ctx.optim, record_at=steps, eval_x=tx, eval_y=ty)
+            _, recorded = train_population(ctx.module, start, x, y, steps=max(steps), **ctx.optim, record_at=steps, eval_x=tx, eval_y=ty)
         for k in steps:
             for pos, i in enumerate(idx):
                 rows[i][k] = float(recorded[k][pos])

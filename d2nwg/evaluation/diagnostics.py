@@ -1,7 +1,7 @@
 """Diagnostics of a pipeline on a zoo: the VAE's reconstruction ratio and the novelty of generated weights.
 
 `vae_reconstruction` is the accuracy of decode(encode(w)) over that of w on zoo members (an export measures it,
-`d2nwg.training.provenance.training_provenance`, and so does the protocol); `nearest_distances` and the novelty
+`d2nwg.training.provenance.training_provenance`, and so does the protocol); `nearest_reference_distances` and the novelty
 rows measure how far generated weight sets are from their nearest zoo member."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from d2nwg.evaluation.trust import flat_tokens, nearest_members, zoo_spacing
+from d2nwg.evaluation.trust import flat_tokens, nearest_rows, zoo_spacing
 from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
 from d2nwg.targets.architectures import build_model
 from d2nwg.targets.population import paired_accuracy
@@ -22,7 +22,7 @@ MAX_NOVELTY_REFERENCE = 500  # zoo members whose nearest-neighbour distance is t
 MAX_VAE_MEMBERS = 200  # members whose reconstruction accuracy is measured
 
 
-def _target_module(zoo: ModelZoo, init: Mapping[str, torch.Tensor] | None) -> nn.Module:
+def zoo_module(zoo: ModelZoo, init: Mapping[str, torch.Tensor] | None) -> nn.Module:
     """A fresh module of the zoo's architecture, its non-layout tensors from the shared init when there is one."""
     module = build_model(zoo.architecture)
     if init is not None:
@@ -31,12 +31,12 @@ def _target_module(zoo: ModelZoo, init: Mapping[str, torch.Tensor] | None) -> nn
 
 
 # ----------------------------------------------------------------------------- diagnostics
-def nearest_distances(queries: torch.Tensor, reference: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+def nearest_reference_distances(queries: torch.Tensor, reference: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
     """Euclidean distance of each query row to its nearest reference row (``exclude[i]``: a row to skip)."""
-    return nearest_members(queries, reference, exclude)[0].float()
+    return nearest_rows(queries, reference, exclude)[0].float()
 
 
-def _novelty(
+def novelty_figures(
     layout: WeightLayout, generated: Sequence[Mapping[str, torch.Tensor]], train: Sequence[Mapping[str, torch.Tensor]], seed: int
 ) -> dict:
     """Generated sets' nearest-train-member distances vs the zoo's own nearest-neighbour distances."""
@@ -49,7 +49,7 @@ def _novelty(
         "generated_nonfinite": len(generated) - len(finite),
     }
     if finite:
-        result["generated_nn_distance"] = float(nearest_distances(flat_tokens(layout, finite), zoo_tokens).median())
+        result["generated_nn_distance"] = float(nearest_reference_distances(flat_tokens(layout, finite), zoo_tokens).median())
     result["zoo_nn_distance"] = zoo_spacing(zoo_tokens, seed, MAX_NOVELTY_REFERENCE)
     if result["generated_nn_distance"] is not None and result["zoo_nn_distance"]:
         result["novelty_ratio"] = result["generated_nn_distance"] / result["zoo_nn_distance"]
@@ -60,11 +60,11 @@ def vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, seed: int = 0, ma
     """The VAE figures of the report (``vae_recon_ratio``, ``vae_recon_acc``, ...) for ``pipeline`` on ``zoo``,
     measured as `evaluate` measures them, on up to ``max_members`` members (held-out ones first, then a seeded
     draw of training ones); an export records the ratio (`d2nwg.training.provenance`)."""
-    return _vae_reconstruction(pipeline, zoo, _target_module(zoo, zoo.init_state()).eval(), seed, max_members)
+    return measure_vae_reconstruction(pipeline, zoo, zoo_module(zoo, zoo.init_state()).eval(), seed, max_members)
 
 
 @torch.no_grad()
-def _vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, module: nn.Module, seed: int, max_members: int = MAX_VAE_MEMBERS) -> dict:
+def measure_vae_reconstruction(pipeline: D2NWGPipeline, zoo: ModelZoo, module: nn.Module, seed: int, max_members: int = MAX_VAE_MEMBERS) -> dict:
     """Mean test accuracy of decode(encode(w)) (posterior mean) over that of w, on up to ``max_members`` members."""
     heldout, train = zoo.members("heldout"), zoo.members("train")
     members = heldout[:max_members]

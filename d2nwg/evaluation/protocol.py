@@ -24,7 +24,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from d2nwg.evaluation.baselines import BASELINES, EvalContext
-from d2nwg.evaluation.diagnostics import _novelty, _target_module, _vae_reconstruction
+from d2nwg.evaluation.diagnostics import novelty_figures, zoo_module, measure_vae_reconstruction
 from d2nwg.evaluation.metrics import METRICS
 from d2nwg.evaluation.report import summarize, summarize_by_kind, write_report
 from d2nwg.evaluation.trust import flat_tokens, median, report_warnings, sample_diversity
@@ -63,7 +63,7 @@ def _context(
 ) -> EvalContext:
     """The target module (non-layout tensors from the shared init when there is one) and every task's data."""
     init = zoo.init_state()
-    module = _target_module(zoo, init)
+    module = zoo_module(zoo, init)
     data = {
         split: [tuple(t.to(device) for t in zoo.task_data(task, split)) for task in task_ids]
         for split in ("train", "support", "test")
@@ -167,8 +167,8 @@ def evaluate(
         generated_sds, sample_seconds = _generate(pipeline, ctx, rows, num_inference_steps, guidance_scale, lambda: bar.advance(job))
         # 4. Novelty in normalised token space, and the VAE's reconstruction ratio.
         bar.add_task("novelty and VAE reconstruction", total=None)
-        novelty = _novelty(pipeline.layout, generated_sds, list(ctx.train_state_dicts.values()), seed)
-        vae = _vae_reconstruction(pipeline, zoo, ctx.module, seed)
+        novelty = novelty_figures(pipeline.layout, generated_sds, list(ctx.train_state_dicts.values()), seed)
+        vae = measure_vae_reconstruction(pipeline, zoo, ctx.module, seed)
         # Per task: spread of its samples and distance to the nearest member, in zoo spacings (`d2nwg.evaluation.trust`).
         n, train = ctx.num_samples, ctx.train_state_dicts
         per_task = [flat_tokens(pipeline.layout, generated_sds[i * n : (i + 1) * n]) for i in range(len(rows))]

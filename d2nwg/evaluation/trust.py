@@ -56,7 +56,7 @@ def flat_tokens(layout, state_dicts: Sequence[Mapping[str, torch.Tensor]]) -> to
     return layout.tokenize(list(state_dicts)).flatten(1)
 
 
-def nearest_members(
+def nearest_rows(
     queries: torch.Tensor, reference: torch.Tensor, exclude: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(distance [Q], index [Q])`` of each query row's nearest reference row (``exclude[i]``: a row to skip)."""
@@ -160,7 +160,7 @@ def sample_diversity(
             "nearest_member": None,
         }
         if spacing and len(tokens) and len(zoo_tokens) and torch.isfinite(tokens).all():
-            distance, index = nearest_members(tokens, zoo_tokens)
+            distance, index = nearest_rows(tokens, zoo_tokens)
             row["nearest_member_ratio"] = _median(distance) / spacing
             row["nearest_member"] = member_ids[int(index.mode().values)]
         rows.append(row)

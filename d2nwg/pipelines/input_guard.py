@@ -58,7 +58,7 @@ def task_embeddings(pipe, tasks: Sequence[Sequence[torch.Tensor]]) -> torch.Tens
     return torch.cat([pipe.encode_dataset(per_class)[1].float().cpu() for per_class in tasks])
 
 
-def nearest_distances(embeddings: torch.Tensor) -> torch.Tensor:
+def nearest_other_distances(embeddings: torch.Tensor) -> torch.Tensor:
     """``[N]``: Euclidean distance from each row to its nearest other row (needs N >= 2)."""
     d = torch.cdist(embeddings.double(), embeddings.double(), compute_mode="donot_use_mm_for_euclid_dist")
     d.fill_diagonal_(math.inf)
@@ -88,7 +88,7 @@ def zoo_statistics(pipe, tasks: Sequence[Sequence[torch.Tensor]], raw_features: 
         }
     if len(tasks) >= 2:
         emb = task_embeddings(pipe, tasks)
-        nn_d = nearest_distances(emb)
+        nn_d = nearest_other_distances(emb)
         if len(emb) > MAX_REFERENCE_TASKS:
             keep = torch.randperm(len(emb), generator=torch.Generator().manual_seed(seed))[:MAX_REFERENCE_TASKS]
             emb = emb[keep.sort().values]

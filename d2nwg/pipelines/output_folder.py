@@ -27,7 +27,7 @@ from d2nwg.pipelines.input_guard import chance_threshold, check_feature_range, e
 from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
 from d2nwg.security import check_architecture_spec
 from d2nwg.targets.architectures import build_model, folder_exporter
-from d2nwg.targets.population import ensemble_accuracy, stack_state_dicts
+from d2nwg.targets.population import population_accuracy, stack_state_dicts
 from d2nwg.utils.io import atomic_dir, load_safetensors, read_json, save_safetensors
 from d2nwg.zoo.layout import WeightLayout
 
@@ -125,7 +125,7 @@ def generate_to_folder(
     scores = best_index = best_at_chance = threshold = None
     if held is not None:
         x, y = to_xy(held)
-        scores = ensemble_accuracy(pipe.build_model(), stack_state_dicts(output.weights), x, y).tolist()
+        scores = population_accuracy(pipe.build_model(), stack_state_dicts(output.weights), x, y).tolist()
         best_index = max(range(len(scores)), key=scores.__getitem__)
         threshold = chance_threshold(dataset.num_classes, len(y), candidates=num_samples)
         best_at_chance = scores[best_index] < threshold

@@ -7,14 +7,14 @@ per-member Adam, because the summed loss gives each member its own gradient.
 
 Modes, and what happens to buffers (BatchNorm running statistics):
 
-* **Evaluating** (`ensemble_logits`, `ensemble_accuracy`, the VAE's function-space loss):
+* **Evaluating** (`population_logits`, `population_accuracy`, the VAE's function-space loss):
   every member runs in eval mode, whatever mode the module is in (it is restored
   afterwards). BatchNorm normalises with the member's *own* running statistics,
   passed in stacked like its weights (or the module's, shared, when the stack lacks
   them), and nothing is written: shared buffers are never mutated, which is what
   lets ``vmap`` run at all (an in-place update of an expanded buffer is an error).
   LayerNorm and GroupNorm have no buffers and behave the same in both modes.
-* **Training** (`train_ensemble`, the zoo recipes and the fine-tuning baseline):
+* **Training** (`train_population`, the zoo recipes and the fine-tuning baseline):
   BatchNorm layers run in training mode, i.e. on batch statistics, as the members
   themselves were trained; each member's running statistics (and
   ``num_batches_tracked``) live in its own slice of a stacked copy and are updated
@@ -100,14 +100,14 @@ def forward_kwargs(module: nn.Module, x: torch.Tensor) -> dict:
     return {"extent": extent} if extent is not None else {}
 
 
-def ensemble_logits(
+def population_logits(
     module: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor, *, batch_norm_train: bool = False
 ) -> torch.Tensor:
     """Logits of N parameter sets. ``x`` is shared ``[n, d]`` or per member ``[N, n, d]``; returns ``[N, n, C]``.
 
     Members run in eval mode (see the module docstring); tensors that ``stacked`` lacks come from ``module``.
     With ``batch_norm_train=True`` BatchNorm layers use batch statistics and update the running statistics
-    in place, so ``stacked`` must then hold every BatchNorm buffer per member (`train_ensemble` does).
+    in place, so ``stacked`` must then hold every BatchNorm buffer per member (`train_population` does).
     """
     params = full_params(module, stacked)
     kwargs = forward_kwargs(module, x)
@@ -123,7 +123,7 @@ def ensemble_logits(
 
 
 @torch.no_grad()
-def ensemble_accuracy(
+def population_accuracy(
     module: nn.Module, stacked: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor
 ) -> torch.Tensor:
     """Accuracy of each of N parameter sets, shape ``[N]``.
@@ -134,8 +134,8 @@ def ensemble_accuracy(
     higher is better and 1 is perfect, so the VAE's reconstruction ratio and the baselines read the same.
     """
     if getattr(module, "scores_samples", False):
-        return ensemble_logits(module, stacked, x).exp().mean(-1)
-    return logits_accuracy(ensemble_logits(module, stacked, x), y)
+        return population_logits(module, stacked, x).exp().mean(-1)
+    return logits_accuracy(population_logits(module, stacked, x), y)
 
 
 def logits_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -146,7 +146,7 @@ def logits_accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(-1) == y).float().mean(-1)
 
 
-def train_ensemble(
+def train_population(
     module: nn.Module,
     init: Mapping[str, torch.Tensor],
     x: torch.Tensor,
@@ -207,16 +207,16 @@ def train_ensemble(
         raise ValueError(f"unknown optimizer {optimizer!r}; expected 'adamw' or 'sgd'")
     curves: dict[int, torch.Tensor] = {}
     if 0 in record_at and eval_x is not None:
-        curves[0] = ensemble_accuracy(module, state, eval_x, eval_y)
+        curves[0] = population_accuracy(module, state, eval_x, eval_y)
     for step in range(1, steps + 1):
-        logits = ensemble_logits(module, state, x, batch_norm_train=True)  # [N, n, C]
+        logits = population_logits(module, state, x, batch_norm_train=True)  # [N, n, C]
         # Sum over members of each member's mean loss: member i's gradient is its own.
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(n, -1)
         optimiser.zero_grad(set_to_none=True)
         loss.mean(1).sum().backward()
         optimiser.step()
         if step in record_at and eval_x is not None:
-            curves[step] = ensemble_accuracy(module, state, eval_x, eval_y)
+            curves[step] = population_accuracy(module, state, eval_x, eval_y)
     return {k: v.detach() for k, v in state.items()}, curves
 
 
@@ -260,7 +260,7 @@ def shared_accuracy(
     batch = eval_batch(module)
     for i in range(0, len(state_dicts), batch):
         stacked = stack_state_dicts([_to_float(sd, device) for sd in state_dicts[i : i + batch]])
-        out.append(ensemble_accuracy(module, stacked, x, y).cpu())
+        out.append(population_accuracy(module, stacked, x, y).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -288,7 +288,7 @@ def paired_accuracy(
             stacked = stack_state_dicts([_to_float(state_dicts[i], device) for i in chunk])
             x = torch.stack([data[i][0] for i in chunk])
             y = torch.stack([data[i][1] for i in chunk])
-            acc[chunk] = ensemble_accuracy(module, stacked, x, y).cpu()
+            acc[chunk] = population_accuracy(module, stacked, x, y).cpu()
     return acc
 
 

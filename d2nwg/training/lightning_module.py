@@ -41,7 +41,7 @@ from d2nwg.models import ConditionalMean, DatasetEncoder, Denoiser, WeightVAE
 from d2nwg.models.conditional_mean import class_means
 from d2nwg.targets.architectures import build_model
 from d2nwg.targets.heads import check_head_solver, head_inputs, head_module_name
-from d2nwg.targets.population import ensemble_logits
+from d2nwg.targets.population import population_logits
 from d2nwg.training.distributed import assert_same_on_ranks, fork_rank_rng, gather_rank_states, own_rank_state
 
 
@@ -358,9 +358,9 @@ class D2NWGModule(L.LightningModule):
             per_class = self.vae_settings.function_samples or samples.shape[2]
             inputs = samples[:, :, :per_class].flatten(1, 2)  # (B, K*S, D); samples are drawn in random order
             with torch.no_grad():
-                reference = ensemble_logits(self.target, self.layout.unflatten(tokens), inputs).log_softmax(-1)
+                reference = population_logits(self.target, self.layout.unflatten(tokens), inputs).log_softmax(-1)
             predicted = output[0] + (tokens - residual)  # the conditional mean added back (zero without one)
-            predicted = ensemble_logits(self.target, self.layout.unflatten(predicted), inputs).log_softmax(-1)
+            predicted = population_logits(self.target, self.layout.unflatten(predicted), inputs).log_softmax(-1)
             kl = torch.nn.functional.kl_div(predicted.flatten(0, 1), reference.flatten(0, 1), log_target=True, reduction="batchmean")
             losses["function_kl"] = kl
             losses["loss"] = losses["loss"] + weight * kl

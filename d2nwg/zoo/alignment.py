@@ -547,11 +547,11 @@ def _samples_are_inputs(manifest: Mapping) -> bool:
 @torch.no_grad()
 def _changed_function(module: nn.Module, before: Sequence[StateDict], after: Sequence[StateDict], x: torch.Tensor) -> list[int]:
     """Indices of members whose logits on ``x [n, ...]`` differ before and after alignment (one vmapped forward)."""
-    from d2nwg.targets.population import ensemble_logits, stack_state_dicts
+    from d2nwg.targets.population import population_logits, stack_state_dicts
 
     def logits(sds: Sequence[StateDict]) -> torch.Tensor:  # [N, n, C]
         stacked = stack_state_dicts([{k: v.float() for k, v in sd.items() if v.is_floating_point()} for sd in sds])
-        return ensemble_logits(module, stacked, x)
+        return population_logits(module, stacked, x)
 
     ya, yb = logits(before), logits(after)
     # Permuting units reorders sums, so logits may differ in the last bits only.

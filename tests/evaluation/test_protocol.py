@@ -14,7 +14,7 @@ import torch
 from d2nwg.evaluation.baselines import dataset_embedding, retrieve
 from d2nwg.evaluation.protocol import FINETUNE_STEPS, SUMMARY_ACCURACIES, default_finetune_steps, evaluate
 from d2nwg.targets.architectures import build_model
-from d2nwg.targets.population import ensemble_accuracy, stack_state_dicts
+from d2nwg.targets.population import population_accuracy, stack_state_dicts
 from d2nwg.targets.population import paired_accuracy
 from d2nwg.utils.plots import plot_training_curves
 from d2nwg.zoo.model_zoo import ModelZoo
@@ -91,7 +91,7 @@ def test_oracle_is_the_member_recomputed_on_test(zoo, report):
     model = build_model(zoo.architecture)
     for row in result["per_task"]:
         x, y = zoo.task_data(row["task"], "test")
-        expected = ensemble_accuracy(model, stack_state_dicts([zoo.load_member(row["oracle_member"])]), x, y)
+        expected = population_accuracy(model, stack_state_dicts([zoo.load_member(row["oracle_member"])]), x, y)
         assert row["oracle"] == pytest.approx(float(expected[0]))
 
 
@@ -104,15 +104,15 @@ def test_generated_best_is_selected_on_support(zoo, report, tiny_pipeline):
         out = pipe(dataset=zoo.class_samples(row["task"], "support"), num_samples=2, num_inference_steps=2,
                    generator=torch.Generator().manual_seed(i))
         stacked = stack_state_dicts(out.weights)
-        support = ensemble_accuracy(model, stacked, *zoo.task_data(row["task"], "support"))
-        test = ensemble_accuracy(model, stacked, *zoo.task_data(row["task"], "test"))
+        support = population_accuracy(model, stacked, *zoo.task_data(row["task"], "support"))
+        test = population_accuracy(model, stacked, *zoo.task_data(row["task"], "test"))
         assert row["generated"] == pytest.approx(test.tolist())
         assert row["generated_best"] == pytest.approx(float(test[int(support.argmax())]))
         # head-only ablation: the selected set's head (fc1) on the zoo's initial body (fc0)
         init = zoo.init_state()
         best = out.weights[int(support.argmax())]
         ablated = {k: best[k] if k.startswith("fc1.") else init[k] for k in best}
-        head_only = ensemble_accuracy(model, stack_state_dicts([ablated]), *zoo.task_data(row["task"], "test"))
+        head_only = population_accuracy(model, stack_state_dicts([ablated]), *zoo.task_data(row["task"], "test"))
         assert row["generated_head_only"] == pytest.approx(float(head_only[0]))
 
 
@@ -176,7 +176,7 @@ def test_paired_accuracy_matches_per_model_loop(zoo):
         expected.append(float((model(x).argmax(-1) == y).float().mean()))
     assert paired_accuracy(build_model(zoo.architecture), sds, data).tolist() == pytest.approx(expected)
     # A target that asks for smaller vmapped batches (an LM's logits) gets the same figures, one weight set per call.
-    import d2nwg.targets.population as ensemble
+    import d2nwg.targets.population as population
 
     sizes = []
 
@@ -184,11 +184,11 @@ def test_paired_accuracy_matches_per_model_loop(zoo):
         sizes.append(next(iter(stacked.values())).shape[0])
         return real(module, stacked, x, y)
 
-    real = ensemble.ensemble_accuracy
+    real = population.population_accuracy
     small = build_model(zoo.architecture)
     small.eval_batch = 1
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ensemble, "ensemble_accuracy", recording)
+        patch.setattr(population, "population_accuracy", recording)
         assert paired_accuracy(small, sds, data).tolist() == pytest.approx(expected)
     assert sizes == [1] * len(sds)
 
@@ -325,11 +325,11 @@ def test_lda_pipeline_reports_solved_heads_and_the_decoded_head_ablation(zoo, ti
     for i, row in enumerate(result["per_task"]):
         out = pipe(dataset=zoo.class_samples(row["task"], "support"), num_samples=2, num_inference_steps=2,
                    generator=torch.Generator().manual_seed(i))
-        test = ensemble_accuracy(model, stack_state_dicts(out.weights), *zoo.task_data(row["task"], "test"))
-        support = ensemble_accuracy(model, stack_state_dicts(out.weights), *zoo.task_data(row["task"], "support"))
+        test = population_accuracy(model, stack_state_dicts(out.weights), *zoo.task_data(row["task"], "test"))
+        support = population_accuracy(model, stack_state_dicts(out.weights), *zoo.task_data(row["task"], "support"))
         assert row["generated"] == pytest.approx(test.tolist())
         # the ablation keeps the *decoded* head (not the solved one) on the init body
         decoded = pipe.layout.detokenize(out.tokens)[int(support.argmax())]
         ablated = {k: decoded[k] if k.startswith("fc1.") else init[k] for k in decoded}
-        expected = ensemble_accuracy(model, stack_state_dicts([ablated]), *zoo.task_data(row["task"], "test"))
+        expected = population_accuracy(model, stack_state_dicts([ablated]), *zoo.task_data(row["task"], "test"))
         assert row["generated_head_only"] == pytest.approx(float(expected[0]))

@@ -11,7 +11,7 @@ from torch import nn
 
 from d2nwg.targets.architectures import build_model
 from d2nwg.targets.mlp.model import MLP
-from d2nwg.targets.population import ensemble_accuracy, stack_state_dicts, train_ensemble
+from d2nwg.targets.population import population_accuracy, stack_state_dicts, train_population
 from d2nwg.zoo.alignment import (
     ALIGNMENT_FILE,
     Alignment,
@@ -148,19 +148,19 @@ def test_align_zoo_in_memory_and_its_json_round_trip():
     assert all(torch.equal(again.permutations[k]["fc0"], v["fc0"]) for k, v in record.permutations.items())
 
 
-def test_train_ensemble_with_stacked_inits():
+def test_train_population_with_stacked_inits():
     torch.manual_seed(0)
     model = MLP(in_features=6, hidden=(5,), num_classes=3)
     x, y = torch.randn(2, 10, 6), torch.randint(0, 3, (2, 10))
     init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    shared, _ = train_ensemble(model, init, x, y, steps=3, lr=0.01)
+    shared, _ = train_population(model, init, x, y, steps=3, lr=0.01)
     stacked = stack_state_dicts([init, init])
     kept = {k: v.clone() for k, v in stacked.items()}
-    per_member, _ = train_ensemble(model, stacked, x, y, steps=3, lr=0.01, stacked_init=True)
+    per_member, _ = train_population(model, stacked, x, y, steps=3, lr=0.01, stacked_init=True)
     assert all(torch.equal(shared[k], per_member[k]) for k in shared)
     assert all(torch.equal(stacked[k], kept[k]) for k in kept)  # the caller's inits are not trained in place
     with pytest.raises(ValueError, match="stacked_init"):
-        train_ensemble(model, init, x, y, steps=1, lr=0.01, stacked_init=True)
+        train_population(model, init, x, y, steps=1, lr=0.01, stacked_init=True)
 
 
 # ----------------------------------------------------------------------------- (c, d) zoo level
@@ -189,7 +189,7 @@ def _recomputed_test_acc(zoo: ModelZoo) -> list[float]:
     accs = []
     for m in zoo.members():
         x, y = zoo.task_data(m.task, "test")
-        accs.append(float(ensemble_accuracy(module, stack_state_dicts([zoo.load_member(m)]), x, y)[0]))
+        accs.append(float(population_accuracy(module, stack_state_dicts([zoo.load_member(m)]), x, y)[0]))
     return accs
 
 

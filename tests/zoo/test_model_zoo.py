@@ -177,7 +177,7 @@ def test_killed_build_resumes_to_identical_zoo(tmp_path, monkeypatch, tiny_digit
     group = settings["group_size"]
     out = tmp_path / "zoo"
     calls = {"train": 0, "flush": 0, "armed": True}
-    real_train, real_flush = members.train_ensemble, ModelZoo.flush
+    real_train, real_flush = members.train_population, ModelZoo.flush
 
     def dying_train(*args, **kwargs):
         calls["train"] += 1
@@ -191,7 +191,7 @@ def test_killed_build_resumes_to_identical_zoo(tmp_path, monkeypatch, tiny_digit
             raise Killed  # member files of group 2 are written but not listed
         real_flush(self)
 
-    monkeypatch.setattr(members, "train_ensemble", dying_train)
+    monkeypatch.setattr(members, "train_population", dying_train)
     monkeypatch.setattr(ModelZoo, "flush", dying_flush)
     with pytest.raises(Killed):
         build(out, **settings)

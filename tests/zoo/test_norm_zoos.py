@@ -16,7 +16,7 @@ from tests.fixtures.norm_models import BNCNN, BNMLP, GNCNN, LNMLP
 
 from d2nwg.commands import main
 from d2nwg.pipelines.pipeline_d2nwg import D2NWGPipeline
-from d2nwg.targets.population import ensemble_logits, stack_state_dicts, train_ensemble
+from d2nwg.targets.population import population_logits, stack_state_dicts, train_population
 from d2nwg.utils.io import load_safetensors
 from d2nwg.zoo.layout import WeightLayout
 from d2nwg.zoo.model_zoo import ModelZoo
@@ -109,14 +109,14 @@ def test_layout_generates_float_running_stats_with_positive_variance_and_never_i
 
 # ----------------------------------------------------------------------------- functional members
 @pytest.mark.parametrize("factory", [BNCNN, BNMLP, LNMLP, GNCNN], ids=lambda f: f.__name__)
-def test_ensemble_logits_run_members_in_eval_mode_without_touching_shared_buffers(factory):
+def test_population_logits_run_members_in_eval_mode_without_touching_shared_buffers(factory):
     x, y = torch.rand(15, SIDE * SIDE), torch.arange(15) % CLASSES
     members = [train_member(factory, x, y, seed=s, steps=4) for s in range(3)]
     module = factory()  # train mode, fresh buffers: the function-space loss's target is built like this
     before = {k: v.clone() for k, v in module.state_dict().items()}
     layout = WeightLayout.from_state_dict(members[0])
     stacked = stack_state_dicts([{k: m[k] for k in layout.names} for m in members])
-    logits = ensemble_logits(module, stacked, x)
+    logits = population_logits(module, stacked, x)
     for i, sd in enumerate(members):
         reference = factory()
         reference.load_state_dict(sd)
@@ -126,11 +126,11 @@ def test_ensemble_logits_run_members_in_eval_mode_without_touching_shared_buffer
     assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
     # Gradients reach decoded running statistics (the VAE's function-space loss trains them).
     grads = {k: v.clone().requires_grad_(True) for k, v in stacked.items()}
-    ensemble_logits(module, grads, x).logsumexp(-1).sum().backward()
+    population_logits(module, grads, x).logsumexp(-1).sum().backward()
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for k, v in grads.items() if "running_var" in k)
 
 
-def test_train_ensemble_with_batchnorm_matches_per_member_training():
+def test_train_population_with_batchnorm_matches_per_member_training():
     """Stacked training = each member trained alone in train mode (batch statistics, own running stats)."""
     n, steps = 3, 5
     x = torch.rand(n, 12, SIDE * SIDE)
@@ -140,7 +140,7 @@ def test_train_ensemble_with_batchnorm_matches_per_member_training():
     init = {k: v.clone() for k, v in module.state_dict().items() if v.is_floating_point()}  # what evaluate passes
     # SGD: Adam would turn the ~0 gradient of the conv bias before BatchNorm into full-size noisy steps.
     optim = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9}
-    trained, curves = train_ensemble(module, init, x, y, steps=steps, **optim, record_at=[0, steps], eval_x=x, eval_y=y)
+    trained, curves = train_population(module, init, x, y, steps=steps, **optim, record_at=[0, steps], eval_x=x, eval_y=y)
     assert torch.equal(module.bn.running_var, torch.ones(8))  # the module's own buffers untouched
     for i in range(n):
         ref = BNCNN()

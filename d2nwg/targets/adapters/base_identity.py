@@ -46,17 +46,17 @@ def identity_of(base: str, target_modules: Sequence[str], layers: Sequence[int])
     """The identity of ``base`` (see the module docstring) for adapters on ``target_modules`` of ``layers``.
 
     Args:
-        base: a packaged name, local folder or Hub id (`d2nwg.targets.adapters.frozen_base.cached_encoder` loads it).
+        base: a packaged name, local folder or Hub id (`d2nwg.targets.adapters.frozen_base.cached_base_model` loads it).
         target_modules: linear layer names inside each block, e.g. ``["query", "value"]``.
         layers: adapted block indices; those the base lacks are left out of ``adapted``.
 
     Raises:
         ValueError: the base cannot be loaded (one line).
     """
-    from d2nwg.targets.adapters.frozen_base import cached_encoder
+    from d2nwg.targets.adapters.frozen_base import cached_base_model
     from d2nwg.targets.adapters.kinds import block_list
 
-    encoder = cached_encoder(base)
+    encoder = cached_base_model(base)
     try:
         prefix, num_layers = block_list(encoder)
     except ValueError:  # no stack of blocks at all: nothing an adapter could sit on

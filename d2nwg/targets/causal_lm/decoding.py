@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from d2nwg.data.instructions import IGNORE_INDEX, decode_response, encode_conversations, encode_prompts, stop_token_ids
-from d2nwg.targets.adapters.frozen_base import load_encoder, load_tokenizer
+from d2nwg.targets.adapters.frozen_base import load_base_model, load_tokenizer
 from d2nwg.targets.adapters.kinds import to_peft_state_dict
 from d2nwg.targets.causal_lm.features import _hidden_entering, positions
 
@@ -56,10 +56,10 @@ class AdapterGenerator:
         self.tokenizer = load_tokenizer(cfg["base"])
         self.stops = stop_token_ids(self.tokenizer)
         self.model = build_peft_model(
-            load_encoder(cfg["base"]), cfg.get("kind", "lora"), list(cfg["target_modules"]), list(cfg["layers"]),
+            load_base_model(cfg["base"]), cfg.get("kind", "lora"), list(cfg["target_modules"]), list(cfg["layers"]),
             int(cfg["r"]), **dict(cfg.get("options") or {}),
         ).eval()
-        # Generation does not re-run layers with an explicit mask as the slice does (`load_encoder`'s eager
+        # Generation does not re-run layers with an explicit mask as the slice does (`load_base_model`'s eager
         # attention): PyTorch's fused attention, as `AutoPeftModelForCausalLM` loads by default. Same greedy
         # answers on a held-out task's 16 prompts under 16 adapters, 10% faster.
         with contextlib.suppress(AttributeError, ValueError, ImportError):  # transformers without the switch

@@ -137,7 +137,7 @@ def multitask_adapter(zoo: ModelZoo, k: int, per_task: int, steps: int, lr: floa
     return state
 
 
-def evaluate_generation(
+def evaluate_causal_lm(
     pipeline,
     zoo: ModelZoo,
     out: str | Path,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from d2nwg.data.instructions import IGNORE_INDEX, encode_conversations
-from d2nwg.targets.adapters.frozen_base import load_encoder, load_tokenizer, mean_pool
+from d2nwg.targets.adapters.frozen_base import load_base_model, load_tokenizer, mean_pool
 
 DEFAULT_BASE = "smollm2-135m-instruct"
 GRADIENT_POOLING = "prompt-response-gradient"
@@ -82,7 +82,7 @@ def conversation_features(
     """
     if pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; expected one of {list(POOLINGS)}")
-    encoder = encoder if encoder is not None else load_encoder(base)
+    encoder = encoder if encoder is not None else load_base_model(base)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base)
     batch = encode_conversations(tokenizer, list(conversations), max_length=max_length, last_turn_only=True)
     batch = left_pad(batch, int(tokenizer.pad_token_id))

@@ -156,7 +156,7 @@ def ingest_adapters(
     from d2nwg.ingest.mapping import read_mapping
     from d2nwg.ingest.settings import check_new_folder, parse_split_fractions
     from d2nwg.ingest.tasks import IngestTask, split_tasks
-    from d2nwg.targets.adapters.frozen_base import load_encoder, load_tokenizer
+    from d2nwg.targets.adapters.frozen_base import load_base_model, load_tokenizer
     from d2nwg.targets.architectures import build_model
     from d2nwg.targets.causal_lm.evaluate import write_conversations
     from d2nwg.targets.causal_lm.features import NEW_ZOO_POOLING, conversation_features
@@ -214,7 +214,7 @@ def ingest_adapters(
     longest, window = response_limits(tokenizer, [c for p in parts.values() for s in p.values() for c in s])
     # Headroom: user prompts at generation time may be a little longer than the longest record seen here.
     max_length, window = longest + max(8, longest // 4), window + max(4, window // 4)
-    encoder = load_encoder(base_name)
+    encoder = load_base_model(base_name)
     limit = getattr(encoder.config, "max_position_embeddings", None)
     if limit and max_length > limit:
         raise ValueError(f"the longest conversation has {longest} tokens; with headroom {max_length}, more than the base's {limit} positions")

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from d2nwg.data.instructions import IGNORE_INDEX
-from d2nwg.targets.adapters.frozen_base import canonical_base, frozen_as_constants, is_causal_lm, load_encoder
+from d2nwg.targets.adapters.frozen_base import canonical_base, frozen_as_constants, is_causal_lm, load_base_model
 from d2nwg.targets.architectures import Architecture
 from d2nwg.targets.causal_lm.features import DEFAULT_BASE, POOLINGS, condition_width, positions
 from d2nwg.targets.causal_lm.peft_export import save_causal_lm_adapter
@@ -55,7 +55,7 @@ from d2nwg.targets.causal_lm.peft_export import save_causal_lm_adapter
 ARCHITECTURE_NAME = "causal-lm-adapter"
 
 
-def left_causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def left_padded_causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention bias ``[n, 1, T, T]``: a query sees real keys at or before it (itself always, so that
     padding rows never softmax over nothing)."""
     t = mask.shape[-1]
@@ -114,7 +114,7 @@ class CausalLMAdapter(nn.Module):
         self.pooling = pooling  # how samples are made (`conversation_features`); the score does not use it
         from d2nwg.targets.adapters.kinds import block_list, build_peft_model
 
-        lm = load_encoder(base)
+        lm = load_base_model(base)
         if not is_causal_lm(lm.config):
             raise ValueError(f"base {base!r} is not a causal LM (its architectures: {getattr(lm.config, 'architectures', None)})")
         self.hidden = lm.config.hidden_size
@@ -181,7 +181,7 @@ class CausalLMAdapter(nn.Module):
         lm = self.peft.base_model.model
         backbone = lm.get_submodule(self._backbone)
         rope = backbone.rotary_emb(h, positions(mask))  # (cos, sin), each (n, T, head_dim)
-        bias = left_causal_bias(mask, h.dtype)
+        bias = left_padded_causal_bias(mask, h.dtype)
         for block in [self.blocks[i] for i in range(self.first, len(self.blocks))]:
             h = block(h, attention_mask=bias, position_embeddings=rope)
         # Position t predicts token t+1: the hidden states at [T-W-1, T-1) score the labels at [T-W, T).

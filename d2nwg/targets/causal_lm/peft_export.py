@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from d2nwg.targets.adapters.frozen_base import load_encoder
+from d2nwg.targets.adapters.frozen_base import load_base_model
 from d2nwg.targets.adapters.kinds import to_peft_state_dict
 
 
@@ -35,7 +35,7 @@ def save_causal_lm_adapter(member: Mapping[str, torch.Tensor], architecture: Map
 
     cfg = dict(architecture["config"])
     model = build_peft_model(
-        load_encoder(cfg["base"]), cfg.get("kind", "lora"), list(cfg["target_modules"]), list(cfg["layers"]),
+        load_base_model(cfg["base"]), cfg.get("kind", "lora"), list(cfg["target_modules"]), list(cfg["layers"]),
         int(cfg["r"]), **dict(cfg.get("options") or {}),
     )
     model.peft_config["default"].base_model_name_or_path = _resolved(cfg["base"])

@@ -1,7 +1,7 @@
 """The ``text-adapter`` architecture: a sentence classifier = frozen encoder + adapter slice + head.
 
 Adapters act on token sequences, but the zoo, the evaluation protocol and the
-ensemble trainer feed a module one feature vector per sample (``x [n, D]``). We
+population trainer feed a module one feature vector per sample (``x [n, D]``). We
 bridge the two by caching: the encoder below the adapted slice is frozen, so the
 hidden states that *enter* the first adapted layer are computed once per sentence
 and stored as the sample's features. One sample is the flat vector
@@ -41,10 +41,10 @@ from torch import nn
 
 from d2nwg.targets.adapters.frozen_base import (
     DEFAULT_BASE,
-    cached_encoder,
+    cached_base_model,
     frozen_as_constants,
     is_causal_lm,
-    load_encoder,
+    load_base_model,
     load_tokenizer,
     mean_pool,
 )
@@ -66,7 +66,7 @@ def text_features(
     tokenizer=None,
 ) -> torch.Tensor:
     """Per-sentence feature vectors ``[n, H + T*H + T]`` (see the module docstring)."""
-    encoder = encoder if encoder is not None else cached_encoder(base)
+    encoder = encoder if encoder is not None else cached_base_model(base)
     # A causal LM's backbone without its LM head: logits [n, T, vocab] would dwarf the features.
     encoder = encoder.base_model
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(base)
@@ -102,7 +102,7 @@ def bert_layer(layer: nn.Module, h: torch.Tensor, mask_bias: torch.Tensor, num_h
     return layer.output.LayerNorm(f + a)
 
 
-def causal_mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def right_padded_causal_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Additive attention bias ``[n, 1, T, T]``: a query sees real keys at or before its position."""
     t = mask.shape[-1]
     allowed = torch.ones(t, t, dtype=torch.bool, device=mask.device).tril() & mask.bool()[:, None, :]  # (n, T, T)
@@ -142,7 +142,7 @@ class TextAdapterClassifier(nn.Module):
         super().__init__()
         from d2nwg.targets.adapters.kinds import block_list, build_peft_model
 
-        encoder = load_encoder(base)
+        encoder = load_base_model(base)
         self.hidden = encoder.config.hidden_size
         self.num_heads = encoder.config.num_attention_heads
         self.max_length = max_length
@@ -192,7 +192,7 @@ class TextAdapterClassifier(nn.Module):
         # 2. the top layers, adapted ones through their peft wrappers
         top = [self.blocks[i] for i in range(self.first, len(self.blocks))]
         if self.causal:
-            bias = causal_mask_bias(mask, h.dtype)  # (n, 1, T, T)
+            bias = right_padded_causal_bias(mask, h.dtype)  # (n, 1, T, T)
             for block in top:
                 h = block(h, attention_mask=bias, position_embeddings=self.rope)
             h = self.peft.base_model.model.get_submodule(self._backbone).norm(h)
@@ -212,7 +212,7 @@ def save_text_adapter(member: Mapping[str, torch.Tensor], architecture: Mapping,
     cfg = dict(architecture.get("config", {}))
     base = cfg.get("base", DEFAULT_BASE)
     model = build_peft_model(
-        load_encoder(base), cfg.get("kind", "lora"), list(cfg.get("target_modules", ("query", "value"))),
+        load_base_model(base), cfg.get("kind", "lora"), list(cfg.get("target_modules", ("query", "value"))),
         list(cfg.get("layers", (4, 5))), int(cfg.get("r", 4)), **dict(cfg.get("options") or {}),
     )
     out = save_adapter_folder(model, out, to_peft_state_dict(member))

@@ -17,10 +17,10 @@ def chat_llama(tmp_path_factory, tiny_llama):
 
 def write_adapter(folder, base: str, kind: str = "lora", r: int = 2, layers=(2, 3), seed: int = 0):
     """A PEFT folder on ``base`` with random adapter tensors; returns its tensors (PEFT keys)."""
-    from d2nwg.targets.adapters.frozen_base import load_encoder
+    from d2nwg.targets.adapters.frozen_base import load_base_model
     from d2nwg.targets.adapters.kinds import adapter_state_dict, build_peft_model, inject_adapter
 
-    model = build_peft_model(load_encoder(base), kind, ["q_proj", "v_proj"], list(layers), r)
+    model = build_peft_model(load_base_model(base), kind, ["q_proj", "v_proj"], list(layers), r)
     g = torch.Generator().manual_seed(seed)
     state = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in adapter_state_dict(model).items()}
     inject_adapter(model, state)

@@ -30,7 +30,7 @@ def test_cached_features_score_like_the_full_peft_model(chat_llama_dir):
     from peft import PeftModel  # noqa: F401  (the reference path below is plain peft)
 
     from d2nwg.data.instructions import encode_conversations
-    from d2nwg.targets.adapters.frozen_base import load_encoder, load_tokenizer
+    from d2nwg.targets.adapters.frozen_base import load_base_model, load_tokenizer
     from d2nwg.targets.adapters.kinds import build_peft_model, inject_adapter
     from d2nwg.targets.adapters.kinds import to_peft_state_dict
     from d2nwg.targets.causal_lm.features import conversation_features
@@ -46,7 +46,7 @@ def test_cached_features_score_like_the_full_peft_model(chat_llama_dir):
 
     # Reference: the whole LM with the same adapter, right-padded, on the unpadded conversations.
     tokenizer = load_tokenizer(base)
-    peft = inject_adapter(build_peft_model(load_encoder(base), "lora", ["q_proj", "v_proj"], [2, 3], 2), to_peft_state_dict(state))
+    peft = inject_adapter(build_peft_model(load_base_model(base), "lora", ["q_proj", "v_proj"], [2, 3], 2), to_peft_state_dict(state))
     batch = encode_conversations(tokenizer, CONVERSATIONS, last_turn_only=True)
     with torch.no_grad():
         logits = peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -347,13 +347,13 @@ def test_finetune_adapters_train_each_adapter_as_alone_in_groups_of_equal_shape(
 
 
 def test_caching_stops_at_the_slice_and_answer_many_runs_the_layers_below_it_once_per_prompt(chat_llama_dir):
-    from d2nwg.targets.adapters.frozen_base import load_encoder
+    from d2nwg.targets.adapters.frozen_base import load_base_model
     from d2nwg.targets.causal_lm.decoding import AdapterGenerator
     from d2nwg.targets.causal_lm.features import conversation_features
     from d2nwg.targets.causal_lm.modeling import CausalLMAdapter, architecture_spec
 
     base = str(chat_llama_dir)
-    encoder = load_encoder(base)
+    encoder = load_base_model(base)
     layers = encoder.base_model.layers
     rows: dict[int, list[int]] = {0: [], 3: []}
     for i in rows:

