@@ -147,7 +147,7 @@ _LORA_MEMBERS = {"steps": 32, "lr": 5e-3, "batch_size": 8, "precision": "bf16-mi
 _MISS_MEMBERS = {**_LORA_MEMBERS, "lr": 1.6e-2, "precision": "32-true"}
 MEMBER_TRAINING = {"lora": _LORA_MEMBERS, "miss": _MISS_MEMBERS, "miss-bat": _MISS_MEMBERS}
 """Per adapter kind, how the recipes train members (AdamW from the warm start; `model_zoo.llm_lora`'s and
-`model_zoo.llm_miss`'s defaults, ``member_lr`` where set, kept equal to them by ``tests/test_llm_zoo.py``):
+`model_zoo.llm_miss`'s defaults, ``member_lr`` where set, kept equal to them by ``tests/model_zoo/test_llm_lora.py``):
 `member_training`'s fallback for zoos without a recipe (ingested adapters) and for pipelines exported before their
 provenance recorded it."""
 
